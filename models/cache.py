@@ -1,0 +1,13 @@
+"""Where prge keeps downloaded and derived files (never inside the repository)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Root of prge's cache: $PRGE_CACHE, else $XDG_CACHE_HOME/prge, else ~/.cache/prge."""
+    if os.environ.get("PRGE_CACHE"):
+        return Path(os.environ["PRGE_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "prge"

