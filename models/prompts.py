@@ -17,21 +17,28 @@ class PromptError(ValueError):
 
 def encode_prompt(tokenizer, template: str, text: str, seq_len: int) -> tuple[list[int], bool]:
     """Token ids of one rendered prompt (at most seq_len) and whether the text was truncated."""
-    ids = tokenizer.encode(template.replace("{text}", text))
+
+    def render(body: str) -> list[int]:
+        return tokenizer.encode(template.replace("{text}", body))
+
+    ids = render(text)
     if len(ids) <= seq_len:
         return ids, False
-    overhead = len(tokenizer.encode(template.replace("{text}", "")))
-    if overhead >= seq_len:
-        raise PromptError(f"the template alone is {overhead} tokens; seq_len {seq_len} leaves no room for text")
+    if len(render("")) >= seq_len:
+        raise PromptError(f"the template alone fills seq_len {seq_len}; no room for text")
+    # Largest number of leading text tokens whose re-rendered prompt still fits: a binary
+    # search, since re-encoding a long text once per dropped token would be quadratic.
     text_ids = tokenizer.encode(text, add_special_tokens=False)
-    keep = min(len(text_ids), seq_len - overhead)
-    while keep >= 0:
-        shortened = tokenizer.decode(text_ids[:keep])
-        ids = tokenizer.encode(template.replace("{text}", shortened))
-        if len(ids) <= seq_len:
-            return ids, True
-        keep -= 1
-    raise PromptError(f"cannot fit the template into seq_len {seq_len}")
+    fits, too_long = 0, len(text_ids)
+    best = render("")
+    while too_long - fits > 1:
+        middle = (fits + too_long) // 2
+        candidate = render(tokenizer.decode(text_ids[:middle]))
+        if len(candidate) <= seq_len:
+            fits, best = middle, candidate
+        else:
+            too_long = middle
+    return best, True
 
 
 def encode_batch(tokenizer, template: str, texts: list[str], seq_len: int) -> tuple[Tensor, Tensor, int]:

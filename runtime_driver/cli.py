@@ -55,8 +55,10 @@ def cmd_prepare_data(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from runtime_driver.run import RunConfig, run_eager_training
+    from runtime_driver.run import RunConfig, run_training
 
+    if args.threads:
+        _set_threads(args.threads)
     train = TrainConfig(
         method=args.method, steps=args.steps, batch_size=args.batch, lr=args.lr, eps=args.eps,
         schedule=args.schedule, seed=args.seed, eval_every=args.eval_every, eval_examples=args.eval_examples,
@@ -64,12 +66,42 @@ def cmd_train(args) -> None:
     )
     adapter = _adapter_config(args)
     adapter.loss = args.loss
-    cfg = RunConfig(model=args.model, data=args.data, out=args.out, engine=args.engine, seq_len=args.seq_len,
-                    test_examples=args.test_examples, adapter=adapter, train=train)
-    if args.engine != "eager":
-        raise ValueError(f"engine {args.engine!r} is not available yet")
-    summary = run_eager_training(cfg, resume=args.resume)
+    cfg = RunConfig(model=args.model, program=args.program, data=args.data, out=args.out, engine=args.engine,
+                    seq_len=args.seq_len, test_examples=args.test_examples, eval_before=args.eval_before,
+                    adapter=adapter, train=train)
+    summary = run_training(cfg, resume=args.resume)
     _print(summary)
+
+
+def _set_threads(threads: int) -> None:
+    """Both pools: eager torch and ExecuTorch's own (they do not share a setting)."""
+    import torch
+
+    from runtime_driver.executorch_engine import set_runtime_threads
+
+    torch.set_num_threads(threads)
+    set_runtime_threads(threads)
+
+
+def cmd_export(args) -> None:
+    from pathlib import Path
+
+    from export.exporter import ExportShapes
+    from export.pipeline import delegation_table, export_model
+    from runtime_driver.data import load_task_spec
+    from runtime_driver.workspace import resolve_data_dir, resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    task = load_task_spec(resolve_data_dir(args.data) / "task.json")
+    if args.loss:
+        task = type(task)(task.template, task.labels, args.loss)
+    shapes = ExportShapes(args.batch, args.seq_len, args.eval_batch or 2 * args.q * args.batch)
+    manifest = export_model(model_dir, task, _adapter_config(args), shapes, Path(args.out), args.external_weights,
+                            defaults={"lr": args.lr, "eps": args.eps})
+    print(delegation_table(manifest))
+    files = manifest["program"]
+    size = files["pte"]["bytes"] + (files["ptd"]["bytes"] if files["ptd"] else 0)
+    print(f"Wrote {args.out}/ ({size / 1e6:.1f} MB program) in {manifest['export_seconds']['total_s']:.0f} s")
 
 
 def cmd_eval(args) -> None:
@@ -95,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_adapter_args(p)
     p.add_argument("--engine", choices=("eager", "executorch"), default="eager")
+    p.add_argument("--program", help="export folder for --engine executorch (from `prge export`)")
+    p.add_argument("--threads", type=int, help="threads for torch and the ExecuTorch pool (default: library defaults)")
+    p.add_argument("--eval-before", action="store_true", help="also evaluate the test split before training")
     p.add_argument("--method", choices=METHODS, default="prge")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--batch", type=int, default=TrainConfig.batch_size, help="examples per perturbed copy (b)")
@@ -110,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
     p.add_argument("--out", default="runs/train", help="run directory (default runs/train)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export the P-RGE step (+ eval/get/set methods) to an ExecuTorch program")
+    _add_model_args(p)
+    _add_adapter_args(p)
+    p.add_argument("--batch", type=int, default=TrainConfig.batch_size, help="examples per perturbed copy (b)")
+    p.add_argument("--eval-batch", type=int, help="rows per eval_logits call (default 2*q*batch)")
+    p.add_argument("--external-weights", action="store_true", help="frozen weights in OUT/model.ptd, program in OUT/model.pte")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="default lr recorded in the manifest")
+    p.add_argument("--eps", type=float, default=TrainConfig.eps, help="default eps recorded in the manifest")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="accuracy of the base model (zero-shot) or of a PEFT adapter")
     _add_model_args(p)

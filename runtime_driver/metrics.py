@@ -24,16 +24,22 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _logged_before(row: dict[str, Any], resume_step: int) -> bool:
+    step = row.get("step", -1)
+    return step <= resume_step if row.get("type") == "eval" else step < resume_step
+
+
 class MetricsLog:
-    def __init__(self, path: str | Path, keep_steps_below: int | None = None) -> None:
-        """Open for appending. keep_steps_below: on resume, drop rows from steps at or after it
-        (they were logged after the checkpoint and will be redone)."""
+    def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
+        """Open for appending. resume_step: on resume, drop what was logged after the checkpoint
+        taken when resume_step steps were done (it will be redone): train rows of steps
+        >= resume_step (they count from 0) and eval rows after resume_step steps done."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             rows = read_metrics(self.path)
-            if keep_steps_below is not None:
-                rows = [r for r in rows if r.get("step", -1) < keep_steps_below]
+            if resume_step is not None:
+                rows = [r for r in rows if _logged_before(r, resume_step)]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             os.replace(tmp, self.path)

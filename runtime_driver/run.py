@@ -1,18 +1,25 @@
-"""A whole training run: resolve inputs, build the engine, train, evaluate, write run/ files."""
+"""A whole training run: resolve inputs, build the engine, train, evaluate, write run/ files.
+
+run/ holds config.json, metrics.jsonl, ckpt/ (if checkpointing), adapter/ (PEFT) and
+summary.json. The eager engine builds the PRGEStep from the model folder; the ExecuTorch
+engine needs only an export folder (program, manifest, tokenizer) and the data.
+"""
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from models.causal_lm import AdapterConfig, build_step
+from export.manifest import slots_from_json
+from models.causal_lm import AdapterConfig, build_step, load_tokenizer
 from models.peft_io import load_peft_adapter, save_peft_adapter
-from prge.step import PRGEStep
+from prge.step import AdapterSlot
 from runtime_driver.batches import TokenizedSplit
+from runtime_driver.data import TaskSpec
 from runtime_driver.evaluate import evaluate
 from runtime_driver.executors import EagerPRGE, EagerSequential
 from runtime_driver.train import TrainConfig, train_first_order, train_zero_order
@@ -23,12 +30,14 @@ EVAL_BATCH = 16  # rows per eager eval forward
 
 @dataclass
 class RunConfig:
-    model: str | None = None  # HF model folder (None: the default model)
+    model: str | None = None  # HF model folder, eager engine (None: the default model)
+    program: str | None = None  # export folder, executorch engine
     data: str | None = None  # task folder (None: the default movie-review task)
     out: str = "runs/train"  # run directory
     engine: str = "eager"  # eager | executorch
-    seq_len: int = 64  # prompt length in tokens (left-padded / truncated)
-    test_examples: int | None = None  # cap on test examples in the final eval (None: all)
+    seq_len: int = 64  # prompt length in tokens, eager engine (the program fixes its own)
+    test_examples: int | None = None  # cap on test examples in the final eval (None: all, 0: none)
+    eval_before: bool = False  # also evaluate the test split before training (zero-shot)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -41,62 +50,111 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def eager_evaluator(step: PRGEStep, split: TokenizedSplit):
-    def run() -> dict[str, float]:
+@dataclass
+class Engine:
+    """What a run needs from an engine, whichever it is."""
+
+    executor: Any  # EagerPRGE / EagerSequential / ExecuTorchPRGE (None for first-order)
+    eval_logits: Callable
+    eval_batch_size: int
+    fixed_eval_batch: bool
+    task: Task
+    seq_len: int
+    slots: tuple[AdapterSlot, ...]
+    adapter: AdapterConfig  # rank, alpha, targets, a_seed as used
+    base_model: str
+    model_type: str
+    step: Any = None  # the eager PRGEStep (first-order training needs it)
+
+
+def _eager_engine(cfg: RunConfig, data_dir: Path) -> Engine:
+    model_dir = resolve_model_dir(cfg.model)
+    task = load_task(model_dir, data_dir, cfg.adapter.loss)
+    cfg.adapter.loss = task.spec.loss
+    step = build_step(model_dir, cfg.adapter, task.label_ids)
+    executor = {"prge": EagerPRGE, "mezo": EagerSequential}.get(cfg.train.method, lambda s: None)(step)
+
+    def eval_logits(ids, mask):
         with torch.no_grad():
-            return evaluate(step.eval_logits, split, EVAL_BATCH, fixed_batch=False)
+            return step.eval_logits(ids, mask)
 
-    return run
+    return Engine(executor, eval_logits, EVAL_BATCH, False, task, cfg.seq_len, step.slots, cfg.adapter,
+                  str(model_dir.resolve()), step.body.backbone.config.model_type, step)
 
 
-def save_adapter(run_dir: Path, step: PRGEStep, flat_b: torch.Tensor, adapter: AdapterConfig, model_dir: Path) -> Path:
-    model_type = step.body.backbone.config.model_type
+def _executorch_engine(cfg: RunConfig, data_dir: Path) -> Engine:
+    from runtime_driver.executorch_engine import ExecuTorchPRGE
+
+    if cfg.train.method != "prge":
+        raise ValueError(f"the executorch engine runs P-RGE programs; --method {cfg.train.method} is eager-only")
+    if not cfg.program:
+        raise ValueError("--engine executorch needs --program DIR (the output of `prge export`)")
+    executor = ExecuTorchPRGE(cfg.program)
+    m = executor.manifest
+    if cfg.train.batch_size != executor.batch_size:
+        raise ValueError(f"--batch {cfg.train.batch_size} differs from the program's batch {executor.batch_size} (fixed at export)")
+    spec = TaskSpec(m["task"]["template"], dict(zip(m["task"]["labels"], m["task"]["label_words"])), m["task"]["loss"])
+    task = Task(spec, m["task"]["label_token_ids"], load_tokenizer(executor.program_dir), data_dir)
+    a = m["adapter"]
+    adapter = AdapterConfig(num_queries=executor.num_queries, rank=a["rank"], alpha=a["alpha"], targets=a["targets"],
+                            loss=spec.loss, a_seed=a["a_seed"], adapted=[s["name"] for s in a["slots"]])
+    return Engine(executor, executor.eval_logits, executor.eval_batch_size, True, task, executor.seq_len,
+                  slots_from_json(a["slots"]), adapter, m["model"]["path"], m["model"]["model_type"])
+
+
+def build_engine(cfg: RunConfig, data_dir: Path) -> Engine:
+    if cfg.engine == "eager":
+        return _eager_engine(cfg, data_dir)
+    if cfg.engine == "executorch":
+        return _executorch_engine(cfg, data_dir)
+    raise ValueError(f"unknown engine {cfg.engine!r}")
+
+
+def save_adapter(run_dir: Path, engine: Engine, flat_b: torch.Tensor) -> Path:
+    a = engine.adapter
     return save_peft_adapter(
-        run_dir / "adapter",
-        step.slots,
-        flat_b,
-        rank=adapter.rank,
-        alpha=adapter.alpha,
-        a_seed=adapter.a_seed,
-        targets=adapter.targets,
-        base_model=str(model_dir.resolve()),
-        fan_in_fan_out=model_type == "gpt2",
+        run_dir / "adapter", engine.slots, flat_b, rank=a.rank, alpha=a.alpha, a_seed=a.a_seed,
+        targets=a.targets, base_model=engine.base_model, fan_in_fan_out=engine.model_type == "gpt2",
     )
 
 
-def run_eager_training(cfg: RunConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Train with the eager engine (prge, mezo or fo) and evaluate on validation and test."""
-    model_dir = resolve_model_dir(cfg.model)
-    data_dir = resolve_data_dir(cfg.data)
-    task = load_task(model_dir, data_dir, cfg.adapter.loss)
-    cfg.adapter.loss = task.spec.loss
+def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, progress=print) -> dict[str, Any]:
+    """Train with cfg.engine and cfg.train.method; evaluate on validation during and test after."""
+    data_dir = resolve_data_dir(cfg.data, progress=progress)
+    engine = build_engine(cfg, data_dir)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    step = build_step(model_dir, cfg.adapter, task.label_ids)
-    splits = _splits(task, cfg)
-    write_json_atomic(run_dir / "config.json", {**asdict(cfg), "model_dir": str(model_dir), "data_dir": str(data_dir)})
-    evaluator = eager_evaluator(step, splits["validation"])
-    t = cfg.train
+    task, t = engine.task, cfg.train
+    splits = {
+        "train": task.split("train", engine.seq_len),
+        "validation": task.split("validation", engine.seq_len, limit=t.eval_examples),
+        "test": task.split("test", engine.seq_len, limit=cfg.test_examples),
+    }
+    write_json_atomic(run_dir / "config.json", {**asdict(cfg), "data_dir": str(data_dir), "base_model": engine.base_model})
+
+    def evaluate_split(split: TokenizedSplit) -> dict[str, float]:
+        return evaluate(engine.eval_logits, split, engine.eval_batch_size, engine.fixed_eval_batch)
+
+    summary: dict[str, Any] = {"engine": cfg.engine, "method": t.method}
+    if cfg.eval_before and len(splits["test"]) and not resume:
+        progress("Evaluating the test split before training ...")
+        summary["test_before"] = evaluate_split(splits["test"])
+    evaluator = lambda: evaluate_split(splits["validation"])  # noqa: E731
     if t.method == "fo":
-        summary = train_first_order(step, splits["train"], evaluator, t, run_dir, quiet=quiet)
+        if engine.step is None:
+            raise ValueError("first-order training is eager-only")
+        summary.update(train_first_order(engine.step, splits["train"], evaluator, t, run_dir, quiet=quiet))
+        flat_b = engine.step.get_adapter()
     else:
-        executor = EagerPRGE(step) if t.method == "prge" else EagerSequential(step)
-        summary = train_zero_order(executor, splits["train"], evaluator, t, run_dir, resume=resume, quiet=quiet)
+        fingerprint = {"model": engine.base_model, "seq_len": engine.seq_len}
+        summary.update(train_zero_order(engine.executor, splits["train"], evaluator, t, run_dir, resume, fingerprint, quiet))
+        flat_b = engine.executor.get_adapter()
     if len(splits["test"]):  # --test-examples 0 while tuning: test data stays untouched
-        with torch.no_grad():
-            summary["test"] = evaluate(step.eval_logits, splits["test"], EVAL_BATCH, fixed_batch=False)
+        summary["test"] = evaluate_split(splits["test"])
     summary["truncated_train_texts"] = splits["train"].truncated
-    save_adapter(run_dir, step, step.get_adapter(), cfg.adapter, model_dir)
+    save_adapter(run_dir, engine, flat_b)
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
-
-
-def _splits(task: Task, cfg: RunConfig) -> dict[str, TokenizedSplit]:
-    return {
-        "train": task.split("train", cfg.seq_len),
-        "validation": task.split("validation", cfg.seq_len, limit=cfg.train.eval_examples),
-        "test": task.split("test", cfg.seq_len, limit=cfg.test_examples),
-    }
 
 
 def evaluate_eager(

@@ -63,7 +63,7 @@ class _Progress:
     def __init__(self, cfg: TrainConfig, run_dir: Path, start_step: int, evaluator: Evaluator, quiet: bool) -> None:
         self.cfg = cfg
         self.evaluator = evaluator
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl", keep_steps_below=start_step)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step)
         self.bar = tqdm(total=cfg.steps, initial=start_step, desc=cfg.method, unit="step", disable=quiet, dynamic_ncols=True)
         self.started = time.perf_counter()
         self.last_accuracy: float | None = None

@@ -1,0 +1,161 @@
+"""Trace a PRGEStep into one ExecuTorch program whose methods share the adapter state.
+
+Methods (all over the same mutable buffers, lora_B and lora_B_copies of every adapter):
+  train_step(input_ids, attention_mask, labels, prev_seed, new_seed, prev_g, lr, eps) -> losses [2q]
+  apply_update(prev_seed, prev_g, lr) -> adapter [N]
+  eval_logits(input_ids, attention_mask) -> label-word logits [eval_b, num_labels]
+  get_adapter() -> adapter [N]
+  set_adapter(adapter [N]) -> adapter [N]
+Mutable buffers start at zero in the runtime (their initial values are not serialized); a
+zero B is exactly LoRA-FA's initial adapter, and drivers call set_adapter explicitly anyway.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from prge.step import PRGEStep
+
+METHOD_NAMES = ("train_step", "apply_update", "eval_logits", "get_adapter", "set_adapter")
+# Tag under which frozen weights go to the external .ptd file.
+EXTERNAL_WEIGHTS_TAG = "model"
+
+
+@dataclass
+class ExportShapes:
+    """Static shapes baked into the program."""
+
+    batch_size: int  # b: examples per perturbed copy; train_step takes [b, seq_len]
+    seq_len: int  # prompt length in tokens
+    eval_batch_size: int  # rows per eval_logits call
+
+
+class _Method(nn.Module):
+    """Exposes one PRGEStep method as forward, so each method exports as its own program while
+    all of them keep the same module tree (and so the same buffer names to share)."""
+
+    def __init__(self, step: PRGEStep, name: str) -> None:
+        super().__init__()
+        self.step = step
+        self.method_name = name
+
+    def forward(self, *args: Tensor) -> Tensor:
+        return getattr(self.step, self.method_name)(*args)
+
+
+def example_inputs(step: PRGEStep, shapes: ExportShapes) -> dict[str, tuple[Tensor, ...]]:
+    """Example tensors for tracing. Every input is its own tensor object: passing one object
+    twice (say lr and eps) makes export treat them as one aliased input, silently."""
+    b, t, q = shapes.batch_size, shapes.seq_len, step.num_queries
+
+    def seed() -> Tensor:
+        return torch.zeros(1, dtype=torch.int64)
+
+    def scalar() -> Tensor:
+        return torch.zeros(1, dtype=torch.float32)
+
+    ids = torch.zeros(b, t, dtype=torch.int64)
+    mask = torch.ones(b, t, dtype=torch.int64)
+    labels = torch.zeros(b, dtype=torch.int64)
+    eval_ids = torch.zeros(shapes.eval_batch_size, t, dtype=torch.int64)
+    return {
+        "train_step": (ids, mask, labels, seed(), seed(), torch.zeros(q), scalar(), scalar()),
+        "apply_update": (seed(), torch.zeros(q), scalar()),
+        "eval_logits": (eval_ids, torch.ones_like(eval_ids)),
+        "get_adapter": (),
+        "set_adapter": (torch.zeros(step.adapter_numel, dtype=torch.float32),),
+    }
+
+
+def _delegation_summary(edge_manager, method: str) -> dict[str, Any]:
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(edge_manager.exported_program(method).graph_module)
+    portable = {op: b.non_delegated for op, b in info.delegation_by_operator.items() if b.non_delegated}
+    delegated = {op: b.delegated for op, b in info.delegation_by_operator.items() if b.delegated}
+    return {
+        "delegated_subgraphs": info.num_delegated_subgraphs,
+        "delegated_nodes": info.num_delegated_nodes,
+        "portable_nodes": info.num_non_delegated_nodes,
+        "delegated_ops": dict(sorted(delegated.items())),
+        "portable_ops": dict(sorted(portable.items())),
+    }
+
+
+def export_step(
+    step: PRGEStep,
+    shapes: ExportShapes,
+    external_weights: bool = False,
+    progress: Callable[[str], Any] = print,
+):
+    """Lower all methods to one XNNPACK-delegated program.
+
+    Returns (ExecutorchProgramManager, {method: delegation summary}, {phase: seconds}).
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    step.eval()
+    inputs = example_inputs(step, shapes)
+    timings: dict[str, float] = {}
+    began = time.perf_counter()
+    programs = {}
+    with torch.no_grad():
+        for name in METHOD_NAMES:
+            progress(f"  tracing {name} ...")
+            ep = torch.export.export(_Method(step, name), inputs[name], strict=False)
+            if external_weights:
+                ep = _tag_external_weights(ep, inputs[name])
+            programs[name] = ep
+    timings["torch_export_s"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    progress("  lowering to edge + XNNPACK ...")
+    # force_non_static_weights: the adapter matmuls multiply by B, a buffer, not a constant.
+    partitioner = XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)
+    edge = to_edge_transform_and_lower(programs, partitioner=[partitioner])
+    delegation = {name: _delegation_summary(edge, name) for name in METHOD_NAMES}
+    timings["lower_s"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    progress("  serializing ...")
+    config = ExecutorchBackendConfig(
+        # One allocation for each mutable buffer, seen by every method: the adapter is shared.
+        memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+        emit_mutable_buffer_names=True,
+        external_constants=(lambda node: EXTERNAL_WEIGHTS_TAG) if external_weights else False,
+    )
+    program = edge.to_executorch(config)
+    timings["to_executorch_s"] = time.perf_counter() - began
+    return program, delegation, timings
+
+
+def _tag_external_weights(ep, example: tuple[Tensor, ...]):
+    """Tag every constant the delegates read so XNNPACK stores it in the .ptd, then re-export."""
+    from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
+
+    module = ep.module()
+    delegate_external_constants_pass_unlifted(module, gen_tag_fn=lambda node: EXTERNAL_WEIGHTS_TAG)
+    return torch.export.export(module, example, strict=False)
+
+
+def write_program(program, out_dir: Path) -> tuple[Path, Path | None]:
+    """Write model.pte (and model.ptd when weights are external)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pte = out_dir / "model.pte"
+    pte.write_bytes(program.buffer)
+    ptd = None
+    if getattr(program, "_tensor_data", None):
+        program.write_tensor_data_to_file(str(out_dir))
+        written = sorted(out_dir.glob("*.ptd"))
+        if written:
+            ptd = out_dir / "model.ptd"
+            if written[0] != ptd:
+                written[0].replace(ptd)
+    return pte, ptd

@@ -1,0 +1,134 @@
+"""Shared fixtures: tiny models, a tiny learnable sentiment task, tiny PRGESteps and batches.
+
+tests/ is not a package and not on sys.path, so helpers are handed out as fixtures (factories)
+rather than importable functions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub read it
+
+import pytest
+import torch
+
+from models.tiny import LABEL_WORDS, make_tiny_model_dir
+
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine a second
+# thread per op makes every forward 10-100x slower (oversubscription).
+torch.set_num_threads(1)
+
+SEQ_LEN = 16  # prompt length of tiny batches
+
+# Words the tiny tokenizer learned from its corpus (models/tiny.py), so prompts stay short.
+_SUBJECTS = ["the movie", "the film", "this film", "the story", "the music", "the acting", "the plot", "the end"]
+_POSITIVE = ["great", "good", "fun", "funny", "wonderful", "beautiful", "nice", "fresh", "smart"]
+_NEGATIVE = ["bad", "boring", "terrible", "dull", "slow", "sad", "too long"]
+_POSITIVE_TAILS = ["and I loved it .", "and I loved it", "."]
+_NEGATIVE_TAILS = ["and I hated it .", "and too long .", "."]
+
+
+def _review(rng: random.Random, positive: bool) -> str:
+    words, tails = (_POSITIVE, _POSITIVE_TAILS) if positive else (_NEGATIVE, _NEGATIVE_TAILS)
+    return f"{rng.choice(_SUBJECTS)} was {rng.choice(words)} {rng.choice(tails)}"
+
+
+def tiny_examples(n: int, seed: int) -> list[dict]:
+    """n synthetic reviews, labels alternating (balanced) in a seeded shuffled order."""
+    rng = random.Random(seed)
+    labels = ["positive", "negative"] * (n // 2) + (["positive"] if n % 2 else [])
+    rng.shuffle(labels)
+    return [{"text": _review(rng, label == "positive"), "label": label} for label in labels]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Callable[..., Path]:
+    """Factory: make(family="llama") -> folder of a tiny random model (one per family, cached)."""
+    cache: dict[str, Path] = {}
+
+    def make(family: str = "llama") -> Path:
+        if family not in cache:
+            cache[family] = make_tiny_model_dir(family, tmp_path_factory.mktemp(f"tiny-{family}"), seed=0)
+        return cache[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """A task folder: task.json (default sentiment task) + train (64) / validation (24) / test (24)
+    .jsonl of short synthetic reviews whose label is given away by one word."""
+    from runtime_driver.data import DEFAULT_SENTIMENT_TASK, save_task_spec
+
+    out = tmp_path_factory.mktemp("tiny-data")
+    save_task_spec(DEFAULT_SENTIMENT_TASK, out / "task.json")
+    for split, n, seed in (("train", 64, 1), ("validation", 24, 2), ("test", 24, 3)):
+        rows = tiny_examples(n, seed)
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir) -> Callable[..., object]:
+    """Factory: tok(family="llama") -> the tiny model's tokenizer as prge loads it (left padding)."""
+    from models.causal_lm import load_tokenizer
+
+    cache: dict[str, object] = {}
+
+    def tok(family: str = "llama"):
+        if family not in cache:
+            cache[family] = load_tokenizer(tiny_model_dir(family))
+        return cache[family]
+
+    return tok
+
+
+@pytest.fixture
+def tiny_step(tiny_model_dir, tiny_tokenizer):
+    """Factory: make(family="llama", q=2, rank=4, loss="classification", **adapter_kw) -> a fresh
+    PRGEStep over the tiny model (B = 0) with the label words " negative", " positive"."""
+    from models.causal_lm import AdapterConfig, build_step, label_token_ids
+
+    def make(family: str = "llama", q: int = 2, rank: int = 4, loss: str = "classification", **adapter_kw):
+        label_ids = label_token_ids(tiny_tokenizer(family), list(LABEL_WORDS))
+        config = AdapterConfig(num_queries=q, rank=rank, loss=loss, **adapter_kw)
+        return build_step(tiny_model_dir(family), config, label_ids)
+
+    return make
+
+
+@pytest.fixture
+def randomize_adapter() -> Callable[..., torch.Tensor]:
+    """Helper: randomize(step, seed, scale=0.05) sets every B to scale * N(0, 1) (seeded) and
+    returns the new flat adapter (B starts at zero, which hides many mistakes)."""
+
+    def randomize(step, seed: int, scale: float = 0.05) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        flat = torch.randn(step.adapter_numel, generator=g, dtype=torch.float32) * scale
+        with torch.no_grad():
+            return step.set_adapter(flat)
+
+    return randomize
+
+
+@pytest.fixture(scope="session")
+def tiny_batch(tiny_tokenizer) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Factory: batch(b=4, family="llama", seed=0, seq_len=16) -> (input_ids, attention_mask,
+    labels), left-padded prompts of the default sentiment template; labels are class indices
+    (0 negative, 1 positive) matching the review."""
+    from models.prompts import encode_batch
+    from runtime_driver.data import DEFAULT_SENTIMENT_TASK
+
+    def batch(b: int = 4, family: str = "llama", seed: int = 0, seq_len: int = SEQ_LEN):
+        rows = tiny_examples(b, 1000 + seed)
+        ids, mask, _ = encode_batch(
+            tiny_tokenizer(family), DEFAULT_SENTIMENT_TASK.template, [r["text"] for r in rows], seq_len
+        )
+        labels = torch.tensor([DEFAULT_SENTIMENT_TASK.label_names.index(r["label"]) for r in rows])
+        return ids, mask, labels
+
+    return batch
