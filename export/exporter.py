@@ -26,6 +26,33 @@ METHOD_NAMES = ("train_step", "apply_update", "eval_logits", "get_adapter", "set
 EXTERNAL_WEIGHTS_TAG = "model"
 
 
+def _weight_tagger(step: PRGEStep, param_placeholders: dict[str, str] | None = None) -> Callable[[Any], str | None]:
+    """Tags the frozen model weights (parameters) for the .ptd and nothing else: the adapter
+    buffers are mutable state, and the constants export lifts out of code (the noise
+    generator's scalars, named c_lifted_tensor_N in every method) would collide by name in
+    one shared data file.
+
+    The tagger sees two kinds of node: get_attr nodes of the unlifted module (target is the
+    parameter's FQN, for delegate-owned constants) and, in to_executorch, the lifted program's
+    placeholders (target is the placeholder name, p_step_..., mapped to its FQN through
+    param_placeholders, the graph signatures' inputs_to_parameters). The second kind is where
+    the weights are: with force_non_static_weights_for_f32_linear XNNPACK owns no weights, the
+    linears take them as delegate inputs from top-level constant placeholders."""
+    weights = {f"step.{name}" for name, _ in step.named_parameters(remove_duplicate=False)}
+    placeholders = param_placeholders or {}
+
+    def tag(node) -> str | None:
+        if node.op == "get_attr":
+            fqn = str(node.target)
+        elif node.op == "placeholder":
+            fqn = placeholders.get(node.name)
+        else:
+            return None
+        return EXTERNAL_WEIGHTS_TAG if fqn in weights else None
+
+    return tag
+
+
 @dataclass
 class ExportShapes:
     """Static shapes baked into the program."""
@@ -111,7 +138,7 @@ def export_step(
             progress(f"  tracing {name} ...")
             ep = torch.export.export(_Method(step, name), inputs[name], strict=False)
             if external_weights:
-                ep = _tag_external_weights(ep, inputs[name])
+                ep = _tag_external_weights(ep, inputs[name], _weight_tagger(step))
             programs[name] = ep
     timings["torch_export_s"] = time.perf_counter() - began
 
@@ -129,19 +156,32 @@ def export_step(
         # One allocation for each mutable buffer, seen by every method: the adapter is shared.
         memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
         emit_mutable_buffer_names=True,
-        external_constants=(lambda node: EXTERNAL_WEIGHTS_TAG) if external_weights else False,
+        external_constants=_weight_tagger(step, _param_placeholders(edge)) if external_weights else False,
     )
     program = edge.to_executorch(config)
     timings["to_executorch_s"] = time.perf_counter() - began
     return program, delegation, timings
 
 
-def _tag_external_weights(ep, example: tuple[Tensor, ...]):
-    """Tag every constant the delegates read so XNNPACK stores it in the .ptd, then re-export."""
+def _param_placeholders(edge) -> dict[str, str]:
+    """Placeholder name -> parameter FQN over every method (names derive from the FQN, so the
+    methods agree)."""
+    names: dict[str, str] = {}
+    for name in edge.methods:
+        names.update(edge.exported_program(name).graph_signature.inputs_to_parameters)
+    return names
+
+
+def _tag_external_weights(ep, example: tuple[Tensor, ...], tagger: Callable[[Any], str | None]):
+    """Tag the weights a delegate would own (get_attr nodes, custom meta delegate_constant_tag)
+    so XNNPACK stores them in the .ptd, then re-export. With force_non_static_weights_for_f32_linear
+    XNNPACK owns no constants and this changes nothing (the weights go out through
+    ExecutorchBackendConfig.external_constants instead); it keeps weights external should a
+    partitioner configuration (quantized linears, static weights) make them delegate-owned."""
     from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
 
     module = ep.module()
-    delegate_external_constants_pass_unlifted(module, gen_tag_fn=lambda node: EXTERNAL_WEIGHTS_TAG)
+    delegate_external_constants_pass_unlifted(module, gen_tag_fn=tagger)
     return torch.export.export(module, example, strict=False)
 
 
@@ -151,11 +191,13 @@ def write_program(program, out_dir: Path) -> tuple[Path, Path | None]:
     pte = out_dir / "model.pte"
     pte.write_bytes(program.buffer)
     ptd = None
-    if getattr(program, "_tensor_data", None):
+    tensor_data = getattr(program, "_tensor_data", None)
+    if tensor_data:
+        # One file per tag, named <tag>.ptd; only EXTERNAL_WEIGHTS_TAG is ever used.
+        if set(tensor_data) != {EXTERNAL_WEIGHTS_TAG}:
+            raise RuntimeError(f"unexpected external data tags {sorted(tensor_data)}")
         program.write_tensor_data_to_file(str(out_dir))
-        written = sorted(out_dir.glob("*.ptd"))
-        if written:
-            ptd = out_dir / "model.ptd"
-            if written[0] != ptd:
-                written[0].replace(ptd)
+        ptd = out_dir / f"{EXTERNAL_WEIGHTS_TAG}.ptd"
+        if not ptd.is_file():
+            raise RuntimeError(f"write_tensor_data_to_file did not write {ptd}")
     return pte, ptd

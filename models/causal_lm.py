@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from models.delegatable import register_attention, replace_rms_norms
 from models.adapters import DEFAULT_A_SEED, DEFAULT_ALPHA, DEFAULT_RANK, default_targets, inject_lora_fa
 from prge.step import PRGEStep
 
@@ -78,8 +79,13 @@ def load_causal_lm(model_dir: str | Path) -> nn.Module:
             f"{model_dir}: model type {config.model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    # "eager" attention: its masking exports cleanly and matches across engines.
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    # prge's grouped-query attention where the family supports pluggable attention (it lowers
+    # to XNNPACK without splitting the graph), else HF's eager attention; both export cleanly.
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation=register_attention())
+    except ValueError:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    replace_rms_norms(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

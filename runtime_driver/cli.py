@@ -104,6 +104,39 @@ def cmd_export(args) -> None:
     print(f"Wrote {args.out}/ ({size / 1e6:.1f} MB program) in {manifest['export_seconds']['total_s']:.0f} s")
 
 
+def cmd_compare(args) -> None:
+    from pathlib import Path
+
+    from export.exporter import ExportShapes
+    from export.pipeline import export_model
+    from runtime_driver.compare import compare_engines
+    from runtime_driver.data import load_task_spec
+    from runtime_driver.workspace import resolve_data_dir, resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    data_dir = resolve_data_dir(args.data)
+    program = Path(args.program) if args.program else Path(args.out) / "program"
+    if not args.program:
+        shapes = ExportShapes(args.batch, args.seq_len, 2 * args.q * args.batch)
+        export_model(model_dir, load_task_spec(data_dir / "task.json"), _adapter_config(args), shapes, program)
+    result = compare_engines(model_dir, program, data_dir, args.steps, args.lr, args.eps, args.seed, args.eval_examples)
+    if args.json:
+        _print(result)
+    else:
+        for key in ("max_loss_diff", "teacher_forced_max_rel_diff", "teacher_forced_ok", "et_ms_per_step", "eager_ms_per_step"):
+            print(f"{key:<30} {result[key]}")
+        for key, value in result["free_running"].items():
+            print(f"free_running.{key:<17} {value}")
+
+
+def cmd_demo(args) -> None:
+    from runtime_driver.demo import DemoConfig, run_demo
+
+    if args.threads:
+        _set_threads(args.threads)
+    run_demo(DemoConfig(out=args.out, steps=args.steps))
+
+
 def cmd_eval(args) -> None:
     from runtime_driver.run import evaluate_eager
 
@@ -156,6 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, default=TrainConfig.eps, help="default eps recorded in the manifest")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compare", help="parity of the ExecuTorch program with eager PyTorch (same seeds and data)")
+    _add_model_args(p)
+    _add_adapter_args(p)
+    p.add_argument("--program", help="an existing export folder (default: export into OUT/program)")
+    p.add_argument("--batch", type=int, default=2, help="examples per perturbed copy when exporting (default 2)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--eps", type=float, default=TrainConfig.eps)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-examples", type=int, default=64, help="held-out validation examples for free-running accuracy")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--out", default="runs/compare", help="where to export when --program is not given")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("demo", help="the main job: prepare, export, fine-tune through ExecuTorch, before/after accuracy")
+    from runtime_driver.demo import DemoConfig  # noqa: E402  (cheap: no torch work at import)
+
+    p.add_argument("--out", default=DemoConfig.out)
+    p.add_argument("--steps", type=int, default=DemoConfig.steps)
+    p.add_argument("--threads", type=int, help="threads for torch and the ExecuTorch pool")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="accuracy of the base model (zero-shot) or of a PEFT adapter")
     _add_model_args(p)

@@ -93,13 +93,23 @@ def _executorch_engine(cfg: RunConfig, data_dir: Path) -> Engine:
     m = executor.manifest
     if cfg.train.batch_size != executor.batch_size:
         raise ValueError(f"--batch {cfg.train.batch_size} differs from the program's batch {executor.batch_size} (fixed at export)")
-    spec = TaskSpec(m["task"]["template"], dict(zip(m["task"]["labels"], m["task"]["label_words"])), m["task"]["loss"])
-    task = Task(spec, m["task"]["label_token_ids"], load_tokenizer(executor.program_dir), data_dir)
-    a = m["adapter"]
-    adapter = AdapterConfig(num_queries=executor.num_queries, rank=a["rank"], alpha=a["alpha"], targets=a["targets"],
-                            loss=spec.loss, a_seed=a["a_seed"], adapted=[s["name"] for s in a["slots"]])
+    task = program_task(executor.program_dir, m, data_dir)
     return Engine(executor, executor.eval_logits, executor.eval_batch_size, True, task, executor.seq_len,
-                  slots_from_json(a["slots"]), adapter, m["model"]["path"], m["model"]["model_type"])
+                  slots_from_json(m["adapter"]["slots"]), program_adapter_config(m), m["model"]["path"],
+                  m["model"]["model_type"])
+
+
+def program_task(program_dir: Path, manifest: dict[str, Any], data_dir: Path) -> Task:
+    """The task exactly as the program was exported for: its template, label ids, tokenizer."""
+    t = manifest["task"]
+    spec = TaskSpec(t["template"], dict(zip(t["labels"], t["label_words"])), t["loss"])
+    return Task(spec, t["label_token_ids"], load_tokenizer(program_dir), data_dir)
+
+
+def program_adapter_config(manifest: dict[str, Any]) -> AdapterConfig:
+    a = manifest["adapter"]
+    return AdapterConfig(num_queries=int(manifest["num_queries"]), rank=a["rank"], alpha=a["alpha"], targets=a["targets"],
+                         loss=manifest["task"]["loss"], a_seed=a["a_seed"], adapted=[s["name"] for s in a["slots"]])
 
 
 def build_engine(cfg: RunConfig, data_dir: Path) -> Engine:

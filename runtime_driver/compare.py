@@ -1,0 +1,106 @@
+"""`prge compare`: the ExecuTorch program against the eager reference, same seeds and data.
+
+Two comparisons, because g = (L+ - L-) / (2 eps) turns a 1e-7 loss rounding difference into
+~1e-5 in g, so engines left to run free drift apart slowly however correct both are:
+  * teacher forcing: both engines are fed the eager engine's g sequence. Losses must agree
+    per step and copy, and the final adapters within 1e-5 relative.
+  * free running: each engine feeds back its own g; final adapters and held-out accuracy are
+    reported side by side (statistical agreement, not equality).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from export.manifest import ManifestError, model_weights_hash
+from models.causal_lm import build_step
+from prge.estimators import projected_grads, step_seed
+from runtime_driver.batches import batch_indices
+from runtime_driver.evaluate import evaluate
+from runtime_driver.executorch_engine import ExecuTorchPRGE
+from runtime_driver.executors import EagerPRGE
+from runtime_driver.run import EVAL_BATCH, program_adapter_config, program_task
+
+TEACHER_FORCED_REL_TOL = 1e-5
+
+
+def _relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = float(a.abs().max())
+    return float((a - b).abs().max()) / scale if scale > 0 else float((a - b).abs().max())
+
+
+def compare_engines(
+    model_dir: Path, program_dir: Path, data_dir: Path, steps: int, lr: float, eps: float, seed: int = 0,
+    eval_examples: int = 64,
+) -> dict[str, Any]:
+    et = ExecuTorchPRGE(program_dir)
+    m = et.manifest
+    if model_weights_hash(model_dir) != m["model"]["weights_sha256"]:
+        raise ManifestError(f"{program_dir}: exported from other weights than {model_dir}")
+    eager = EagerPRGE(build_step(model_dir, program_adapter_config(m), m["task"]["label_token_ids"]))
+    task = program_task(program_dir, m, data_dir)
+    train = task.split("train", et.seq_len)
+    held_out = task.split("validation", et.seq_len, limit=eval_examples)
+    q = et.num_queries
+
+    def run(feed_eager_g: bool) -> dict[str, Any]:
+        for engine_ in (eager, et):
+            engine_.set_adapter(torch.zeros(et.adapter_numel))
+        prev = {"eager": [0.0] * q, "et": [0.0] * q}
+        prev_seed, prev_lr, max_loss_diff = 0, 0.0, 0.0
+        times = {"eager": [], "et": []}
+        for t in range(steps):
+            seed_t = step_seed(seed, t)
+            ids, mask, labels = train.rows(batch_indices(len(train), et.batch_size, t, seed))
+            began = time.perf_counter()
+            loss_e = eager.train_step(ids, mask, labels, prev_seed, seed_t, prev["eager"], prev_lr, eps)
+            times["eager"].append((time.perf_counter() - began) * 1000)
+            began = time.perf_counter()
+            loss_r = et.train_step(ids, mask, labels, prev_seed, seed_t, prev["et"], prev_lr, eps)
+            times["et"].append((time.perf_counter() - began) * 1000)
+            max_loss_diff = max(max_loss_diff, float((loss_e - loss_r).abs().max()))
+            g_e = projected_grads(loss_e.to(torch.float64), eps).tolist()
+            g_r = projected_grads(loss_r.to(torch.float64), eps).tolist()
+            prev = {"eager": g_e, "et": g_e if feed_eager_g else g_r}
+            prev_seed, prev_lr = seed_t, lr
+        eager.apply_update(prev_seed, prev["eager"], prev_lr)
+        et.apply_update(prev_seed, prev["et"], prev_lr)
+        return {
+            "max_loss_diff": max_loss_diff,
+            "adapter_eager": eager.get_adapter(),
+            "adapter_et": et.get_adapter(),
+            "eager_ms": statistics.median(times["eager"]),
+            "et_ms": statistics.median(times["et"]),
+        }
+
+    forced = run(feed_eager_g=True)
+    free = run(feed_eager_g=False)
+    acc_eager = evaluate(eager.eval_logits, held_out, EVAL_BATCH, fixed_batch=False)["accuracy"]
+    acc_et = evaluate(et.eval_logits, held_out, et.eval_batch_size, fixed_batch=True)["accuracy"]
+    rel = _relative_diff(forced["adapter_eager"], forced["adapter_et"])
+    return {
+        "steps": steps,
+        "num_queries": q,
+        "batch_size": et.batch_size,
+        "seq_len": et.seq_len,
+        "lr": lr,
+        "eps": eps,
+        "max_loss_diff": max(forced["max_loss_diff"], free["max_loss_diff"]),
+        "teacher_forced_max_loss_diff": forced["max_loss_diff"],
+        "teacher_forced_max_rel_diff": rel,
+        "teacher_forced_ok": rel <= TEACHER_FORCED_REL_TOL,
+        "free_running": {
+            "adapter_max_rel_diff": _relative_diff(free["adapter_eager"], free["adapter_et"]),
+            "adapter_norm_eager": float(free["adapter_eager"].norm()),
+            "adapter_norm_et": float(free["adapter_et"].norm()),
+            "held_out_examples": len(held_out),
+            "held_out_accuracy_eager": acc_eager,
+            "held_out_accuracy_et": acc_et,
+        },
+        "et_ms_per_step": statistics.median([forced["et_ms"], free["et_ms"]]),
+        "eager_ms_per_step": statistics.median([forced["eager_ms"], free["eager_ms"]]),
+    }

@@ -1,0 +1,193 @@
+"""The exported program against the eager reference: every tiny family, shared state, resume,
+PEFT parity, external weights, and clear export errors."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from export.manifest import REQUIRED_KEYS, ManifestError, read_manifest
+from models.causal_lm import build_step
+from models.peft_io import save_peft_adapter
+from models.tiny import TINY_FAMILIES
+from runtime_driver.cli import main
+from runtime_driver.compare import TEACHER_FORCED_REL_TOL, compare_engines
+from runtime_driver.executorch_engine import ExecuTorchPRGE
+from runtime_driver.executors import EagerPRGE
+from runtime_driver.run import program_adapter_config, program_task
+from runtime_driver.train import TrainConfig, train_zero_order
+
+LOSS_TOL = 1e-5  # XNNPACK vs eager float32 rounding on per-copy mean losses
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_family_exports_and_matches_eager(family, tiny_program, tiny_model_dir, tiny_data_dir):
+    program = tiny_program(family)
+    result = compare_engines(tiny_model_dir(family), program, tiny_data_dir, steps=3, lr=0.05, eps=1e-2)
+    assert result["max_loss_diff"] < LOSS_TOL
+    assert result["teacher_forced_max_rel_diff"] < TEACHER_FORCED_REL_TOL
+    assert result["free_running"]["adapter_norm_et"] > 0  # it really trained
+
+
+def _eager_twin(program, model_dir):
+    manifest = read_manifest(program)
+    return EagerPRGE(build_step(model_dir, program_adapter_config(manifest), manifest["task"]["label_token_ids"]))
+
+
+def test_methods_share_one_adapter_state(tiny_program, tiny_model_dir, tiny_batch):
+    program = tiny_program("llama")
+    et = ExecuTorchPRGE(program)
+    eager = _eager_twin(program, tiny_model_dir("llama"))
+    adapter = torch.randn(et.adapter_numel, generator=torch.Generator().manual_seed(0)) * 0.05
+    et.set_adapter(adapter)
+    eager.set_adapter(adapter)
+    assert torch.equal(et.get_adapter(), adapter)  # set_adapter -> get_adapter
+    ids, mask, labels = tiny_batch(b=et.eval_batch_size)
+    # set_adapter -> eval_logits: the evaluation sees the adapter that was set
+    assert torch.allclose(et.eval_logits(ids, mask), eager.eval_logits(ids, mask), atol=1e-5)
+    # train_step applies the folded update to the same state get_adapter reads
+    ids, mask, labels = tiny_batch(b=et.batch_size)
+    for engine in (et, eager):
+        engine.train_step(ids, mask, labels, 5, 6, [0.3, -0.7], 0.1, 1e-2)
+    assert not torch.equal(et.get_adapter(), adapter)
+    assert torch.allclose(et.get_adapter(), eager.get_adapter(), rtol=0, atol=1e-6)
+    # apply_update -> get_adapter
+    for engine in (et, eager):
+        engine.apply_update(6, [1.0, 2.0], 0.05)
+    assert torch.allclose(et.get_adapter(), eager.get_adapter(), rtol=0, atol=1e-6)
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashingExecutor:
+    """Delegates to an executor and raises at a given step (a killed app)."""
+
+    def __init__(self, inner, crash_at: int):
+        self.inner, self.crash_at, self.calls = inner, crash_at, 0
+        self.num_queries = inner.num_queries
+
+    def train_step(self, *args):
+        if self.calls == self.crash_at:
+            raise _Crash()
+        self.calls += 1
+        return self.inner.train_step(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_resume_equals_uninterrupted_run(tiny_program, tiny_data_dir, tmp_path):
+    program = tiny_program("llama")
+    task = program_task(program, read_manifest(program), tiny_data_dir)
+    train = task.split("train", 16)
+    cfg = TrainConfig(steps=7, batch_size=2, lr=0.05, eps=1e-2, eval_every=0, checkpoint_every=3)
+    no_eval = lambda: {"accuracy": 0.0, "loss": 0.0}  # noqa: E731
+
+    whole = ExecuTorchPRGE(program)
+    train_zero_order(whole, train, no_eval, cfg, tmp_path / "a", quiet=True)
+
+    with pytest.raises(_Crash):
+        train_zero_order(_CrashingExecutor(ExecuTorchPRGE(program), crash_at=5), train, no_eval, cfg, tmp_path / "b", quiet=True)
+    resumed = ExecuTorchPRGE(program)  # a fresh process would load the program anew
+    train_zero_order(resumed, train, no_eval, cfg, tmp_path / "b", resume=True, quiet=True)
+    assert torch.equal(whole.get_adapter(), resumed.get_adapter())
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "train"] == list(range(7))
+
+
+def test_peft_adapter_predicts_like_the_program(tiny_program, tiny_model_dir, tiny_data_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    program = tiny_program("llama")
+    manifest = read_manifest(program)
+    et = ExecuTorchPRGE(program)
+    task = program_task(program, manifest, tiny_data_dir)
+    cfg = TrainConfig(steps=6, batch_size=2, lr=0.2, eps=1e-2, eval_every=0)
+    train_zero_order(et, task.split("train", 16), lambda: {"accuracy": 0.0, "loss": 0.0}, cfg, tmp_path / "run", quiet=True)
+    adapter = program_adapter_config(manifest)
+    from export.manifest import slots_from_json
+
+    save_peft_adapter(tmp_path / "adapter", slots_from_json(manifest["adapter"]["slots"]), et.get_adapter(),
+                      rank=adapter.rank, alpha=adapter.alpha, a_seed=adapter.a_seed, targets=adapter.targets,
+                      base_model=str(tiny_model_dir("llama")))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir("llama")), attn_implementation="eager")
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    split = task.split("validation", 16).head(et.eval_batch_size)
+    ids, mask = split.input_ids, split.attention_mask
+    position_ids = torch.clamp(torch.cumsum(mask, 1) - 1, min=0)
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1]
+    peft_label_logits = logits[:, manifest["task"]["label_token_ids"]]
+    et_logits = et.eval_logits(ids, mask)
+    assert torch.allclose(peft_label_logits, et_logits, atol=1e-4)
+    assert torch.equal(peft_label_logits.argmax(1), et_logits.argmax(1))
+
+
+def test_external_weights_program_matches_embedded(tiny_program, tiny_batch):
+    embedded = tiny_program("llama")
+    external = tiny_program("llama", external=True)
+    assert (external / "model.ptd").is_file()
+    assert (external / "model.pte").stat().st_size < (embedded / "model.pte").stat().st_size
+    a, b = ExecuTorchPRGE(embedded), ExecuTorchPRGE(external)
+    ids, mask, labels = tiny_batch(b=2)
+    assert torch.equal(a.train_step(ids, mask, labels, 1, 2, [0.0, 0.0], 0.0, 1e-2),
+                       b.train_step(ids, mask, labels, 1, 2, [0.0, 0.0], 0.0, 1e-2))
+
+
+def test_manifest_has_what_a_driver_needs(tiny_program):
+    manifest = read_manifest(tiny_program("llama"))
+    assert set(REQUIRED_KEYS) <= set(manifest)
+    assert manifest["delegation"]["train_step"]["delegated_nodes"] > 0
+    assert manifest["adapter"]["numel"] == sum(s["shape"][0] * s["shape"][1] for s in manifest["adapter"]["slots"])
+    assert manifest["tokenizer"]["file"] == "tokenizer.json" and len(manifest["tokenizer"]["sha256"]) == 64
+
+
+def test_corrupted_program_is_refused(tiny_program, tmp_path):
+    copy = tmp_path / "program"
+    shutil.copytree(tiny_program("llama"), copy)
+    pte = copy / "model.pte"
+    pte.write_bytes(pte.read_bytes()[: pte.stat().st_size // 2])
+    with pytest.raises(ManifestError, match="does not match"):
+        ExecuTorchPRGE(copy)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--targets", "nonexistent_proj"], "matches no module"),
+        (["--seq-len", "100000"], "exceeds the model"),
+        (["--seq-len", "2"], "too short"),
+    ],
+)
+def test_export_errors_are_clear_and_write_nothing(extra, message, tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["export", "--model", str(tiny_model_dir("llama")), "--data", str(tiny_data_dir), "--out", str(out), *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_multi_token_label_word_is_rejected(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    (data / "task.json").write_text(json.dumps({"template": "Review: {text}\nSentiment:",
+                                                "labels": {"negative": " negative", "positive": " absolutely wonderful"}}))
+    code = main(["export", "--model", str(tiny_model_dir("llama")), "--data", str(data), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "single token" in capsys.readouterr().err
+
+
+def test_unsupported_architecture_is_rejected(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    config = json.loads((model / "config.json").read_text())
+    config["model_type"] = "bert"
+    (model / "config.json").write_text(json.dumps(config))
+    code = main(["export", "--model", str(model), "--data", str(tiny_data_dir), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "not supported" in capsys.readouterr().err
