@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from models.cache import sha256_file
 from prge.step import AdapterSlot
 
 MANIFEST_FILE = "manifest.json"
@@ -19,14 +20,6 @@ REQUIRED_KEYS = (
 
 class ManifestError(ValueError):
     pass
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_weights_hash(model_dir: Path) -> str:

@@ -31,7 +31,7 @@ class AdapterConfig:
     rank: int = DEFAULT_RANK  # LoRA rank r
     alpha: float = DEFAULT_ALPHA  # LoRA scaling numerator (scaling = alpha / r)
     targets: list[str] | None = None  # module names (peft semantics); None = family default
-    loss: str = "classification"  # "classification" (label words) or "lm" (full vocabulary)
+    loss: str | None = None  # "classification" (label words) or "lm" (full vocabulary); None: the task's, else classification
     a_seed: int = DEFAULT_A_SEED  # seed of the frozen A matrices
     adapted: list[str] = field(default_factory=list)  # filled in: the adapted module names
 
@@ -114,6 +114,7 @@ def build_step(model_dir: str | Path, adapter: AdapterConfig, label_ids: list[in
     model = load_causal_lm(model_dir)
     targets = adapter.targets or default_targets(model.config.model_type)
     adapter.targets = list(targets) if isinstance(targets, list) else targets
+    adapter.loss = adapter.loss or "classification"
     adapter.adapted = inject_lora_fa(
         model, targets, adapter.rank, adapter.alpha, 2 * adapter.num_queries, adapter.a_seed
     )

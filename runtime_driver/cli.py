@@ -12,7 +12,7 @@ from models.adapters import DEFAULT_ALPHA, DEFAULT_RANK  # noqa: E402
 from models.causal_lm import AdapterConfig  # noqa: E402
 from runtime_driver.train import METHODS, TrainConfig  # noqa: E402
 
-# Errors a user can fix: printed as one line, exit code 2, no traceback.
+# Errors a user can fix: printed as one line, exit code 2, no traceback (PRGE_DEBUG=1 shows it).
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
 
 
@@ -35,7 +35,8 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
 
 
 def _adapter_config(args) -> AdapterConfig:
-    return AdapterConfig(num_queries=args.q, rank=args.rank, alpha=args.alpha, targets=args.targets, loss=args.loss or "classification")
+    """Adapter settings from the command line; the loss defaults to the task's (set later)."""
+    return AdapterConfig(num_queries=args.q, rank=args.rank, alpha=args.alpha, targets=args.targets, loss=args.loss)
 
 
 def _print(obj) -> None:
@@ -65,7 +66,6 @@ def cmd_train(args) -> None:
         checkpoint_every=args.checkpoint_every, optimizer=args.optimizer,
     )
     adapter = _adapter_config(args)
-    adapter.loss = args.loss
     cfg = RunConfig(model=args.model, program=args.program, data=args.data, out=args.out, engine=args.engine,
                     seq_len=args.seq_len, test_examples=args.test_examples, eval_before=args.eval_before,
                     adapter=adapter, train=train)
@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except USER_ERRORS as e:
+        if os.environ.get("PRGE_DEBUG"):
+            raise
         print(f"prge {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

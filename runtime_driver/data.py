@@ -8,7 +8,6 @@ truncation to the sequence length) happens elsewhere, with the tokenizer at hand
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from models.cache import cache_dir
+from models.cache import cache_dir, sha256_file
 
 __all__ = [
     "DataError",
@@ -477,14 +476,6 @@ def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _install_dir(tmp: Path, target: Path) -> None:
     """Move the finished `tmp` folder to `target`, replacing an old/partial one if present."""
     if not target.exists():
@@ -524,7 +515,7 @@ def prepare_default_data(force: bool = False, progress: Callable[[str], Any] = p
     rows = _read_ground_truth(src)
     splits = _split(rows, test_size, validation_size, seed)
     info = {
-        "source": {"package": SDIST_REQUIREMENT, "sdist": src.name, "sha256": _sha256(src),
+        "source": {"package": SDIST_REQUIREMENT, "sdist": src.name, "sha256": sha256_file(src),
                    "file": f"{NESTED_TARBALL}!{GROUND_TRUTH}", "license": "MIT",
                    "labelling": "mean rating > 0 positive, < 0 negative, == 0 dropped"},
         "rows": len(rows),

@@ -173,7 +173,7 @@ def evaluate_eager(
     """Accuracy on a split of the base model (zero-shot, B = 0) or of a saved prge PEFT adapter."""
     model_dir = resolve_model_dir(model)
     task = load_task(model_dir, resolve_data_dir(data))
-    adapter = AdapterConfig(num_queries=1)
+    adapter = AdapterConfig(num_queries=1, loss=task.spec.loss)
     if adapter_dir:
         peft_config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
         adapter.rank, adapter.alpha = peft_config["r"], peft_config["lora_alpha"]

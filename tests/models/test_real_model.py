@@ -1,0 +1,50 @@
+"""A few checks on the real default model (SmolLM2-135M-Instruct, prepared offline).
+
+Marked real_model: they need `prge prepare-model` (run here on first use, ~30 s) and take a
+few seconds each on 2 cores.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.causal_lm import AdapterConfig, build_step
+from models.default_model import prepare_default_model
+from runtime_driver.data import prepare_default_data
+from runtime_driver.evaluate import evaluate
+from runtime_driver.workspace import load_task
+
+pytestmark = pytest.mark.real_model
+SEQ_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def real():
+    model_dir = prepare_default_model(progress=lambda _: None)
+    task = load_task(model_dir, prepare_default_data(progress=lambda _: None))
+    return model_dir, task
+
+
+def test_zero_shot_is_well_above_chance(real):
+    """The dequantized GGUF model works: the prompt alone classifies most reviews (notes: ~81%)."""
+    model_dir, task = real
+    step = build_step(model_dir, AdapterConfig(num_queries=1), task.label_ids)
+    split = task.split("validation", SEQ_LEN, limit=96)
+    with torch.no_grad():
+        result = evaluate(step.eval_logits, split, 16, fixed_batch=False)
+    assert result["accuracy"] > 0.7
+
+
+def test_parallel_estimate_equals_sequential_on_the_real_model(real):
+    """P-RGE's batched 2q copies give MeZO-style sequential losses on the real model too."""
+    model_dir, task = real
+    step = build_step(model_dir, AdapterConfig(num_queries=2), task.label_ids)
+    split = task.split("train", SEQ_LEN, limit=2)
+    eps = torch.tensor([1e-2])
+    with torch.no_grad():
+        step.set_adapter(torch.randn(step.adapter_numel, generator=torch.Generator().manual_seed(0)) * 1e-2)
+        parallel = step.train_step(split.input_ids, split.attention_mask, split.labels, torch.tensor([0]),
+                                   torch.tensor([7]), torch.zeros(2), torch.zeros(1), eps)
+        sequential = step.sequential_losses(split.input_ids, split.attention_mask, split.labels, torch.tensor([7]), eps)
+    assert torch.allclose(parallel, sequential, atol=2e-5)
+    assert (parallel[:2] - parallel[2:]).abs().max() > 1e-4  # the perturbations really change the loss
