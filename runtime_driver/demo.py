@@ -81,7 +81,7 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict[str, Any]:
     summary = run_training(run_cfg, progress=progress)
     plot = plot_run(out / "run" / "metrics.jsonl", out / "training.png",
                     f"P-RGE through ExecuTorch: SmolLM2-135M, movie reviews (q={cfg.num_queries}, b={cfg.batch_size})",
-                    baseline_accuracy=summary["test_before"]["accuracy"])
+                    test_accuracy={0: summary["test_before"]["accuracy"], cfg.steps: summary["test"]["accuracy"]})
     result = {
         "zero_shot_test_accuracy": summary["test_before"]["accuracy"],
         "fine_tuned_test_accuracy": summary["test"]["accuracy"],

@@ -17,7 +17,9 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_run(metrics_path: Path, out_png: Path, title: str, baseline_accuracy: float | None = None) -> Path:
+def plot_run(metrics_path: Path, out_png: Path, title: str, test_accuracy: dict[int, float] | None = None) -> Path:
+    """Loss per step (raw and smoothed) and validation accuracy per eval; test_accuracy maps a
+    step to a held-out test accuracy (e.g. before and after training) drawn as markers."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers or in CI
@@ -35,8 +37,11 @@ def plot_run(metrics_path: Path, out_png: Path, title: str, baseline_accuracy: f
     ax_loss.set_ylabel("training loss (mean over 2q copies)")
     ax_loss.legend()
     ax_acc.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", color="C1", label="validation")
-    if baseline_accuracy is not None:
-        ax_acc.axhline(baseline_accuracy, linestyle="--", color="0.4", label="zero-shot (test)")
+    if test_accuracy:
+        steps_, values = zip(*sorted(test_accuracy.items()))
+        ax_acc.plot(steps_, values, "s--", color="C2", label="test (held out)")
+        for step, value in zip(steps_, values):
+            ax_acc.annotate(f"{value:.3f}", (step, value), textcoords="offset points", xytext=(6, -12), color="C2")
     ax_acc.set_xlabel("step")
     ax_acc.set_ylabel("accuracy")
     ax_acc.legend()

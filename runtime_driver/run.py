@@ -132,14 +132,15 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, prog
     """Train with cfg.engine and cfg.train.method; evaluate on validation during and test after."""
     data_dir = resolve_data_dir(cfg.data, progress=progress)
     engine = build_engine(cfg, data_dir)
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     task, t = engine.task, cfg.train
+    # Read and check all data before anything is written: bad input leaves no half-made run.
     splits = {
         "train": task.split("train", engine.seq_len),
         "validation": task.split("validation", engine.seq_len, limit=t.eval_examples),
         "test": task.split("test", engine.seq_len, limit=cfg.test_examples),
     }
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "config.json", {**asdict(cfg), "data_dir": str(data_dir), "base_model": engine.base_model})
 
     def evaluate_split(split: TokenizedSplit) -> dict[str, float]:

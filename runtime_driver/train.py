@@ -81,6 +81,12 @@ class _Progress:
         every = self.cfg.eval_every
         return (every > 0 and done_steps % every == 0) or done_steps == self.cfg.steps
 
+    def eval_at_start(self, start_step: int) -> None:
+        """A fresh run with periodic evals starts with one at step 0: the zero-shot baseline on
+        the same validation examples, so the curve shows what training added."""
+        if start_step == 0 and self.cfg.eval_every > 0:
+            self.run_eval(0)
+
     def run_eval(self, done_steps: int) -> dict[str, float]:
         result = self.evaluator()
         self.last_accuracy = result["accuracy"]
@@ -122,6 +128,7 @@ def train_zero_order(
         executor.set_adapter(adapter)
     q = executor.num_queries
     progress = _Progress(cfg, run_dir, start, evaluator, quiet)
+    progress.eval_at_start(start)
     prev_seed, prev_g, prev_lr = 0, [0.0] * q, 0.0
     bad_in_a_row, bad_total, step_ms = 0, 0, []
     try:
@@ -195,6 +202,8 @@ def train_first_order(
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected sgd or adam")
     progress = _Progress(cfg, run_dir, 0, evaluator, quiet)
+    with torch.no_grad():
+        progress.eval_at_start(0)
     step_ms = []
     try:
         for t in range(cfg.steps):

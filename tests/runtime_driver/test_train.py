@@ -119,7 +119,7 @@ def test_metrics_rows(make_step, splits, tmp_path):
         for i in range(Q):
             assert r["g"][i] == pytest.approx((r["losses"][i] - r["losses"][Q + i]) / (2 * cfg.eps), rel=1e-6)
     evals = [r for r in rows if r["type"] == "eval"]
-    assert [r["step"] for r in evals] == [3, 6]
+    assert [r["step"] for r in evals] == [0, 3, 6]  # step 0: the zero-shot baseline
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["split"] == "validation" for r in evals)
     assert summary["steps_run"] == cfg.steps and summary["bad_steps"] == 0
     assert summary["last_validation_accuracy"] == evals[-1]["accuracy"]
@@ -165,7 +165,7 @@ def test_resume_keeps_eval_rows(uninterrupted, make_step, splits, tmp_path):
         _zo(crashing.inner.step, splits, cfg, dir_b, executor=crashing)
     _zo(make_step(), splits, cfg, dir_b, resume=True)
     evals = lambda d: [(r["step"], r["accuracy"]) for r in read_metrics(d / "metrics.jsonl") if r["type"] == "eval"]  # noqa: E731
-    assert evals(dir_a) == [(4, evals(dir_a)[0][1]), (8, evals(dir_a)[1][1])]
+    assert [step for step, _ in evals(dir_a)] == [0, 4, 8]
     assert evals(dir_b) == evals(dir_a)
 
 
@@ -344,3 +344,4 @@ def test_cli_bad_label(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     assert code == 2
     assert f"{data / 'train.jsonl'}:3:" in err and "neutral" in err
     assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing written for bad input
