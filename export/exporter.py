@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from models.cache import say
 from prge.step import PRGEStep
 
 METHOD_NAMES = ("train_step", "apply_update", "eval_logits", "get_adapter", "set_adapter")
@@ -118,7 +119,7 @@ def export_step(
     step: PRGEStep,
     shapes: ExportShapes,
     external_weights: bool = False,
-    progress: Callable[[str], Any] = print,
+    progress: Callable[[str], Any] = say,
 ):
     """Lower all methods to one XNNPACK-delegated program.
 

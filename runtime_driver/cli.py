@@ -130,11 +130,11 @@ def cmd_compare(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from runtime_driver.demo import DemoConfig, run_demo
+    from runtime_driver.demo import DemoConfig, run_demo, summary_table
 
     if args.threads:
         _set_threads(args.threads)
-    run_demo(DemoConfig(out=args.out, steps=args.steps))
+    print(summary_table(run_demo(DemoConfig(out=args.out, steps=args.steps))))
 
 
 def cmd_eval(args) -> None:

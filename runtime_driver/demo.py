@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.cache import say
 from export.exporter import ExportShapes
 from export.manifest import MANIFEST_FILE, ManifestError, model_weights_hash, read_manifest
 from export.pipeline import delegation_table, export_model
@@ -57,7 +58,7 @@ def _reusable(program_dir: Path, model_dir: Path, cfg: DemoConfig, adapter: Adap
     )
 
 
-def run_demo(cfg: DemoConfig, progress=print) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig, progress=say) -> dict[str, Any]:
     began = time.perf_counter()
     out = Path(cfg.out)
     model_dir = prepare_default_model(progress=progress)
@@ -97,7 +98,6 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict[str, Any]:
         "config": cfg.__dict__,
     }
     write_json_atomic(out / "demo_summary.json", result)
-    progress(summary_table(result))
     return result
 
 

@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from models.cache import cache_dir, sha256_file
+from models.cache import cache_dir, say, sha256_file
 from runtime_driver.data import DEFAULT_SENTIMENT_TASK, DataError, save_task_spec
 
 # Default data set: movie-review sentences from the vaderSentiment 3.3.2 sdist (MIT licence).
@@ -168,7 +168,7 @@ def _install_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def prepare_default_data(force: bool = False, progress: Callable[[str], Any] = print, *,
+def prepare_default_data(force: bool = False, progress: Callable[[str], Any] = say, *,
                          sdist: str | os.PathLike[str] | None = None,
                          out_dir: str | os.PathLike[str] | None = None,
                          test_size: int = TEST_SIZE, validation_size: int = VALIDATION_SIZE,

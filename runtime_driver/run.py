@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from models.cache import say
 from export.manifest import slots_from_json
 from models.causal_lm import AdapterConfig, build_step, load_tokenizer
 from models.peft_io import load_peft_adapter, save_peft_adapter
@@ -128,7 +129,7 @@ def save_adapter(run_dir: Path, engine: Engine, flat_b: torch.Tensor) -> Path:
     )
 
 
-def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, progress=print) -> dict[str, Any]:
+def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, progress=say) -> dict[str, Any]:
     """Train with cfg.engine and cfg.train.method; evaluate on validation during and test after."""
     data_dir = resolve_data_dir(cfg.data, progress=progress)
     engine = build_engine(cfg, data_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.cache import say
 from models.causal_lm import label_token_ids, load_tokenizer
 from models.default_model import default_model_dir, prepare_default_model
 from runtime_driver.batches import TokenizedSplit, tokenize_examples
@@ -13,7 +14,7 @@ from runtime_driver.movie_reviews import prepare_default_data
 SPLITS = ("train", "validation", "test")
 
 
-def resolve_model_dir(model: str | None, progress=print) -> Path:
+def resolve_model_dir(model: str | None, progress=say) -> Path:
     """--model PATH as given, or the default model (prepared on first use)."""
     if model:
         path = Path(model).expanduser()
@@ -23,7 +24,7 @@ def resolve_model_dir(model: str | None, progress=print) -> Path:
     return prepare_default_model(progress=progress)
 
 
-def resolve_data_dir(data: str | None, progress=print) -> Path:
+def resolve_data_dir(data: str | None, progress=say) -> Path:
     """--data DIR (train/validation/test .jsonl or .csv + task.json), or the default task."""
     if data:
         path = Path(data).expanduser()
