@@ -6,7 +6,7 @@ from pathlib import Path
 
 from models.cache import say
 from models.causal_lm import label_token_ids, load_tokenizer
-from models.default_model import default_model_dir, prepare_default_model
+from models.default_model import prepare_default_model
 from runtime_driver.batches import TokenizedSplit, tokenize_examples
 from runtime_driver.data import TaskSpec, load_task_spec, read_examples
 from runtime_driver.movie_reviews import prepare_default_data

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from runtime_driver import data as D
 from runtime_driver import movie_reviews as M
 from runtime_driver.data import (DEFAULT_SENTIMENT_TASK, DataError, Example, TaskSpec,
                                  load_task_spec, read_examples, save_task_spec)
