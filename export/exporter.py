@@ -27,28 +27,20 @@ METHOD_NAMES = ("train_step", "apply_update", "eval_logits", "get_adapter", "set
 EXTERNAL_WEIGHTS_TAG = "model"
 
 
-def _weight_tagger(step: PRGEStep, param_placeholders: dict[str, str] | None = None) -> Callable[[Any], str | None]:
+def _weight_tagger(step: PRGEStep, param_placeholders: dict[str, str]) -> Callable[[Any], str | None]:
     """Tags the frozen model weights (parameters) for the .ptd and nothing else: the adapter
     buffers are mutable state, and the constants export lifts out of code (the noise
     generator's scalars, named c_lifted_tensor_N in every method) would collide by name in
     one shared data file.
 
-    The tagger sees two kinds of node: get_attr nodes of the unlifted module (target is the
-    parameter's FQN, for delegate-owned constants) and, in to_executorch, the lifted program's
-    placeholders (target is the placeholder name, p_step_..., mapped to its FQN through
-    param_placeholders, the graph signatures' inputs_to_parameters). The second kind is where
-    the weights are: with force_non_static_weights_for_f32_linear XNNPACK owns no weights, the
-    linears take them as delegate inputs from top-level constant placeholders."""
+    The nodes are the lifted program's placeholders (p_step_...), mapped to their FQN through
+    param_placeholders (the graph signatures' inputs_to_parameters). That is where the weights
+    are: with force_non_static_weights_for_f32_linear XNNPACK owns no weights, the linears take
+    them as delegate inputs, so no delegate-side tagging is needed."""
     weights = {f"step.{name}" for name, _ in step.named_parameters(remove_duplicate=False)}
-    placeholders = param_placeholders or {}
 
     def tag(node) -> str | None:
-        if node.op == "get_attr":
-            fqn = str(node.target)
-        elif node.op == "placeholder":
-            fqn = placeholders.get(node.name)
-        else:
-            return None
+        fqn = param_placeholders.get(node.name) if node.op == "placeholder" else None
         return EXTERNAL_WEIGHTS_TAG if fqn in weights else None
 
     return tag
@@ -137,10 +129,7 @@ def export_step(
     with torch.no_grad():
         for name in METHOD_NAMES:
             progress(f"  tracing {name} ...")
-            ep = torch.export.export(_Method(step, name), inputs[name], strict=False)
-            if external_weights:
-                ep = _tag_external_weights(ep, inputs[name], _weight_tagger(step))
-            programs[name] = ep
+            programs[name] = torch.export.export(_Method(step, name), inputs[name], strict=False)
     timings["torch_export_s"] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -171,19 +160,6 @@ def _param_placeholders(edge) -> dict[str, str]:
     for name in edge.methods:
         names.update(edge.exported_program(name).graph_signature.inputs_to_parameters)
     return names
-
-
-def _tag_external_weights(ep, example: tuple[Tensor, ...], tagger: Callable[[Any], str | None]):
-    """Tag the weights a delegate would own (get_attr nodes, custom meta delegate_constant_tag)
-    so XNNPACK stores them in the .ptd, then re-export. With force_non_static_weights_for_f32_linear
-    XNNPACK owns no constants and this changes nothing (the weights go out through
-    ExecutorchBackendConfig.external_constants instead); it keeps weights external should a
-    partitioner configuration (quantized linears, static weights) make them delegate-owned."""
-    from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
-
-    module = ep.module()
-    delegate_external_constants_pass_unlifted(module, gen_tag_fn=tagger)
-    return torch.export.export(module, example, strict=False)
 
 
 def write_program(program, out_dir: Path) -> tuple[Path, Path | None]:
