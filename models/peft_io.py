@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from prge.failpoints import reached
 from prge.lora import frozen_a
 from prge.step import AdapterSlot
 
@@ -76,9 +77,13 @@ def save_peft_adapter(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        reached("adapter-tmp-written")
+        # Swap by renames, never delete-then-rename: a kill in between must not lose both.
+        old = out_dir.parent / f".{out_dir.name}.old.{os.getpid()}"
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            os.replace(out_dir, old)
         os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -36,7 +36,14 @@ def updated_adapter(adapter: Tensor, seed: Tensor, g: Tensor, lr: Tensor) -> Ten
     num_queries = g.shape[0]
     z = gaussian(seed, num_queries, adapter.shape[0])
     inv_q = torch.tensor(1.0 / num_queries, dtype=torch.float64)
-    direction = (g.to(torch.float64).reshape(num_queries, 1) * z).sum(0) * inv_q
+    terms = g.to(torch.float64).reshape(num_queries, 1) * z
+    # Explicit adds in a fixed order, not terms.sum(0): ExecuTorch 1.5.1's portable sum over a
+    # float64 dim accumulates in float32 (measured: 9e-6 relative error), which broke replay and
+    # eager == runtime parity. Elementwise float64 adds are exact-rounded in every engine.
+    total = terms[0]
+    for i in range(1, num_queries):
+        total = total + terms[i]
+    direction = total * inv_q
     return adapter.to(torch.float64) - lr.to(torch.float64).reshape(1) * direction
 
 

@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from prge.failpoints import reached
+
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "state.json"
 
@@ -53,10 +55,12 @@ def save_checkpoint(ckpt_dir: str | Path, adapter: Tensor, state: dict[str, Any]
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
+    reached("ckpt-tmp-written", state.get("step"))
     old = None
     if ckpt_dir.exists():
         old = ckpt_dir.parent / f".ckpt-old.{os.getpid()}"
         os.replace(ckpt_dir, old)
+        reached("ckpt-old-moved", state.get("step"))
     os.replace(tmp, ckpt_dir)
     _fsync_dir(ckpt_dir.parent)
     if old is not None:

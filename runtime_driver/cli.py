@@ -64,6 +64,7 @@ def cmd_train(args) -> None:
         method=args.method, steps=args.steps, batch_size=args.batch, lr=args.lr, eps=args.eps,
         schedule=args.schedule, seed=args.seed, eval_every=args.eval_every, eval_examples=args.eval_examples,
         checkpoint_every=args.checkpoint_every, optimizer=args.optimizer,
+        max_bad_steps=args.max_bad_steps, diverge_factor=args.diverge_factor,
     )
     adapter = _adapter_config(args)
     cfg = RunConfig(model=args.model, program=args.program, data=args.data, out=args.out, engine=args.engine,
@@ -81,6 +82,29 @@ def _set_threads(threads: int) -> None:
 
     torch.set_num_threads(threads)
     set_runtime_threads(threads)
+
+
+def cmd_bench(args) -> None:
+    from runtime_driver.bench import BenchConfig, format_table, run_bench
+
+    def ints(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+
+    cfg = BenchConfig(model=args.model, seq_len=args.seq_len, threads=args.threads, reps=args.reps,
+                      cache=args.cache, skip_rss=args.no_rss)
+    if args.quick:  # a smoke run (tests, tiny models): every key, the smallest grid
+        cfg.qs, cfg.bs, cfg.demo_q, cfg.demo_b, cfg.rss_q, cfg.rss_batches, cfg.reps = (1,), (1,), 1, 1, 1, (1, 2), 2
+    for name in ("qs", "bs", "rss_batches"):
+        if getattr(args, name):
+            setattr(cfg, name, ints(getattr(args, name)))
+    if args.demo:
+        cfg.demo_q, cfg.demo_b = ints(args.demo)
+    result = run_bench(cfg)
+    print(format_table(result))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def cmd_export(args) -> None:
@@ -144,6 +168,33 @@ def cmd_eval(args) -> None:
     _print({"split": args.split, "adapter": args.adapter, **result})
 
 
+def cmd_replay(args) -> int:
+    from runtime_driver.replay import replay_run
+
+    result = replay_run(args.run_dir)
+    if args.out:
+        from runtime_driver.replay import save_flat_adapter
+
+        save_flat_adapter(args.out, result.adapter)
+    _print({"run_dir": args.run_dir, "steps_replayed": result.steps, "identical": result.identical, **result.compared})
+    if not result.identical:
+        print(f"prge replay: the log does not reproduce the saved adapter of {args.run_dir}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export_data(args) -> None:
+    from runtime_driver.export_data import export_data
+
+    print(export_data(args.program, args.data, args.out, steps=args.steps, seed=args.seed, eval_examples=args.eval_examples))
+
+
+def cmd_native_adapter(args) -> None:
+    from runtime_driver.native_adapter import convert_native_adapter
+
+    print(convert_native_adapter(args.program, args.adapter, args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prge", description="Fine-tune LMs with forward passes only (P-RGE), eager or through ExecuTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,7 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-examples", type=int, default=TrainConfig.eval_examples, help="validation examples per eval")
     p.add_argument("--test-examples", type=int, help="cap on test examples in the final eval (default: all)")
     p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
+    p.add_argument("--max-bad-steps", type=int, default=TrainConfig.max_bad_steps,
+                   help="stop after this many faulty steps in a row (non-finite or diverged loss; their update is skipped)")
+    p.add_argument("--diverge-factor", type=float, default=TrainConfig.diverge_factor,
+                   help="a step whose mean loss exceeds this x the first step's is a fault (0: off)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt (from step 0 if none was written yet)")
     p.add_argument("--out", default="runs/train", help="run directory (default runs/train)")
     p.set_defaults(func=cmd_train)
 
@@ -212,19 +267,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="threads for torch and the ExecuTorch pool")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("bench", help="speed and memory of P-RGE vs sequential ZO, eager and first-order (BENCHMARKS.md)")
+    p.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--json", help="write the full result (keys of the performance issue) to this file")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--q", dest="qs", help="parallel_speedup grid, queries (default 1,2,4,8)")
+    p.add_argument("--b", dest="bs", help="parallel_speedup grid, per-copy batches (default 1,4)")
+    p.add_argument("--demo", help="q,b of the step_overhead / et_vs_eager / throughput config (default 4,4)")
+    p.add_argument("--rss-batches", help="per-query batches of the peak-RSS processes (default 8,64)")
+    p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
+    p.add_argument("--threads", type=int, default=2, help="torch and ExecuTorch threads (default 2)")
+    p.add_argument("--reps", type=int, default=5, help="interleaved timed repetitions (default 5)")
+    p.add_argument("--cache", help="program cache (default ~/.cache/prge/bench)")
+    p.add_argument("--quick", action="store_true", help="smallest grid, 2 reps: a smoke run")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("eval", help="accuracy of the base model (zero-shot) or of a PEFT adapter")
     _add_model_args(p)
     p.add_argument("--adapter", help="a PEFT adapter folder written by prge (default: none = zero-shot)")
     p.add_argument("--split", choices=("validation", "test"), default="test")
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export-data", help="pre-tokenized data file for the native driver (android_harness/)")
+    p.add_argument("--program", required=True, help="export folder (from `prge export`): tokenizer, template, shapes")
+    p.add_argument("--data", help="task folder (default: movie reviews)")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps, help="training steps whose row order is written")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="run seed (data order and noise seeds)")
+    p.add_argument("--eval-examples", type=int, default=TrainConfig.eval_examples, help="validation rows for evals")
+    p.add_argument("--out", required=True, help="output file (e.g. data.bin)")
+    p.set_defaults(func=cmd_export_data)
+
+    p = sub.add_parser("native-adapter", help="turn a native run's flat adapter.safetensors into a PEFT adapter")
+    p.add_argument("--program", required=True, help="the export folder the native run trained")
+    p.add_argument("--adapter", required=True, help="RUN/adapter.safetensors written by the native driver")
+    p.add_argument("--out", required=True, help="PEFT adapter folder to write")
+    p.set_defaults(func=cmd_native_adapter)
+
+    p = sub.add_parser("replay", help="rebuild a zeroth-order run's adapter from its logged (seed, g) and check it")
+    p.add_argument("run_dir", help="a run directory written by `prge train` (or `prge demo`'s run/)")
+    p.add_argument("--out", help="also write the replayed flat adapter to this .safetensors file")
+    p.set_defaults(func=cmd_replay)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except USER_ERRORS as e:
         if os.environ.get("PRGE_DEBUG"):
             raise
@@ -233,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"prge {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from prge.failpoints import armed, reached
+
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     rows = []
@@ -33,20 +35,30 @@ class MetricsLog:
     def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
         """Open for appending. resume_step: on resume, drop what was logged after the checkpoint
         taken when resume_step steps were done (it will be redone): train rows of steps
-        >= resume_step (they count from 0) and eval rows after resume_step steps done."""
+        >= resume_step (they count from 0) and eval rows after resume_step steps done.
+        resume_step 0 or None: a fresh run, any old log is emptied."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             rows = read_metrics(self.path)
-            if resume_step is not None:
-                rows = [r for r in rows if _logged_before(r, resume_step)]
+            # A fresh run (resume_step 0 or None) starts an empty log; a resumed one keeps what
+            # the checkpoint covers. Either way the rewrite drops a torn last line.
+            rows = [r for r in rows if resume_step and _logged_before(r, resume_step)]
             tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in rows))
+                fh.flush()
+                os.fsync(fh.fileno())
             os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        if armed("metrics-torn-line", row.get("step")):  # crash tests: die mid-line
+            self._file.write(line[: len(line) // 2])
+            self._file.flush()
+            reached("metrics-torn-line", row.get("step"))
+        self._file.write(line)
         self._file.flush()
         os.fsync(self._file.fileno())
 

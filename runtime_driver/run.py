@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from models.cache import say
-from export.manifest import slots_from_json
+from export.manifest import slots_from_json, slots_to_json
 from models.causal_lm import AdapterConfig, build_step, load_tokenizer
 from models.peft_io import load_peft_adapter, save_peft_adapter
 from prge.step import AdapterSlot
@@ -23,6 +23,7 @@ from runtime_driver.batches import TokenizedSplit
 from runtime_driver.data import TaskSpec
 from runtime_driver.evaluate import evaluate
 from runtime_driver.executors import EagerPRGE, EagerSequential
+from runtime_driver.replay import INITIAL_ZEROS
 from runtime_driver.train import TrainConfig, train_first_order, train_zero_order
 from runtime_driver.workspace import Task, load_task, resolve_data_dir, resolve_model_dir
 
@@ -142,7 +143,10 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, prog
     }
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", {**asdict(cfg), "data_dir": str(data_dir), "base_model": engine.base_model})
+    # The layout lets `prge replay` rebuild the adapter from the log without the model.
+    layout = {"numel": sum(s.numel for s in engine.slots), "slots": slots_to_json(engine.slots), "initial": INITIAL_ZEROS}
+    write_json_atomic(run_dir / "config.json", {**asdict(cfg), "data_dir": str(data_dir), "base_model": engine.base_model,
+                                                "adapter_layout": layout})
 
     def evaluate_split(split: TokenizedSplit) -> dict[str, float]:
         return evaluate(engine.eval_logits, split, engine.eval_batch_size, engine.fixed_eval_batch)

@@ -23,7 +23,9 @@ from prge.noise import PRNG_VERSION
 from prge.schedules import learning_rate
 from prge.step import PRGEStep
 from runtime_driver.batches import TokenizedSplit, batch_indices
-from runtime_driver.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.cache import say
+from prge.failpoints import reached
+from runtime_driver.checkpoint import CheckpointError, find_checkpoint_dir, load_checkpoint, save_checkpoint
 from runtime_driver.metrics import MetricsLog
 
 METHODS = ("prge", "mezo", "fo")
@@ -42,7 +44,8 @@ class TrainConfig:
     eval_examples: int = 500  # validation examples used by periodic evals
     checkpoint_every: int = 0  # checkpoint every N steps into run/ckpt (0: never)
     optimizer: str = "sgd"  # first-order only: sgd | adam
-    max_bad_steps: int = 10  # consecutive non-finite losses before training stops
+    max_bad_steps: int = 10  # consecutive faulty steps (non-finite or diverged loss) before training stops
+    diverge_factor: float = 10.0  # a step's mean loss above this x the first step's is a fault (0: off)
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed by this configuration."""
@@ -98,7 +101,12 @@ class _Progress:
         self.metrics.close()
 
 
-def _resume(cfg: TrainConfig, run_dir: Path, extra_fingerprint: dict[str, Any]) -> tuple[int, torch.Tensor | None]:
+def _resume(cfg: TrainConfig, run_dir: Path, extra_fingerprint: dict[str, Any]) -> tuple[int, torch.Tensor | None, dict]:
+    """(next step, adapter, state) from run_dir/ckpt; (0, None, {}) when no checkpoint was written
+    yet (a run killed before its first one simply starts over: that is what resuming means)."""
+    if find_checkpoint_dir(run_dir / "ckpt") is None:
+        say(f"{run_dir / 'ckpt'}: no checkpoint yet; starting from step 0")
+        return 0, None, {}
     ckpt = load_checkpoint(run_dir / "ckpt")
     expected = {**cfg.fingerprint(), **extra_fingerprint, "prng": PRNG_VERSION}
     recorded = ckpt.state.get("fingerprint", {})
@@ -107,7 +115,16 @@ def _resume(cfg: TrainConfig, run_dir: Path, extra_fingerprint: dict[str, Any]) 
         raise CheckpointError(
             f"{run_dir / 'ckpt'}: checkpoint is from another configuration (differs in {', '.join(diff)})"
         )
-    return ckpt.step, ckpt.adapter
+    return ckpt.step, ckpt.adapter, ckpt.state
+
+
+def _loss_fault(mean_loss: float, first_loss: float | None, diverge_factor: float) -> str | None:
+    """Why a step's losses must not update the adapter, or None when they are fine."""
+    if not math.isfinite(mean_loss):
+        return "non-finite loss"
+    if diverge_factor > 0 and first_loss is not None and mean_loss > diverge_factor * max(first_loss, 1e-8):
+        return f"diverged loss (mean {mean_loss:.4g} > {diverge_factor:g} x first step's {first_loss:.4g})"
+    return None
 
 
 def train_zero_order(
@@ -122,10 +139,12 @@ def train_zero_order(
 ) -> dict[str, Any]:
     """Run cfg.steps zeroth-order steps with executor; returns a summary dict."""
     extra_fingerprint = {**(extra_fingerprint or {}), "num_queries": executor.num_queries}
-    start = 0
-    if resume:
-        start, adapter = _resume(cfg, run_dir, extra_fingerprint)
+    start, adapter, state = _resume(cfg, run_dir, extra_fingerprint) if resume else (0, None, {})
+    if adapter is not None:
         executor.set_adapter(adapter)
+    # The divergence baseline is the first step's mean loss, kept in checkpoints so a resumed
+    # run judges divergence exactly as the uninterrupted one would.
+    first_loss: float | None = state.get("first_loss")
     q = executor.num_queries
     progress = _Progress(cfg, run_dir, start, evaluator, quiet)
     progress.eval_at_start(start)
@@ -140,22 +159,27 @@ def train_zero_order(
             losses = executor.train_step(ids, mask, labels, prev_seed, seed, prev_g, prev_lr, cfg.eps)
             step_ms.append((time.perf_counter() - began) * 1000)
             row: dict[str, Any] = {"type": "train", "step": t, "seed": seed, "lr": lr, "eps": cfg.eps}
-            if torch.isfinite(losses).all():
+            mean_loss = float(losses.to(torch.float64).mean())
+            if first_loss is None and math.isfinite(mean_loss):
+                first_loss = mean_loss
+            fault = _loss_fault(mean_loss, first_loss, cfg.diverge_factor)
+            if fault is None:
                 g = projected_grads(losses.to(torch.float64), cfg.eps).tolist()
                 bad_in_a_row = 0
             else:  # a numerical fault: skip this step's update rather than poison B
                 g = [0.0] * q
                 bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
-                row["fault"] = "non-finite loss"
+                row["fault"] = fault
             losses_list = [x if math.isfinite(x) else None for x in losses.tolist()]
             row.update(g=g, losses=losses_list, step_ms=round(step_ms[-1], 3))
             finite = [x for x in losses_list if x is not None]
             progress.log_step(row, sum(finite) / len(finite) if finite else float("nan"))
             if bad_in_a_row >= cfg.max_bad_steps:
                 raise TrainingDiverged(
-                    f"{bad_in_a_row} steps in a row had non-finite losses (last at step {t}); "
-                    "lower --lr or --eps. The last checkpoint is intact."
+                    f"{bad_in_a_row} steps in a row had a {fault} (last at step {t}); "
+                    f"lower --lr or --eps. The last checkpoint ({run_dir / 'ckpt'}) is intact."
                 )
+            reached("after-step", t)
             prev_seed, prev_g, prev_lr = seed, g, lr
             done = t + 1
             ckpt_due = cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0
@@ -169,6 +193,7 @@ def train_zero_order(
                     "step": done,
                     "next_seed": step_seed(cfg.seed, done),
                     "data_position": done * cfg.batch_size,
+                    "first_loss": first_loss,
                     "fingerprint": {**cfg.fingerprint(), **extra_fingerprint, "prng": PRNG_VERSION},
                 }
                 save_checkpoint(run_dir / "ckpt", executor.get_adapter(), state)

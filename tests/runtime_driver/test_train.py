@@ -78,11 +78,12 @@ class Wrapped:
     """An executor that delegates to EagerPRGE, records the adapter each train_step starts
     from, and can fail or return non-finite losses at chosen steps (identified by seed)."""
 
-    def __init__(self, step, cfg: TrainConfig, crash_at=(), nan_at=(), inf_at=()) -> None:
+    def __init__(self, step, cfg: TrainConfig, crash_at=(), nan_at=(), inf_at=(), blowup_at=()) -> None:
         self.inner = EagerPRGE(step)
         self.num_queries = self.inner.num_queries
         self.step_of_seed = {step_seed(cfg.seed, t): t for t in range(cfg.steps)}
         self.crash_at, self.nan_at, self.inf_at = set(crash_at), set(nan_at), set(inf_at)
+        self.blowup_at = set(blowup_at)  # steps whose losses come back 1000x larger (finite)
         self.start_adapter: dict[int, torch.Tensor] = {}
 
     def train_step(self, input_ids, attention_mask, labels, prev_seed, new_seed, prev_g, lr, eps):
@@ -96,6 +97,8 @@ class Wrapped:
         if t in self.inf_at:
             losses = losses.clone()
             losses[1] = float("inf")
+        if t in self.blowup_at:
+            losses = losses * 1000.0
         return losses
 
     def __getattr__(self, name):  # apply_update, eval_logits, get_adapter, set_adapter
@@ -179,9 +182,16 @@ def test_resume_with_other_config_is_refused(uninterrupted, make_step, splits):
     assert (dir_a / "metrics.jsonl").read_text() == metrics_before
 
 
-def test_resume_without_checkpoint(make_step, splits, tmp_path):
-    with pytest.raises(CheckpointError, match="no checkpoint"):
-        _zo(make_step(), splits, _cfg(), tmp_path, resume=True)
+def test_resume_without_checkpoint_starts_over(uninterrupted, make_step, splits, tmp_path):
+    # A run killed before its first checkpoint: resuming runs it from step 0, over its old log.
+    cfg, _, final_a = uninterrupted
+    run_dir = tmp_path / "C"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"type": "train", "step": 0}\n{"type": "tr')
+    step = make_step()
+    _zo(step, splits, cfg, run_dir, resume=True)
+    assert torch.equal(step.get_adapter(), final_a)
+    assert [r["step"] for r in _train_rows(run_dir)] == list(range(cfg.steps))
 
 
 # ---- non-finite losses ---------------------------------------------------------------------
@@ -217,6 +227,26 @@ def test_diverged_run_stops_with_checkpoint_intact(make_step, splits, tmp_path):
     assert torch.equal(ckpt.adapter, ex.start_adapter[4])
     assert not torch.equal(ckpt.adapter, torch.zeros_like(ckpt.adapter))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt")) == []
+
+
+def test_diverging_loss_stops_with_checkpoint_intact(make_step, splits, tmp_path):
+    cfg = _cfg(steps=12, checkpoint_every=4, eval_every=0, max_bad_steps=3)
+    ex = Wrapped(make_step(), cfg, blowup_at={5, 6, 7, 8})
+    with pytest.raises(TrainingDiverged, match="3 steps in a row had a diverged loss"):
+        _zo(ex.inner.step, splits, cfg, tmp_path, executor=ex)
+    rows = _train_rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(8))
+    assert all("diverged loss" in r["fault"] and r["g"] == [0.0] * Q for r in rows[5:])
+    assert all("fault" not in r for r in rows[:5])
+    assert torch.equal(load_checkpoint(tmp_path / "ckpt").adapter, ex.start_adapter[4])
+
+
+def test_single_loss_spike_is_skipped_not_fatal(make_step, splits, tmp_path):
+    cfg = _cfg(steps=6, eval_every=0, max_bad_steps=3)
+    ex = Wrapped(make_step(), cfg, blowup_at={2})
+    summary = _zo(ex.inner.step, splits, cfg, tmp_path, executor=ex)
+    assert summary["bad_steps"] == 1 and summary["steps_run"] == 6
+    assert torch.equal(ex.start_adapter[4], ex.start_adapter[3])  # step 2's update was skipped
 
 
 # ---- baselines -----------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""`prge replay RUN_DIR`: rebuild a zeroth-order run's adapter from its log alone.
+
+A P-RGE update is a pure function of (adapter, seed, g, lr): the noise is regenerated from the
+seed. So the initial adapter plus the logged (seed, g, lr) of every step determine the final
+adapter, with no data and no model forward. Replaying a run and finding its saved adapter (and
+its checkpoint) bit for bit is how a run is audited: the log is complete and the engine applied
+exactly the updates it logged.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from export.manifest import slots_from_json
+from models.peft_io import CONFIG_FILE, load_peft_adapter
+from prge.estimators import updated_adapter
+from runtime_driver.checkpoint import load_checkpoint
+from runtime_driver.executors import step_scalars
+from runtime_driver.metrics import read_metrics
+
+# config.json["adapter_layout"]["initial"]: every run starts from LoRA-FA's B = 0.
+INITIAL_ZEROS = "zeros"
+
+
+class ReplayError(ValueError):
+    pass
+
+
+@dataclass
+class ReplayResult:
+    steps: int  # updates replayed
+    adapter: Tensor  # the replayed flat B after all of them
+    compared: dict[str, dict[str, Any]]  # saved artifact -> {"step", "identical", "max_abs_diff"}
+
+    @property
+    def identical(self) -> bool:
+        return all(c["identical"] for c in self.compared.values())
+
+
+def apply_logged_update(adapter: Tensor, seed: int, g: list[float], lr: float) -> Tensor:
+    """One step's update exactly as train_step folds it in: the same scalar tensors (g and lr in
+    float32, as the program receives them) through the same update function."""
+    seed_t, _, g_t, lr_t, _ = step_scalars(seed, 0, g, lr, 0.0)
+    return updated_adapter(adapter, seed_t, g_t, lr_t).to(torch.float32)
+
+
+def _read_layout(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        layout = config["adapter_layout"]
+        numel, slots = int(layout["numel"]), slots_from_json(layout["slots"])
+    except FileNotFoundError:
+        raise ReplayError(f"{path}: not found (is {run_dir} a prge run directory?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise ReplayError(f"{path}: no usable adapter_layout ({type(e).__name__}: {e}); "
+                          "runs written before replay support cannot be replayed") from None
+    if config.get("train", {}).get("method") == "fo":
+        raise ReplayError(f"{run_dir}: a first-order run; only zeroth-order runs are defined by (seed, g)")
+    if layout.get("initial") != INITIAL_ZEROS:
+        raise ReplayError(f"{path}: unknown initial adapter {layout.get('initial')!r}")
+    return {"numel": numel, "slots": slots}
+
+
+def _train_rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    rows = [r for r in read_metrics(path) if isinstance(r, dict) and r.get("type") == "train"]
+    if not rows:
+        raise ReplayError(f"{path}: no training steps logged")
+    for expected, row in enumerate(rows):
+        where = f"{path}: train row {expected + 1}"
+        if row.get("step") != expected:
+            raise ReplayError(f"{where}: step {row.get('step')!r}, expected {expected} (a gap or a duplicate)")
+        seed, g, lr = row.get("seed"), row.get("g"), row.get("lr")
+        if not isinstance(seed, int) or not isinstance(g, list) or not all(isinstance(x, (int, float)) for x in g):
+            raise ReplayError(f"{where}: needs an integer seed and a list of numbers g")
+        if not isinstance(lr, (int, float)) or len(g) != len(rows[0]["g"]):
+            raise ReplayError(f"{where}: needs a number lr and as many g values as step 0")
+    return rows
+
+
+def _peft_rank_and_seed(path: Path) -> tuple[int, int]:
+    try:
+        peft = json.loads(path.read_text())
+        return int(peft["r"]), int(peft["prge"]["a_seed"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ReplayError(f"{path}: not a prge PEFT adapter config ({type(e).__name__}: {e})") from None
+
+
+def _compare(replayed: Tensor, saved: Tensor, step: int) -> dict[str, Any]:
+    same_shape = replayed.shape == saved.shape
+    return {
+        "step": step,
+        "identical": bool(same_shape and torch.equal(replayed, saved)),
+        "max_abs_diff": float((replayed - saved).abs().max()) if same_shape else None,
+    }
+
+
+def save_flat_adapter(path: str | Path, adapter: Tensor) -> None:
+    """The replayed flat B as safetensors (key "adapter", as in checkpoints), written atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"adapter": adapter.contiguous()}, str(tmp))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def replay_run(run_dir: str | Path) -> ReplayResult:
+    """Replay every logged step from B = 0; compare with the run's checkpoint and final adapter
+    (whichever exist) at the steps they were taken."""
+    run_dir = Path(run_dir)
+    layout = _read_layout(run_dir)
+    rows = _train_rows(run_dir)
+    ckpt = load_checkpoint(run_dir / "ckpt") if (run_dir / "ckpt").exists() else None
+    if ckpt is not None and ckpt.step > len(rows):
+        raise ReplayError(f"{run_dir / 'ckpt'}: checkpoint at step {ckpt.step} but only {len(rows)} steps are logged")
+    adapter = torch.zeros(layout["numel"], dtype=torch.float32)
+    compared: dict[str, dict[str, Any]] = {}
+    for done, row in enumerate(rows, start=1):
+        adapter = apply_logged_update(adapter, row["seed"], row["g"], row["lr"])
+        if ckpt is not None and done == ckpt.step:
+            compared["ckpt"] = _compare(adapter, ckpt.adapter, done)
+    final_dir = run_dir / "adapter"
+    if (final_dir / CONFIG_FILE).is_file():
+        rank, a_seed = _peft_rank_and_seed(final_dir / CONFIG_FILE)
+        saved = load_peft_adapter(final_dir, layout["slots"], rank, a_seed)
+        compared["adapter"] = _compare(adapter, saved, len(rows))
+    if not compared:
+        raise ReplayError(f"{run_dir}: nothing to compare with (no adapter/ and no ckpt/)")
+    return ReplayResult(len(rows), adapter, compared)
