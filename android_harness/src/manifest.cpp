@@ -1,0 +1,83 @@
+#include "manifest.hpp"
+
+#include <sys/stat.h>
+
+#include "checksums.hpp"
+#include "files.hpp"
+
+namespace prge {
+namespace {
+
+constexpr int kManifestVersion = 1;  // export/manifest.py MANIFEST_VERSION
+const char* kMethods[] = {"train_step", "apply_update", "eval_logits", "get_adapter", "set_adapter"};
+
+long long file_size(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 ? static_cast<long long>(st.st_size) : -1;
+}
+
+void verify_entry(const std::string& dir, const Json& entry, const std::string& path) {
+  if (!is_file(path)) throw std::runtime_error(path + ": missing (listed in manifest.json)");
+  long long bytes = entry.at("bytes").integer("bytes");
+  if (file_size(path) != bytes || sha256_file_hex(path) != entry.at("sha256").string("sha256"))
+    throw std::runtime_error(path + ": does not match manifest.json (size or sha256 differ): truncated, corrupted "
+                             "or from another export");
+  (void)dir;
+}
+
+int positive_int(const Json& j, const std::string& what) {
+  long long v = j.integer(what);
+  if (v < 1 || v > (1 << 30)) throw JsonError(what + ": expected a positive integer");
+  return static_cast<int>(v);
+}
+
+}  // namespace
+
+Manifest read_manifest(const std::string& program_dir, bool verify_files) {
+  std::string path = join(program_dir, "manifest.json");
+  if (!is_file(path)) throw std::runtime_error(path + ": not found (is this a `prge export` output folder?)");
+  Manifest m;
+  m.dir = program_dir;
+  try {
+    m.raw = Json::parse(read_text(path));
+    const Json& j = m.raw;
+    if (j.at("manifest_version").integer("manifest_version") != kManifestVersion)
+      throw JsonError("manifest version " + j.at("manifest_version").dump() + ", this driver reads " +
+                      std::to_string(kManifestVersion));
+    const Json& program = j.at("program");
+    const Json& pte = program.at("pte");
+    m.pte_path = join(program_dir, pte.at("file").string("program.pte.file"));
+    m.pte_sha256 = pte.at("sha256").string("program.pte.sha256");
+    if (program.has("ptd") && !program.at("ptd").is_null())
+      m.ptd_path = join(program_dir, program.at("ptd").at("file").string("program.ptd.file"));
+    std::vector<std::string> methods;
+    for (const Json& name : j.at("methods").array("methods")) methods.push_back(name.string("methods[]"));
+    for (const char* need : kMethods) {
+      bool found = false;
+      for (const auto& have : methods) found = found || have == need;
+      if (!found) throw JsonError(std::string("methods: no '") + need + "'");
+    }
+    const Json& shapes = j.at("shapes");
+    m.batch_size = positive_int(shapes.at("batch_size"), "shapes.batch_size");
+    m.seq_len = positive_int(shapes.at("seq_len"), "shapes.seq_len");
+    m.eval_batch_size = positive_int(shapes.at("eval_batch_size"), "shapes.eval_batch_size");
+    m.num_queries = positive_int(j.at("num_queries"), "num_queries");
+    m.adapter_numel = positive_int(j.at("adapter").at("numel"), "adapter.numel");
+    m.num_labels = static_cast<int>(j.at("task").at("label_token_ids").array("task.label_token_ids").size());
+    if (m.num_labels < 2) throw JsonError("task.label_token_ids: need at least 2 labels");
+    m.model_path = j.at("model").at("path").string("model.path");
+    m.prng_version = j.at("prng_version").string("prng_version");
+    const Json& defaults = j.at("defaults");
+    if (defaults.has("lr")) m.default_lr = defaults.at("lr").number("defaults.lr");
+    if (defaults.has("eps")) m.default_eps = defaults.at("eps").number("defaults.eps");
+  } catch (const JsonError& e) {
+    throw std::runtime_error(path + ": " + e.what());
+  }
+  if (verify_files) {
+    verify_entry(program_dir, m.raw.at("program").at("pte"), m.pte_path);
+    if (!m.ptd_path.empty()) verify_entry(program_dir, m.raw.at("program").at("ptd"), m.ptd_path);
+  }
+  return m;
+}
+
+}  // namespace prge

@@ -1,0 +1,33 @@
+// manifest.json as the native driver needs it, checked against the program files on disk.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "json.hpp"
+
+namespace prge {
+
+struct Manifest {
+  std::string dir;
+  Json raw;
+  std::string pte_path;
+  std::string ptd_path;  // empty when the weights are inside the .pte
+  std::string pte_sha256;
+  int num_queries = 0;
+  int batch_size = 0;
+  int seq_len = 0;
+  int eval_batch_size = 0;
+  long long adapter_numel = 0;
+  int num_labels = 0;
+  std::string model_path;  // recorded in checkpoint fingerprints, as the Python driver does
+  double default_lr = 1e-3;  // TrainConfig's defaults unless the export recorded others
+  double default_eps = 1e-2;
+  std::string prng_version;
+};
+
+// Reads DIR/manifest.json; verify_files also checks size and sha256 of the .pte/.ptd.
+// Throws std::runtime_error with a message naming the file.
+Manifest read_manifest(const std::string& program_dir, bool verify_files);
+
+}  // namespace prge

@@ -1,0 +1,146 @@
+#include "program.hpp"
+
+#include <stdexcept>
+
+#include <executorch/extension/module/module.h>
+#include <executorch/extension/tensor/tensor.h>
+
+// The wheel ships libexecutorch_threadpool.so but not its header; these two declarations match
+// the exported symbols (executorch/extension/threadpool/threadpool.h upstream). Non-virtual
+// members, so declaring only what is called is ABI-safe.
+namespace executorch::extension::threadpool {
+class ThreadPool {
+ public:
+  bool _unsafe_reset_threadpool(uint32_t num_threads);
+};
+ThreadPool* get_threadpool();
+}  // namespace executorch::extension::threadpool
+
+namespace prge {
+
+using executorch::aten::ScalarType;
+using executorch::extension::module::Module;
+using executorch::runtime::Error;
+using executorch::runtime::EValue;
+
+namespace {
+
+constexpr int kLong = 0, kFloat = 1;
+
+std::string error_text(Error e) {
+  return std::string(executorch::runtime::to_string(e)) + " (error " + std::to_string(static_cast<int>(e)) + ")";
+}
+
+std::string dims(const std::vector<int32_t>& sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+
+}  // namespace
+
+void set_runtime_threads(unsigned threads) {
+  auto* pool = executorch::extension::threadpool::get_threadpool();
+  if (pool == nullptr || !pool->_unsafe_reset_threadpool(threads))
+    throw std::runtime_error("could not set the ExecuTorch thread pool to " + std::to_string(threads) + " threads");
+}
+
+PrgeProgram::PrgeProgram(const Manifest& m) : m_(m) {
+  // share_memory_arenas: the program was exported with share_mutable_buffers=True, so every
+  // method must see the same adapter buffers (executorch-notes.md).
+  if (m.ptd_path.empty())
+    module_ = std::make_unique<Module>(m.pte_path, Module::LoadMode::File, nullptr, nullptr, nullptr, true);
+  else
+    module_ = std::make_unique<Module>(m.pte_path, m.ptd_path, Module::LoadMode::File, nullptr, nullptr, nullptr, true);
+  Error err = module_->load(executorch::runtime::Program::Verification::InternalConsistency);
+  if (err != Error::Ok) throw std::runtime_error(m.pte_path + ": ExecuTorch could not load the program: " + error_text(err));
+  for (const char* name : {"train_step", "apply_update", "eval_logits", "get_adapter", "set_adapter"}) {
+    err = module_->load_method(name);
+    if (err != Error::Ok)
+      throw std::runtime_error(m.pte_path + ": ExecuTorch could not load method " + name + ": " + error_text(err));
+  }
+  // A manifest copied next to another export's .pte would pass its own checks: the shapes the
+  // program itself declares must agree with what the manifest says.
+  const int b = m.batch_size, t = m.seq_len, q = m.num_queries;
+  check_input("train_step", 0, {b, t});
+  check_input("train_step", 5, {q});
+  check_input("apply_update", 1, {q});
+  check_input("eval_logits", 0, {m.eval_batch_size, t});
+  check_input("set_adapter", 0, {static_cast<int32_t>(m.adapter_numel)});
+}
+
+PrgeProgram::~PrgeProgram() = default;
+
+void PrgeProgram::check_input(const std::string& method, size_t index, const std::vector<int32_t>& expected) {
+  auto meta = module_->method_meta(method);
+  if (!meta.ok()) throw std::runtime_error(m_.pte_path + ": no metadata for " + method);
+  if (meta->num_inputs() <= index)
+    throw std::runtime_error(m_.pte_path + ": " + method + " has " + std::to_string(meta->num_inputs()) + " inputs, expected more than " + std::to_string(index));
+  auto info = meta->input_tensor_meta(index);
+  if (!info.ok()) throw std::runtime_error(m_.pte_path + ": " + method + " input " + std::to_string(index) + " is not a tensor");
+  auto span = info->sizes();
+  std::vector<int32_t> actual(span.begin(), span.end());
+  if (actual != expected)
+    throw std::runtime_error(m_.pte_path + ": " + method + " input " + std::to_string(index) + " has shape " + dims(actual) +
+                             " but manifest.json implies " + dims(expected) + " (manifest from another export?)");
+}
+
+std::vector<float> PrgeProgram::run(const std::string& method, std::vector<void*> data,
+                                    std::vector<std::vector<int32_t>> sizes, std::vector<int> dtypes, size_t expect_numel) {
+  std::vector<executorch::extension::TensorPtr> tensors;
+  std::vector<EValue> inputs;
+  for (size_t i = 0; i < data.size(); ++i) {
+    std::vector<executorch::aten::SizesType> s(sizes[i].begin(), sizes[i].end());
+    tensors.push_back(executorch::extension::from_blob(data[i], s, dtypes[i] == kLong ? ScalarType::Long : ScalarType::Float));
+    inputs.emplace_back(*tensors.back());
+  }
+  auto result = module_->execute(method, inputs);
+  if (!result.ok()) throw std::runtime_error(method + " failed in the ExecuTorch runtime: " + error_text(result.error()));
+  const auto& outputs = result.get();
+  if (outputs.empty() || !outputs[0].isTensor()) throw std::runtime_error(method + " returned no tensor");
+  const auto& out = outputs[0].toTensor();
+  if (out.scalar_type() != ScalarType::Float || static_cast<size_t>(out.numel()) != expect_numel)
+    throw std::runtime_error(method + " returned " + std::to_string(out.numel()) + " values, expected " + std::to_string(expect_numel) + " float32");
+  // Copy at once: with shared arenas the next execute may overwrite this output's memory.
+  const float* p = out.const_data_ptr<float>();
+  return std::vector<float>(p, p + expect_numel);
+}
+
+std::vector<float> PrgeProgram::train_step(const std::vector<int64_t>& ids, const std::vector<int64_t>& mask,
+                                           const std::vector<int64_t>& labels, int64_t prev_seed, int64_t new_seed,
+                                           const std::vector<double>& prev_g, double lr, double eps) {
+  const int b = m_.batch_size, t = m_.seq_len, q = m_.num_queries;
+  // float32 as torch.tensor(..., dtype=float32) rounds the Python driver's doubles.
+  std::vector<float> g(prev_g.begin(), prev_g.end());
+  float lr_f = static_cast<float>(lr), eps_f = static_cast<float>(eps);
+  int64_t prev = prev_seed, next = new_seed;
+  return run("train_step",
+             {const_cast<int64_t*>(ids.data()), const_cast<int64_t*>(mask.data()), const_cast<int64_t*>(labels.data()), &prev, &next,
+              g.data(), &lr_f, &eps_f},
+             {{b, t}, {b, t}, {b}, {1}, {1}, {q}, {1}, {1}},
+             {kLong, kLong, kLong, kLong, kLong, kFloat, kFloat, kFloat}, size_t(2 * q));
+}
+
+void PrgeProgram::apply_update(int64_t prev_seed, const std::vector<double>& prev_g, double lr) {
+  std::vector<float> g(prev_g.begin(), prev_g.end());
+  float lr_f = static_cast<float>(lr);
+  int64_t prev = prev_seed;
+  run("apply_update", {&prev, g.data(), &lr_f}, {{1}, {m_.num_queries}, {1}}, {kLong, kFloat, kFloat}, size_t(m_.adapter_numel));
+}
+
+std::vector<float> PrgeProgram::eval_logits(const std::vector<int64_t>& ids, const std::vector<int64_t>& mask) {
+  const int e = m_.eval_batch_size, t = m_.seq_len;
+  return run("eval_logits", {const_cast<int64_t*>(ids.data()), const_cast<int64_t*>(mask.data())}, {{e, t}, {e, t}},
+             {kLong, kLong}, size_t(e) * m_.num_labels);
+}
+
+std::vector<float> PrgeProgram::get_adapter() { return run("get_adapter", {}, {}, {}, size_t(m_.adapter_numel)); }
+
+void PrgeProgram::set_adapter(const std::vector<float>& flat) {
+  if (static_cast<long long>(flat.size()) != m_.adapter_numel)
+    throw std::runtime_error("adapter has " + std::to_string(flat.size()) + " values, this program's has " + std::to_string(m_.adapter_numel));
+  std::vector<float> copy = flat;
+  run("set_adapter", {copy.data()}, {{static_cast<int32_t>(m_.adapter_numel)}}, {kFloat}, size_t(m_.adapter_numel));
+}
+
+}  // namespace prge
