@@ -83,7 +83,8 @@ def save_peft_adapter(
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        for stale in out_dir.parent.glob(f".{out_dir.name}.*"):  # this swap's old copy, a killed run's temp
+            shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -56,15 +56,14 @@ def save_checkpoint(ckpt_dir: str | Path, adapter: Tensor, state: dict[str, Any]
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
     reached("ckpt-tmp-written", state.get("step"))
-    old = None
     if ckpt_dir.exists():
-        old = ckpt_dir.parent / f".ckpt-old.{os.getpid()}"
-        os.replace(ckpt_dir, old)
+        os.replace(ckpt_dir, ckpt_dir.parent / f".ckpt-old.{os.getpid()}")
         reached("ckpt-old-moved", state.get("step"))
     os.replace(tmp, ckpt_dir)
     _fsync_dir(ckpt_dir.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    # The new checkpoint is in place: drop this swap's old copy and any a killed run left behind.
+    for stale in (*ckpt_dir.parent.glob(".ckpt-new.*"), *ckpt_dir.parent.glob(".ckpt-old.*")):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def find_checkpoint_dir(ckpt_dir: str | Path) -> Path | None:
