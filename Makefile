@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.prge-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast bench-accuracy clean
+.PHONY: install demo test test-fast bench-accuracy clean native native-aarch64
 
 install: $(STAMP)
 
@@ -27,6 +27,14 @@ test: install
 # Tiny random-weight models only.
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not real_model and not slow"
+
+# The native driver (android_harness/): build/native/prge-native against the venv's executorch
+# wheel; native-aarch64 cross-builds build/native-aarch64/prge-native (needs g++-aarch64-linux-gnu).
+native: install
+	android_harness/build.sh host
+
+native-aarch64: install
+	android_harness/build.sh aarch64
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

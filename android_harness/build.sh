@@ -10,7 +10,7 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 TARGET=${1:-host}
 case "$TARGET" in
   host)
-    SDK=$("$PY" -c 'import executorch, os; print(os.path.dirname(executorch.__file__))')
+    SDK=$("$PY" -c 'import importlib.util as u; print(u.find_spec("executorch").submodule_search_locations[0])')
     BUILD=$ROOT/build/native
     EXTRA=()
     ;;

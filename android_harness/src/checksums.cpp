@@ -82,6 +82,12 @@ std::string sha256_file_hex(const std::string& path) {
   return sha.hex();
 }
 
+std::string sha256_hex(const std::string& bytes) {
+  Sha256 sha;
+  sha.update(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size());
+  return sha.hex();
+}
+
 uint32_t crc32(const unsigned char* data, size_t size) {
   static const std::array<uint32_t, 256> table = [] {
     std::array<uint32_t, 256> t{};

@@ -9,6 +9,7 @@
 namespace prge {
 
 std::string sha256_file_hex(const std::string& path);  // throws std::runtime_error if unreadable
+std::string sha256_hex(const std::string& bytes);
 uint32_t crc32(const unsigned char* data, size_t size);  // zlib's CRC-32
 
 }  // namespace prge

@@ -61,6 +61,8 @@ DataFile read_data_file(const std::string& path, const Manifest& m) {
   d.run_seed = fields[6];
   uint32_t checksum = u32_at(h + 40);
   d.pte_sha256.assign(reinterpret_cast<const char*>(h + 48), 64);
+  if (d.pte_sha256.find_first_not_of("0123456789abcdef") != std::string::npos)
+    throw fail("corrupted header (the program's sha256 is not hex)");
 
   size_t expected = 2 * size_t(n_train) * d.seq_len + n_train + 2 * size_t(n_val) * d.seq_len + n_val +
                     size_t(d.steps) * d.batch_size;

@@ -27,7 +27,8 @@ const char* kUsage =
     "  --seed N               run seed; must equal the data file's (default: the data file's)\n"
     "  --eval-every N         validation eval every N steps, 0: only at the end (default 50)\n"
     "  --checkpoint-every N   checkpoint every N steps into OUT/ckpt, 0: never (default 0)\n"
-    "  --max-bad-steps N      consecutive non-finite losses before stopping (default 10)\n"
+    "  --max-bad-steps N      consecutive faulty steps before stopping (default 10)\n"
+    "  --diverge-factor X     a mean loss above X times the first step's is a fault, 0: off (default 10)\n"
     "  --threads N            ExecuTorch thread pool size (default: the runtime's)\n"
     "  --resume               continue from OUT/ckpt\n"
     "  --no-verify            skip the sha256 check of the program files (faster start)\n"
@@ -50,6 +51,10 @@ double parse_positive(const std::string& flag, const std::string& text) {
   double v = std::strtod(text.c_str(), &end);
   if (text.empty() || *end != '\0' || !(v > 0) || v > 1e6) throw UsageError(flag + ": expected a positive number, got '" + text + "'");
   return v;
+}
+
+double parse_nonnegative(const std::string& flag, const std::string& text) {
+  return text == "0" ? 0.0 : parse_positive(flag, text);
 }
 
 }  // namespace
@@ -78,6 +83,7 @@ int main(int argc, char** argv) {
       else if (flag == "--eval-every") opt.eval_every = static_cast<int>(parse_int(flag, value(), 0, 1 << 30));
       else if (flag == "--checkpoint-every") opt.checkpoint_every = static_cast<int>(parse_int(flag, value(), 0, 1 << 30));
       else if (flag == "--max-bad-steps") opt.max_bad_steps = static_cast<int>(parse_int(flag, value(), 1, 1 << 30));
+      else if (flag == "--diverge-factor") opt.diverge_factor = parse_nonnegative(flag, value());
       else if (flag == "--threads") threads = parse_int(flag, value(), 1, 1024);
       else if (flag == "--resume") opt.resume = true;
       else if (flag == "--no-verify") verify = false;
@@ -89,6 +95,7 @@ int main(int argc, char** argv) {
 
     prge::Manifest manifest = prge::read_manifest(program_dir, verify);
     prge::DataFile data = prge::read_data_file(data_path, manifest);
+    opt.data_path = data_path;
     opt.steps = steps > 0 ? static_cast<int>(steps) : data.steps;
     opt.seed = seed >= 0 ? static_cast<uint32_t>(seed) : data.run_seed;
     opt.lr = lr > 0 ? lr : manifest.default_lr;

@@ -31,6 +31,24 @@ int positive_int(const Json& j, const std::string& what) {
   return static_cast<int>(v);
 }
 
+// The slots exactly as Python's json.dumps(slots_to_json(slots)) prints them (key order of
+// export/manifest.py::slots_to_json), hashed: checkpoints record it to tie B to its layout.
+std::string layout_hash(const Json& slots) {
+  std::string text = "[";
+  bool first = true;
+  for (const Json& s : slots.array("adapter.slots")) {
+    const auto& shape = s.at("shape").array("slot.shape");
+    if (shape.size() != 2) throw JsonError("adapter.slots: a shape is not [out, rank]");
+    text += std::string(first ? "" : ", ") + "{\"name\": " + quote(s.at("name").string("slot.name")) +
+            ", \"shape\": [" + std::to_string(shape[0].integer("shape")) + ", " + std::to_string(shape[1].integer("shape")) +
+            "], \"offset\": " + std::to_string(s.at("offset").integer("slot.offset")) +
+            ", \"in_features\": " + std::to_string(s.at("in_features").integer("slot.in_features")) +
+            ", \"a_stream\": " + std::to_string(s.at("a_stream").integer("slot.a_stream")) + "}";
+    first = false;
+  }
+  return sha256_hex(text + "]").substr(0, 16);
+}
+
 }  // namespace
 
 Manifest read_manifest(const std::string& program_dir, bool verify_files) {
@@ -67,6 +85,7 @@ Manifest read_manifest(const std::string& program_dir, bool verify_files) {
     if (m.num_labels < 2) throw JsonError("task.label_token_ids: need at least 2 labels");
     m.model_path = j.at("model").at("path").string("model.path");
     m.prng_version = j.at("prng_version").string("prng_version");
+    m.adapter_layout = layout_hash(j.at("adapter").at("slots"));
     const Json& defaults = j.at("defaults");
     if (defaults.has("lr")) m.default_lr = defaults.at("lr").number("defaults.lr");
     if (defaults.has("eps")) m.default_eps = defaults.at("eps").number("defaults.eps");

@@ -24,6 +24,7 @@ struct Manifest {
   double default_lr = 1e-3;  // TrainConfig's defaults unless the export recorded others
   double default_eps = 1e-2;
   std::string prng_version;
+  std::string adapter_layout;  // run.py::_layout_hash: sha256 of the slots as json.dumps writes them, 16 hex
 };
 
 // Reads DIR/manifest.json; verify_files also checks size and sha256 of the .pte/.ptd.

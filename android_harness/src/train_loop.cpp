@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <csignal>
+#include <cstdlib>
 #include <dirent.h>
 #include <stdexcept>
 #include <unistd.h>
@@ -33,6 +35,17 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// Kill points for crash tests, the same as prge/failpoints.py: PRGE_FAILPOINT=NAME[@STEP] makes
+// the process SIGKILL itself there (a kill from outside rarely lands between two renames).
+void reached(const std::string& name, long step) {
+  const char* spec = std::getenv("PRGE_FAILPOINT");
+  if (!spec || !*spec) return;
+  std::string s = spec, at;
+  auto sign = s.find('@');
+  if (sign != std::string::npos) { at = s.substr(sign + 1); s = s.substr(0, sign); }
+  if (s == name && (at.empty() || std::to_string(step) == at)) std::raise(SIGKILL);
+}
+
 double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
 double round_to(double v, int digits) {
   double scale = std::pow(10.0, digits);
@@ -57,7 +70,8 @@ class MetricsLog {
           Json row = Json::parse(line);
           long long step = row.has("step") ? row.at("step").integer("step") : -1;
           bool is_eval = row.has("type") && row.at("type").is_string() && row.at("type").string("type") == "eval";
-          if (is_eval ? step <= resume_step : step < resume_step) kept += line + "\n";
+          // A fresh run (resume_step 0) starts an empty log, as the Python one does.
+          if (resume_step > 0 && (is_eval ? step <= resume_step : step < resume_step)) kept += line + "\n";
         } catch (const JsonError&) {
           // a torn last line from a killed run
         }
@@ -124,6 +138,17 @@ EvalResult evaluate(PrgeProgram& program, const Manifest& m, const Rows& rows) {
   return {double(correct) / rows.count, total_loss / rows.count};
 }
 
+// Why a step's losses must not update the adapter ("" when they are fine): train.py::_loss_fault.
+std::string loss_fault(double mean_loss, double first_loss, double diverge_factor) {
+  if (!std::isfinite(mean_loss)) return "non-finite loss";
+  if (diverge_factor > 0 && !std::isnan(first_loss) && mean_loss > diverge_factor * std::max(first_loss, 1e-8)) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "diverged loss (mean %.4g > %g x first step's %.4g)", mean_loss, diverge_factor, first_loss);
+    return buf;
+  }
+  return "";
+}
+
 // ---- checkpoints (runtime_driver/checkpoint.py) ---------------------------------------------
 
 std::string parent_of(const std::string& path) {
@@ -150,7 +175,7 @@ std::string find_checkpoint_dir(const std::string& ckpt_dir) {
   return "";
 }
 
-void save_checkpoint(const std::string& ckpt_dir, const std::vector<float>& adapter, const std::string& state) {
+void save_checkpoint(const std::string& ckpt_dir, const std::vector<float>& adapter, const std::string& state, long step) {
   std::string parent = parent_of(ckpt_dir);
   make_dirs(parent);
   std::string templ = join(parent, ".ckpt-new.XXXXXX");
@@ -161,10 +186,12 @@ void save_checkpoint(const std::string& ckpt_dir, const std::vector<float>& adap
   write_file_synced(join(tmp, "adapter.safetensors"), encode_adapter_safetensors(adapter));
   write_file_synced(join(tmp, "state.json"), state);
   fsync_dir(tmp);
+  reached("ckpt-tmp-written", step);
   std::string old;
   if (is_dir(ckpt_dir)) {
     old = join(parent, ".ckpt-old." + std::to_string(::getpid()));
     if (std::rename(ckpt_dir.c_str(), old.c_str()) != 0) throw FileError(ckpt_dir + ": cannot move the old checkpoint aside");
+    reached("ckpt-old-moved", step);
   }
   if (std::rename(tmp.c_str(), ckpt_dir.c_str()) != 0) throw FileError(ckpt_dir + ": cannot move the new checkpoint in");
   fsync_dir(parent);
@@ -177,14 +204,24 @@ std::string fingerprint_json(const Manifest& m, const TrainOptions& opt) {
          ", \"batch_size\": " + std::to_string(m.batch_size) + ", \"lr\": " + format_double(opt.lr) +
          ", \"eps\": " + format_double(opt.eps) + ", \"schedule\": " + quote(opt.schedule) +
          ", \"seed\": " + std::to_string(opt.seed) + ", \"optimizer\": \"sgd\", \"model\": " + quote(m.model_path) +
-         ", \"seq_len\": " + std::to_string(m.seq_len) + ", \"num_queries\": " + std::to_string(m.num_queries) +
+         ", \"seq_len\": " + std::to_string(m.seq_len) + ", \"adapter_layout\": " + quote(m.adapter_layout) +
+         ", \"program_sha256\": " + quote(m.pte_sha256) + ", \"num_queries\": " + std::to_string(m.num_queries) +
          ", \"prng\": " + quote(m.prng_version) + "}";
 }
 
-// Returns the step to start from and loads the adapter into the program.
-int resume_from(PrgeProgram& program, const Manifest& m, const TrainOptions& opt, const std::string& ckpt_dir) {
+struct Resumed {
+  int step = 0;
+  double first_loss = NAN;  // the divergence baseline (NaN: not known yet)
+};
+
+// Loads the checkpoint's adapter into the program; no checkpoint yet means starting over (a run
+// killed before its first one), as the Python driver does.
+Resumed resume_from(PrgeProgram& program, const Manifest& m, const TrainOptions& opt, const std::string& ckpt_dir) {
   std::string found = find_checkpoint_dir(ckpt_dir);
-  if (found.empty()) throw std::runtime_error(ckpt_dir + ": no checkpoint to resume from");
+  if (found.empty()) {
+    std::fprintf(stderr, "%s: no checkpoint yet; starting from step 0\n", ckpt_dir.c_str());
+    return {};
+  }
   Json state;
   try {
     state = Json::parse(read_text(join(found, "state.json")));
@@ -206,7 +243,10 @@ int resume_from(PrgeProgram& program, const Manifest& m, const TrainOptions& opt
   }
   if (step < 0 || step > opt.steps) throw std::runtime_error(join(found, "state.json") + ": step " + std::to_string(step) + " out of range");
   program.set_adapter(read_adapter_safetensors(join(found, "adapter.safetensors"), m.adapter_numel));
-  return static_cast<int>(step);
+  Resumed r;
+  r.step = static_cast<int>(step);
+  if (state.has("first_loss") && state.at("first_loss").is_number()) r.first_loss = state.at("first_loss").number("first_loss");
+  return r;
 }
 
 }  // namespace
@@ -225,9 +265,22 @@ std::string train(PrgeProgram& program, const Manifest& m, const DataFile& data,
   const int q = m.num_queries, b = m.batch_size, t = m.seq_len;
   const std::string ckpt_dir = join(out_dir, "ckpt");
 
+  // config.json as the Python driver writes it, where it matters: `prge replay` rebuilds the
+  // adapter of a native run from its log with the adapter layout recorded here.
+  write_file_atomic(join(out_dir, "config.json"),
+      "{\"engine\": \"native\", \"program\": " + quote(m.dir) + ", \"data\": " + quote(opt.data_path) +
+      ", \"train\": {\"method\": \"prge\", \"steps\": " + std::to_string(opt.steps) + ", \"batch_size\": " + std::to_string(b) +
+      ", \"lr\": " + format_double(opt.lr) + ", \"eps\": " + format_double(opt.eps) + ", \"schedule\": " + quote(opt.schedule) +
+      ", \"seed\": " + std::to_string(opt.seed) + ", \"eval_every\": " + std::to_string(opt.eval_every) +
+      ", \"checkpoint_every\": " + std::to_string(opt.checkpoint_every) + ", \"max_bad_steps\": " + std::to_string(opt.max_bad_steps) +
+      ", \"diverge_factor\": " + format_double(opt.diverge_factor) + "}, \"base_model\": " + quote(m.model_path) +
+      ", \"adapter_layout\": {\"numel\": " + std::to_string(m.adapter_numel) + ", \"slots\": " +
+      m.raw.at("adapter").at("slots").dump() + ", \"initial\": \"zeros\"}}\n");
   // The runtime starts mutable buffers at zero; make the initial state explicit anyway.
   program.set_adapter(std::vector<float>(size_t(m.adapter_numel), 0.0f));
-  int start = opt.resume ? resume_from(program, m, opt, ckpt_dir) : 0;
+  Resumed resumed = opt.resume ? resume_from(program, m, opt, ckpt_dir) : Resumed{};
+  const int start = resumed.step;
+  double first_loss = resumed.first_loss;
 
   MetricsLog metrics(join(out_dir, "metrics.jsonl"), start);
   const auto started = Clock::now();
@@ -261,17 +314,21 @@ std::string train(PrgeProgram& program, const Manifest& m, const DataFile& data,
     std::vector<float> losses = program.train_step(ids, mask, labels, prev_seed, seed, prev_g, prev_lr, opt.eps);
     step_ms.push_back(ms_since(began));
 
-    bool finite = std::all_of(losses.begin(), losses.end(), [](float x) { return std::isfinite(x); });
+    double mean_loss = 0;
+    for (float x : losses) mean_loss += double(x);
+    mean_loss /= double(losses.size());
+    if (std::isnan(first_loss) && std::isfinite(mean_loss)) first_loss = mean_loss;
+    std::string fault = loss_fault(mean_loss, first_loss, opt.diverge_factor);
     std::vector<double> g(size_t(q), 0.0);
     std::string row = "{\"type\": \"train\", \"step\": " + std::to_string(step) + ", \"seed\": " + std::to_string(seed) +
                       ", \"lr\": " + format_double(lr) + ", \"eps\": " + format_double(opt.eps);
-    if (finite) {
+    if (fault.empty()) {
       for (int i = 0; i < q; ++i) g[size_t(i)] = (double(losses[size_t(i)]) - double(losses[size_t(i + q)])) / (2.0 * opt.eps);
       bad_in_a_row = 0;
     } else {  // a numerical fault: skip this step's update rather than poison B
       ++bad_in_a_row;
       ++bad_total;
-      row += ", \"fault\": \"non-finite loss\"";
+      row += ", \"fault\": " + quote(fault);
     }
     std::vector<double> losses_d(losses.begin(), losses.end());
     row += ", \"g\": " + number_list(g) + ", \"losses\": " + number_list(losses_d) +
@@ -279,8 +336,9 @@ std::string train(PrgeProgram& program, const Manifest& m, const DataFile& data,
            ", \"time\": " + format_double(round_to(ms_since(started) / 1000.0, 4)) + "}";
     metrics.write(row);
     if (bad_in_a_row >= opt.max_bad_steps)
-      throw std::runtime_error(std::to_string(bad_in_a_row) + " steps in a row had non-finite losses (last at step " +
-                               std::to_string(step) + "); lower --lr or --eps. The last checkpoint is intact.");
+      throw std::runtime_error(std::to_string(bad_in_a_row) + " steps in a row had a " + fault + " (last at step " +
+                               std::to_string(step) + "); lower --lr or --eps. The last checkpoint (" + ckpt_dir + ") is intact.");
+    reached("after-step", step);
     prev_seed = seed;
     prev_g = g;
     prev_lr = lr;
@@ -293,8 +351,9 @@ std::string train(PrgeProgram& program, const Manifest& m, const DataFile& data,
     if (eval_due(done)) run_eval(done);
     if (ckpt_due || (opt.checkpoint_every > 0 && done == opt.steps)) {
       std::string state = "{\"step\": " + std::to_string(done) + ", \"next_seed\": " + std::to_string(step_seed(opt.seed, uint64_t(done))) +
-                          ", \"data_position\": " + std::to_string(long(done) * b) + ", \"fingerprint\": " + fingerprint_json(m, opt) + "}\n";
-      save_checkpoint(ckpt_dir, program.get_adapter(), state);
+                          ", \"data_position\": " + std::to_string(long(done) * b) +
+                          ", \"first_loss\": " + format_double(first_loss) + ", \"fingerprint\": " + fingerprint_json(m, opt) + "}\n";
+      save_checkpoint(ckpt_dir, program.get_adapter(), state, done);
     }
   }
 

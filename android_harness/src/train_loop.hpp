@@ -19,9 +19,11 @@ struct TrainOptions {
   uint32_t seed = 0;         // run seed (must be the data file's: it fixed the row order)
   int eval_every = 50;       // validation eval every N steps (0: only at the end)
   int checkpoint_every = 0;  // checkpoint into OUT/ckpt every N steps (0: never)
-  int max_bad_steps = 10;    // consecutive non-finite losses before training stops
+  int max_bad_steps = 10;    // consecutive faulty steps (non-finite or diverged loss) before training stops
+  double diverge_factor = 10.0;  // a step's mean loss above this x the first step's is a fault (0: off)
   bool resume = false;       // continue from OUT/ckpt
   bool quiet = false;        // no progress lines on stderr
+  std::string data_path;     // recorded in OUT/config.json
 };
 
 // The Python driver's functions, ported exactly (prge/estimators.py, prge/schedules.py).

@@ -1,0 +1,108 @@
+"""The native driver trains exactly like the Python ExecuTorch driver (same seeds, data, losses,
+metrics rows, checkpoints and adapter), resumes after a kill, and `prge` reads what it writes."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from native_helpers import EPS, EVAL_EXAMPLES, LR, SEED, STEPS, deterministic, metrics
+from runtime_driver.cli import main
+from runtime_driver.export_data import decode
+from runtime_driver.run import RunConfig, program_task, run_training
+from runtime_driver.train import TrainConfig
+
+from export.manifest import read_manifest
+
+
+@pytest.fixture(scope="module")
+def python_run(program, tiny_data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("python-et") / "run"
+    train = TrainConfig(steps=STEPS, batch_size=2, lr=LR, eps=EPS, seed=SEED, eval_every=3,
+                        eval_examples=EVAL_EXAMPLES, checkpoint_every=3)
+    run_training(RunConfig(engine="executorch", program=str(program), data=str(tiny_data_dir), out=str(out),
+                           test_examples=0, train=train), quiet=True, progress=lambda _: None)
+    return out
+
+
+def test_data_file_holds_the_python_drivers_rows_and_order(program, tiny_data_dir, data_file):
+    from runtime_driver.batches import batch_indices
+
+    d = decode(data_file.read_bytes())
+    manifest = read_manifest(program)
+    task = program_task(program, manifest, tiny_data_dir)
+    train = task.split("train", d.seq_len)
+    val = task.split("validation", d.seq_len, limit=EVAL_EXAMPLES)
+    assert (d.seq_len, d.batch_size, d.steps, d.run_seed) == (16, 2, STEPS, SEED)
+    assert d.pte_sha256 == manifest["program"]["pte"]["sha256"]
+    assert torch.equal(torch.from_numpy(d.train_ids), train.input_ids)
+    assert torch.equal(torch.from_numpy(d.train_mask), train.attention_mask)
+    assert torch.equal(torch.from_numpy(d.val_labels), val.labels)
+    assert d.order.tolist() == [i for t in range(STEPS) for i in batch_indices(len(train), 2, t, SEED)]
+
+
+def test_native_run_matches_python_executorch_driver(native_run, python_run):
+    native, python = metrics(native_run), metrics(python_run)
+    assert [(r["type"], r["step"]) for r in native] == [(r["type"], r["step"]) for r in python]
+    for n, p in zip(native, python):
+        assert set(n) == set(p)
+        if n["type"] == "train":
+            assert (n["seed"], n["lr"], n["eps"]) == (p["seed"], p["lr"], p["eps"])
+            assert max(abs(a - b) for a, b in zip(n["losses"], p["losses"])) <= 1e-6
+            assert n["g"] == pytest.approx(p["g"], abs=1e-6 / EPS)
+        else:
+            assert n["accuracy"] == p["accuracy"]
+            assert n["loss"] == pytest.approx(p["loss"], abs=1e-9)
+    native_b = load_file(str(native_run / "adapter.safetensors"))["adapter"]
+    python_ckpt = load_file(str(python_run / "ckpt" / "adapter.safetensors"))["adapter"]  # taken at the last step
+    assert native_b.abs().max() > 0  # training moved B
+    torch.testing.assert_close(native_b, python_ckpt, atol=1e-6, rtol=0)
+    n_state = json.loads((native_run / "ckpt" / "state.json").read_text())
+    p_state = json.loads((python_run / "ckpt" / "state.json").read_text())
+    assert n_state.pop("first_loss") == pytest.approx(p_state.pop("first_loss"), abs=1e-6)
+    assert n_state == p_state  # step, next seed, data position and the whole fingerprint
+
+
+def test_native_adapter_becomes_the_same_peft_adapter(native_run, python_run, program, tmp_path, capsys):
+    assert main(["native-adapter", "--program", str(program), "--adapter", str(native_run / "adapter.safetensors"),
+                 "--out", str(tmp_path / "peft")]) == 0
+    ours = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    theirs = load_file(str(python_run / "adapter" / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-6, rtol=0)
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text()) == \
+        json.loads((python_run / "adapter" / "adapter_config.json").read_text())
+
+
+def test_replay_rebuilds_a_native_run_bit_for_bit(native_run, program, tmp_path, capsys):
+    """The native log is complete: `prge replay` regenerates its checkpoint and final adapter."""
+    run = shutil.copytree(native_run, tmp_path / "run")
+    assert main(["native-adapter", "--program", str(program), "--adapter", str(run / "adapter.safetensors"),
+                 "--out", str(run / "adapter")]) == 0
+    capsys.readouterr()
+    assert main(["replay", str(run)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["identical"] is True and result["steps_replayed"] == STEPS
+
+
+@pytest.mark.parametrize("failpoint", ["after-step@4", "ckpt-old-moved@6", "ckpt-tmp-written@3"])
+def test_resume_after_kill_matches_uninterrupted_run(failpoint, run_native, program, data_file, native_run, tmp_path):
+    out = tmp_path / "run"
+    killed = run_native(program, data_file, out, env={"PRGE_FAILPOINT": failpoint})
+    assert killed.returncode == -9, killed.stderr  # SIGKILL: no cleanup ran
+    resumed = run_native(program, data_file, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [deterministic(r) for r in metrics(out)] == [deterministic(r) for r in metrics(native_run)]
+    assert (out / "adapter.safetensors").read_bytes() == (native_run / "adapter.safetensors").read_bytes()
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(run_native, program, data_file, native_run, tmp_path):
+    run = shutil.copytree(native_run, tmp_path / "run")
+    done = run_native(program, data_file, run, "--resume", "--lr", "0.1")
+    assert done.returncode == 2
+    assert "checkpoint is from another configuration (differs in lr)" in done.stderr
