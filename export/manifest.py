@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from models.cache import sha256_file
+from prge.noise import PRNG_VERSION
 from prge.step import AdapterSlot
 
 MANIFEST_FILE = "manifest.json"
@@ -66,12 +67,94 @@ def read_manifest(program_dir: str | Path) -> dict[str, Any]:
     if missing:
         raise ManifestError(f"{path}: missing keys {', '.join(missing)}")
     if manifest["manifest_version"] != MANIFEST_VERSION:
-        raise ManifestError(f"{path}: manifest version {manifest['manifest_version']}, this prge reads {MANIFEST_VERSION}")
+        raise ManifestError(f"{path}: manifest version {manifest['manifest_version']!r}, this prge reads {MANIFEST_VERSION}")
+    _check_fields(manifest, path)
     return manifest
 
 
+def _check_fields(m: dict[str, Any], path: Path) -> None:
+    """Every field a driver reads has the right type and sane values, so a damaged or
+    hand-edited manifest is one clear error here, not a KeyError deep inside a driver."""
+
+    def fail(key: str, why: str) -> ManifestError:
+        return ManifestError(f"{path}: {key}: {why}")
+
+    def positive_int(value: Any, key: str) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise fail(key, f"expected a positive integer, got {value!r}")
+        return value
+
+    def file_entry(entry: Any, key: str) -> None:
+        if not isinstance(entry, dict):
+            raise fail(key, "expected an object with file, bytes, sha256")
+        name = entry.get("file")
+        # A bare file name inside the export folder: a manifest never points outside it.
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise fail(f"{key}.file", f"expected a file name inside the export folder, got {name!r}")
+        sha = entry.get("sha256")
+        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise fail(f"{key}.sha256", "expected 64 lowercase hex digits")
+
+    program = m["program"]
+    if not isinstance(program, dict):
+        raise fail("program", "expected an object")
+    file_entry(program.get("pte"), "program.pte")
+    positive_int(program["pte"].get("bytes"), "program.pte.bytes")
+    if program.get("ptd") is not None:
+        file_entry(program["ptd"], "program.ptd")
+        positive_int(program["ptd"].get("bytes"), "program.ptd.bytes")
+    if not isinstance(m["methods"], list) or not all(isinstance(x, str) for x in m["methods"]):
+        raise fail("methods", "expected a list of method names")
+    if not isinstance(m["shapes"], dict):
+        raise fail("shapes", "expected an object")
+    for key in ("batch_size", "seq_len", "eval_batch_size"):
+        positive_int(m["shapes"].get(key), f"shapes.{key}")
+    positive_int(m["num_queries"], "num_queries")
+    adapter = m["adapter"]
+    if not isinstance(adapter, dict):
+        raise fail("adapter", "expected an object")
+    numel = positive_int(adapter.get("numel"), "adapter.numel")
+    positive_int(adapter.get("rank"), "adapter.rank")
+    if not isinstance(adapter.get("a_seed"), int) or not isinstance(adapter.get("alpha"), (int, float)):
+        raise fail("adapter", "needs an integer a_seed and a number alpha")
+    try:
+        slots = slots_from_json(adapter.get("slots"))
+    except (TypeError, KeyError, ValueError, IndexError) as e:
+        raise fail("adapter.slots", f"malformed ({type(e).__name__}: {e})") from None
+    offset = 0
+    for s in slots:
+        if s.offset != offset or s.shape[0] < 1 or s.shape[1] < 1:
+            raise fail("adapter.slots", f"{s.name}: offset {s.offset} / shape {s.shape} do not tile the flat adapter")
+        offset += s.numel
+    if offset != numel:
+        raise fail("adapter.numel", f"{numel}, but the slots hold {offset} values")
+    task = m["task"]
+    if not isinstance(task, dict):
+        raise fail("task", "expected an object")
+    labels, words, ids = task.get("labels"), task.get("label_words"), task.get("label_token_ids")
+    if not (isinstance(labels, list) and isinstance(words, list) and isinstance(ids, list)
+            and len(labels) == len(words) == len(ids) >= 2 and all(isinstance(i, int) and i >= 0 for i in ids)):
+        raise fail("task", "labels, label_words and label_token_ids must be lists of one entry per class (>= 2)")
+    if not isinstance(task.get("template"), str) or task.get("loss") not in ("classification", "lm"):
+        raise fail("task", "needs a template string and a loss (classification or lm)")
+    if not isinstance(m["tokenizer"], dict):
+        raise fail("tokenizer", "expected an object")
+    if m["tokenizer"].get("file") is not None:  # None: a model without tokenizer.json (files copied as is)
+        file_entry(m["tokenizer"], "tokenizer")
+    if m["prng_version"] != PRNG_VERSION:
+        raise fail("prng_version", f"{m['prng_version']!r}: exported with another noise generator than this prge's "
+                                   f"{PRNG_VERSION!r}; re-export the program")
+    if not isinstance(m["model"], dict) or not isinstance(m["model"].get("path"), str):
+        raise fail("model", "expected an object with the model's path")
+
+
 def verify_program_files(program_dir: Path, manifest: dict[str, Any]) -> None:
-    """The .pte/.ptd on disk are the ones this manifest was written for (size and sha256)."""
+    """The .pte/.ptd and tokenizer on disk are the ones this manifest was written for (size and
+    sha256): a truncated or corrupted file, or a manifest copied from another export, is refused."""
+    tokenizer = program_dir / (manifest["tokenizer"]["file"] or "")
+    if manifest["tokenizer"]["file"] and (not tokenizer.is_file() or sha256_file(tokenizer) != manifest["tokenizer"]["sha256"]):
+        raise ManifestError(f"{tokenizer}: missing or does not match {MANIFEST_FILE} (sha256 differs): "
+                            "not the tokenizer this program was exported with")
     for key in ("pte", "ptd"):
         entry = manifest["program"].get(key)
         if entry is None:

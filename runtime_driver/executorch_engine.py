@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from export.manifest import ManifestError, read_manifest, verify_program_files
+from export.exporter import METHOD_NAMES as TRAINING_METHODS
+from export.manifest import MANIFEST_FILE, ManifestError, read_manifest, verify_program_files
 from runtime_driver.executors import step_scalars
 
 
@@ -33,13 +34,17 @@ class ExecuTorchPRGE:
         files = self.manifest["program"]
         pte = self.program_dir / files["pte"]["file"]
         ptd = self.program_dir / files["ptd"]["file"] if files.get("ptd") else None
+        missing = [name for name in TRAINING_METHODS if name not in self.manifest["methods"]]
+        if missing:
+            raise ManifestError(f"{self.program_dir}: not a training program (no {', '.join(missing)} method)")
         try:
             # Keep the Program alive as long as its methods: a method of a dropped program crashes.
             self.program = Runtime.get().load_program(pte, data_path=ptd)
             # Load every method before the first execute: they share the adapter buffers.
-            self.methods = {name: self.program.load_method(name) for name in self.manifest["methods"]}
+            self.methods = {name: self.program.load_method(name) for name in TRAINING_METHODS}
         except Exception as e:  # the runtime raises RuntimeError/ValueError with terse messages
             raise ManifestError(f"{pte}: ExecuTorch could not load the program ({e})") from None
+        self._check_signatures()
         shapes = self.manifest["shapes"]
         self.num_queries = int(self.manifest["num_queries"])
         self.batch_size = int(shapes["batch_size"])
@@ -48,6 +53,25 @@ class ExecuTorchPRGE:
         self.adapter_numel = int(self.manifest["adapter"]["numel"])
         # The runtime starts mutable buffers at zero; make the initial state explicit anyway.
         self.set_adapter(torch.zeros(self.adapter_numel))
+
+    def _check_signatures(self) -> None:
+        """The program's own input shapes agree with the manifest (q, shapes, adapter size): a
+        manifest edited or paired with another program of a different configuration is refused
+        here, before a mismatched tensor reaches the runtime."""
+        m, shapes = self.manifest, self.manifest["shapes"]
+        expected = {
+            ("train_step", 0): [shapes["batch_size"], shapes["seq_len"]],
+            ("train_step", 5): [m["num_queries"]],
+            ("eval_logits", 0): [shapes["eval_batch_size"], shapes["seq_len"]],
+            ("set_adapter", 0): [m["adapter"]["numel"]],
+        }
+        for (method, index), sizes in expected.items():
+            actual = list(self.methods[method].metadata.input_tensor_meta(index).sizes())
+            if actual != sizes:
+                raise ManifestError(
+                    f"{self.program_dir / MANIFEST_FILE}: does not match {self.program_dir / m['program']['pte']['file']}: "
+                    f"{method} input {index} is {actual} in the program, {sizes} by the manifest"
+                )
 
     def _run(self, name: str, inputs: list[Tensor]) -> Tensor:
         return self.methods[name].execute(inputs)[0]

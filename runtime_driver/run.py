@@ -6,6 +6,7 @@ engine needs only an export folder (program, manifest, tokenizer) and the data.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ from runtime_driver.data import TaskSpec
 from runtime_driver.evaluate import evaluate
 from runtime_driver.executors import EagerPRGE, EagerSequential
 from runtime_driver.replay import INITIAL_ZEROS
-from runtime_driver.train import TrainConfig, train_first_order, train_zero_order
+from runtime_driver.train import TrainConfig, check_resumable, train_first_order, train_zero_order, zero_order_fingerprint
 from runtime_driver.workspace import Task, load_task, resolve_data_dir, resolve_model_dir
 
 EVAL_BATCH = 16  # rows per eager eval forward
@@ -67,6 +68,7 @@ class Engine:
     base_model: str
     model_type: str
     step: Any = None  # the eager PRGEStep (first-order training needs it)
+    program_sha256: str | None = None  # the .pte's, executorch engine: checkpoints are tied to it
 
 
 def _eager_engine(cfg: RunConfig, data_dir: Path) -> Engine:
@@ -98,7 +100,13 @@ def _executorch_engine(cfg: RunConfig, data_dir: Path) -> Engine:
     task = program_task(executor.program_dir, m, data_dir)
     return Engine(executor, executor.eval_logits, executor.eval_batch_size, True, task, executor.seq_len,
                   slots_from_json(m["adapter"]["slots"]), program_adapter_config(m), m["model"]["path"],
-                  m["model"]["model_type"])
+                  m["model"]["model_type"], program_sha256=m["program"]["pte"]["sha256"])
+
+
+def _layout_hash(slots: tuple[AdapterSlot, ...]) -> str:
+    """Identifies the adapter layout (modules, shapes, A streams): a checkpoint's flat B only
+    means something in the layout it was trained in."""
+    return hashlib.sha256(json.dumps(slots_to_json(slots)).encode()).hexdigest()[:16]
 
 
 def program_task(program_dir: Path, manifest: dict[str, Any], data_dir: Path) -> Task:
@@ -142,6 +150,10 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, prog
         "test": task.split("test", engine.seq_len, limit=cfg.test_examples),
     }
     run_dir = Path(cfg.out)
+    fingerprint = {"model": engine.base_model, "seq_len": engine.seq_len, "adapter_layout": _layout_hash(engine.slots),
+                   **({"program_sha256": engine.program_sha256} if engine.program_sha256 else {})}
+    if resume and t.method != "fo":  # a checkpoint that cannot be resumed fails before anything is written
+        check_resumable(t, run_dir, zero_order_fingerprint(t, engine.executor, fingerprint))
     run_dir.mkdir(parents=True, exist_ok=True)
     # The layout lets `prge replay` rebuild the adapter from the log without the model.
     layout = {"numel": sum(s.numel for s in engine.slots), "slots": slots_to_json(engine.slots), "initial": INITIAL_ZEROS}
@@ -162,7 +174,6 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, prog
         summary.update(train_first_order(engine.step, splits["train"], evaluator, t, run_dir, quiet=quiet))
         flat_b = engine.step.get_adapter()
     else:
-        fingerprint = {"model": engine.base_model, "seq_len": engine.seq_len}
         summary.update(train_zero_order(engine.executor, splits["train"], evaluator, t, run_dir, resume, fingerprint, quiet))
         flat_b = engine.executor.get_adapter()
     if len(splits["test"]):  # --test-examples 0 while tuning: test data stays untouched

@@ -101,15 +101,21 @@ class _Progress:
         self.metrics.close()
 
 
-def _resume(cfg: TrainConfig, run_dir: Path, extra_fingerprint: dict[str, Any]) -> tuple[int, torch.Tensor | None, dict]:
+def zero_order_fingerprint(cfg: TrainConfig, executor, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """What a checkpoint of this run records and a resume must match."""
+    return {**cfg.fingerprint(), **(extra or {}), "num_queries": executor.num_queries, "prng": PRNG_VERSION}
+
+
+def check_resumable(cfg: TrainConfig, run_dir: Path, fingerprint: dict[str, Any]) -> tuple[int, torch.Tensor | None, dict]:
     """(next step, adapter, state) from run_dir/ckpt; (0, None, {}) when no checkpoint was written
     yet (a run killed before its first one simply starts over: that is what resuming means)."""
     if find_checkpoint_dir(run_dir / "ckpt") is None:
-        say(f"{run_dir / 'ckpt'}: no checkpoint yet; starting from step 0")
         return 0, None, {}
     ckpt = load_checkpoint(run_dir / "ckpt")
-    expected = {**cfg.fingerprint(), **extra_fingerprint, "prng": PRNG_VERSION}
+    expected = fingerprint
     recorded = ckpt.state.get("fingerprint", {})
+    if not isinstance(recorded, dict):
+        recorded = {}
     if recorded != expected:
         diff = sorted(k for k in set(expected) | set(recorded) if expected.get(k) != recorded.get(k))
         raise CheckpointError(
@@ -138,8 +144,10 @@ def train_zero_order(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Run cfg.steps zeroth-order steps with executor; returns a summary dict."""
-    extra_fingerprint = {**(extra_fingerprint or {}), "num_queries": executor.num_queries}
-    start, adapter, state = _resume(cfg, run_dir, extra_fingerprint) if resume else (0, None, {})
+    fingerprint = zero_order_fingerprint(cfg, executor, extra_fingerprint)
+    start, adapter, state = check_resumable(cfg, run_dir, fingerprint) if resume else (0, None, {})
+    if resume and adapter is None:
+        say(f"{run_dir / 'ckpt'}: no checkpoint yet; starting from step 0")
     if adapter is not None:
         executor.set_adapter(adapter)
     # The divergence baseline is the first step's mean loss, kept in checkpoints so a resumed
@@ -194,7 +202,7 @@ def train_zero_order(
                     "next_seed": step_seed(cfg.seed, done),
                     "data_position": done * cfg.batch_size,
                     "first_loss": first_loss,
-                    "fingerprint": {**cfg.fingerprint(), **extra_fingerprint, "prng": PRNG_VERSION},
+                    "fingerprint": fingerprint,
                 }
                 save_checkpoint(run_dir / "ckpt", executor.get_adapter(), state)
     finally:
