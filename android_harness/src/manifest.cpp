@@ -25,6 +25,14 @@ void verify_entry(const std::string& dir, const Json& entry, const std::string& 
   (void)dir;
 }
 
+// A bare file name inside the export folder: a manifest never points outside it.
+std::string file_name(const Json& entry, const std::string& what) {
+  const std::string& name = entry.at("file").string(what);
+  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos)
+    throw JsonError(what + ": expected a file name inside the export folder, got '" + name + "'");
+  return name;
+}
+
 int positive_int(const Json& j, const std::string& what) {
   long long v = j.integer(what);
   if (v < 1 || v > (1 << 30)) throw JsonError(what + ": expected a positive integer");
@@ -33,12 +41,16 @@ int positive_int(const Json& j, const std::string& what) {
 
 // The slots exactly as Python's json.dumps(slots_to_json(slots)) prints them (key order of
 // export/manifest.py::slots_to_json), hashed: checkpoints record it to tie B to its layout.
-std::string layout_hash(const Json& slots) {
+std::string layout_hash(const Json& slots, long long numel) {
+  long long tiled = 0;  // the slots must tile the flat adapter exactly
   std::string text = "[";
   bool first = true;
   for (const Json& s : slots.array("adapter.slots")) {
     const auto& shape = s.at("shape").array("slot.shape");
     if (shape.size() != 2) throw JsonError("adapter.slots: a shape is not [out, rank]");
+    if (s.at("offset").integer("slot.offset") != tiled)
+      throw JsonError("adapter.slots: " + s.at("name").string("slot.name") + " does not start where the previous slot ends");
+    tiled += shape[0].integer("shape") * shape[1].integer("shape");
     text += std::string(first ? "" : ", ") + "{\"name\": " + quote(s.at("name").string("slot.name")) +
             ", \"shape\": [" + std::to_string(shape[0].integer("shape")) + ", " + std::to_string(shape[1].integer("shape")) +
             "], \"offset\": " + std::to_string(s.at("offset").integer("slot.offset")) +
@@ -46,6 +58,7 @@ std::string layout_hash(const Json& slots) {
             ", \"a_stream\": " + std::to_string(s.at("a_stream").integer("slot.a_stream")) + "}";
     first = false;
   }
+  if (tiled != numel) throw JsonError("adapter.numel: " + std::to_string(numel) + ", but the slots hold " + std::to_string(tiled));
   return sha256_hex(text + "]").substr(0, 16);
 }
 
@@ -64,10 +77,10 @@ Manifest read_manifest(const std::string& program_dir, bool verify_files) {
                       std::to_string(kManifestVersion));
     const Json& program = j.at("program");
     const Json& pte = program.at("pte");
-    m.pte_path = join(program_dir, pte.at("file").string("program.pte.file"));
+    m.pte_path = join(program_dir, file_name(pte, "program.pte.file"));
     m.pte_sha256 = pte.at("sha256").string("program.pte.sha256");
     if (program.has("ptd") && !program.at("ptd").is_null())
-      m.ptd_path = join(program_dir, program.at("ptd").at("file").string("program.ptd.file"));
+      m.ptd_path = join(program_dir, file_name(program.at("ptd"), "program.ptd.file"));
     std::vector<std::string> methods;
     for (const Json& name : j.at("methods").array("methods")) methods.push_back(name.string("methods[]"));
     for (const char* need : kMethods) {
@@ -85,7 +98,7 @@ Manifest read_manifest(const std::string& program_dir, bool verify_files) {
     if (m.num_labels < 2) throw JsonError("task.label_token_ids: need at least 2 labels");
     m.model_path = j.at("model").at("path").string("model.path");
     m.prng_version = j.at("prng_version").string("prng_version");
-    m.adapter_layout = layout_hash(j.at("adapter").at("slots"));
+    m.adapter_layout = layout_hash(j.at("adapter").at("slots"), m.adapter_numel);
     const Json& defaults = j.at("defaults");
     if (defaults.has("lr")) m.default_lr = defaults.at("lr").number("defaults.lr");
     if (defaults.has("eps")) m.default_eps = defaults.at("eps").number("defaults.eps");

@@ -53,6 +53,9 @@ CASES = {
     "pte missing": (lambda p, d: (p / "model.pte").unlink(), (), "model.pte: missing"),
     "manifest not json": (lambda p, d: (p / "manifest.json").write_text("{\"manifest_version\": 1,"), (), "invalid JSON"),
     "manifest lacks a key": (lambda p, d: _edit_manifest(p, lambda m: m.pop("shapes")), (), "missing key 'shapes'"),
+    "manifest points outside the folder": (
+        lambda p, d: _edit_manifest(p, lambda m: _set(m, ("program", "pte", "file"), "../model.pte")), ("--no-verify",),
+        "expected a file name inside the export folder"),
     "manifest of another program": (
         lambda p, d: _edit_manifest(p, lambda m: _set(m, ("program", "pte", "sha256"), "0" * 64)), (), "does not match manifest.json"),
     # Unverified, a manifest whose shapes disagree with the program is still caught by the
