@@ -88,6 +88,10 @@ def load_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
         adapter = load_file(str(found / ADAPTER_FILE))["adapter"]
     except Exception as e:
         raise CheckpointError(f"{found}: unreadable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state["step"], bool):
         raise CheckpointError(f"{found / STATE_FILE}: missing integer 'step'")
+    if state["step"] < 0:
+        raise CheckpointError(f"{found / STATE_FILE}: negative step {state['step']}")
+    if adapter.dtype != torch.float32 or adapter.dim() != 1:
+        raise CheckpointError(f"{found / ADAPTER_FILE}: expected a flat float32 adapter, got {adapter.dtype} {list(adapter.shape)}")
     return Checkpoint(adapter=adapter, step=state["step"], state=state)

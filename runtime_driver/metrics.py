@@ -20,9 +20,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         return rows
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn last line from a killed run
+        if isinstance(row, dict):  # anything else is not ours (hand-edited or damaged)
+            rows.append(row)
     return rows
 
 

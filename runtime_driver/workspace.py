@@ -8,7 +8,7 @@ from models.cache import say
 from models.causal_lm import label_token_ids, load_tokenizer
 from models.default_model import prepare_default_model
 from runtime_driver.batches import TokenizedSplit, tokenize_examples
-from runtime_driver.data import TaskSpec, load_task_spec, read_examples
+from runtime_driver.data import DataError, TaskSpec, load_task_spec, read_examples
 from runtime_driver.movie_reviews import prepare_default_data
 
 SPLITS = ("train", "validation", "test")
@@ -35,10 +35,12 @@ def resolve_data_dir(data: str | None, progress=say) -> Path:
 
 
 def split_file(data_dir: Path, split: str) -> Path:
-    for ext in (".jsonl", ".csv"):
-        if (data_dir / f"{split}{ext}").is_file():
-            return data_dir / f"{split}{ext}"
-    raise FileNotFoundError(f"{data_dir}: no {split}.jsonl or {split}.csv")
+    found = [data_dir / f"{split}{ext}" for ext in (".jsonl", ".csv") if (data_dir / f"{split}{ext}").is_file()]
+    if len(found) > 1:  # which one the user meant is a guess; refuse rather than train on the wrong one
+        raise DataError(f"{data_dir}: both {split}.jsonl and {split}.csv exist; keep one", path=data_dir, line=0)
+    if not found:
+        raise FileNotFoundError(f"{data_dir}: no {split}.jsonl or {split}.csv")
+    return found[0]
 
 
 @dataclass

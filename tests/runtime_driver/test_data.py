@@ -416,3 +416,14 @@ def test_prepare_failure_while_writing_keeps_old_data(tmp_path: Path,
         prepare(tmp_path, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["movie_reviews"]  # temp removed
+
+
+def test_mixed_formats_for_one_split_are_refused(tmp_path: Path) -> None:
+    from runtime_driver.workspace import split_file
+
+    write(tmp_path, "train.jsonl", GOOD)
+    write(tmp_path, "train.csv", "text,label\nfine,positive\n")
+    with pytest.raises(DataError, match="both train.jsonl and train.csv exist"):
+        split_file(tmp_path, "train")
+    (tmp_path / "train.csv").unlink()
+    assert split_file(tmp_path, "train") == tmp_path / "train.jsonl"
