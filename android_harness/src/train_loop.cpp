@@ -156,21 +156,26 @@ std::string parent_of(const std::string& path) {
   return slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
 }
 
+// Entries of dir whose names start with one of the prefixes, sorted.
+std::vector<std::string> list_prefixed(const std::string& dir, std::initializer_list<const char*> prefixes) {
+  std::vector<std::string> out;
+  if (DIR* d = ::opendir(dir.c_str())) {
+    while (dirent* ent = ::readdir(d)) {
+      std::string name = ent->d_name;
+      for (const char* prefix : prefixes)
+        if (name.rfind(prefix, 0) == 0) out.push_back(join(dir, name));
+    }
+    ::closedir(d);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 // The complete checkpoint to resume from: ckpt/, or the old copy a kill between the two
 // renames of save_checkpoint left aside.
 std::string find_checkpoint_dir(const std::string& ckpt_dir) {
   if (is_file(join(ckpt_dir, "state.json"))) return ckpt_dir;
-  std::string parent = parent_of(ckpt_dir);
-  std::vector<std::string> olds;
-  if (DIR* d = ::opendir(parent.c_str())) {
-    while (dirent* ent = ::readdir(d)) {
-      std::string name = ent->d_name;
-      if (name.rfind(".ckpt-old.", 0) == 0) olds.push_back(join(parent, name));
-    }
-    ::closedir(d);
-  }
-  std::sort(olds.begin(), olds.end());
-  for (const auto& old : olds)
+  for (const auto& old : list_prefixed(parent_of(ckpt_dir), {".ckpt-old."}))
     if (is_file(join(old, "state.json"))) return old;
   return "";
 }
@@ -195,7 +200,8 @@ void save_checkpoint(const std::string& ckpt_dir, const std::vector<float>& adap
   }
   if (std::rename(tmp.c_str(), ckpt_dir.c_str()) != 0) throw FileError(ckpt_dir + ": cannot move the new checkpoint in");
   fsync_dir(parent);
-  if (!old.empty()) remove_tree(old);
+  // The new checkpoint is in place: drop this swap's old copy and any a killed run left behind.
+  for (const auto& stale : list_prefixed(parent, {".ckpt-new.", ".ckpt-old."})) remove_tree(stale);
 }
 
 // TrainConfig.fingerprint() + the extra keys of train_zero_order, in the Python key order.

@@ -99,6 +99,7 @@ def test_resume_after_kill_matches_uninterrupted_run(failpoint, run_native, prog
     assert resumed.returncode == 0, resumed.stderr
     assert [deterministic(r) for r in metrics(out)] == [deterministic(r) for r in metrics(native_run)]
     assert (out / "adapter.safetensors").read_bytes() == (native_run / "adapter.safetensors").read_bytes()
+    assert not list(out.glob(".ckpt-*"))  # what the kill left mid-swap is cleaned up
 
 
 def test_python_driver_resumes_a_native_checkpoint(run_native, program, data_file, tiny_data_dir, python_run, tmp_path):
