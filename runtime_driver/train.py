@@ -124,10 +124,15 @@ def check_resumable(cfg: TrainConfig, run_dir: Path, fingerprint: dict[str, Any]
     return ckpt.step, ckpt.adapter, ckpt.state
 
 
-def _loss_fault(mean_loss: float, first_loss: float | None, diverge_factor: float) -> str | None:
+def _loss_fault(losses: torch.Tensor, first_loss: float | None, diverge_factor: float) -> str | None:
     """Why a step's losses must not update the adapter, or None when they are fine."""
+    mean_loss = float(losses.to(torch.float64).mean())
     if not math.isfinite(mean_loss):
         return "non-finite loss"
+    if bool((losses == losses[0]).all()):
+        # Measured: an exploded adapter (lr 1e30) saturates the model into identical finite
+        # losses, so g is exactly 0 forever and training would go on silently doing nothing.
+        return "degenerate loss (all 2q losses equal: the perturbations change nothing)"
     if diverge_factor > 0 and first_loss is not None and mean_loss > diverge_factor * max(first_loss, 1e-8):
         return f"diverged loss (mean {mean_loss:.4g} > {diverge_factor:g} x first step's {first_loss:.4g})"
     return None
@@ -167,10 +172,9 @@ def train_zero_order(
             losses = executor.train_step(ids, mask, labels, prev_seed, seed, prev_g, prev_lr, cfg.eps)
             step_ms.append((time.perf_counter() - began) * 1000)
             row: dict[str, Any] = {"type": "train", "step": t, "seed": seed, "lr": lr, "eps": cfg.eps}
-            mean_loss = float(losses.to(torch.float64).mean())
-            if first_loss is None and math.isfinite(mean_loss):
-                first_loss = mean_loss
-            fault = _loss_fault(mean_loss, first_loss, cfg.diverge_factor)
+            fault = _loss_fault(losses, first_loss, cfg.diverge_factor)
+            if first_loss is None and fault is None:
+                first_loss = float(losses.to(torch.float64).mean())
             if fault is None:
                 g = projected_grads(losses.to(torch.float64), cfg.eps).tolist()
                 bad_in_a_row = 0
@@ -196,7 +200,8 @@ def train_zero_order(
                 prev_g = [0.0] * q
             if progress.eval_due(done):
                 progress.run_eval(done)
-            if ckpt_due or (cfg.checkpoint_every > 0 and done == cfg.steps):
+            # No checkpoint during a fault streak: the last one stays the last good state.
+            if (ckpt_due or (cfg.checkpoint_every > 0 and done == cfg.steps)) and bad_in_a_row == 0:
                 state = {
                     "step": done,
                     "next_seed": step_seed(cfg.seed, done),
