@@ -23,6 +23,8 @@ from models.cache import say
 from prge.step import PRGEStep
 
 METHOD_NAMES = ("train_step", "apply_update", "eval_logits", "get_adapter", "set_adapter")
+# Exported only on request (export_step(methods=...)): the benchmark's MeZO-style baseline.
+OPTIONAL_METHODS = ("perturbed_loss",)
 # Tag under which frozen weights go to the external .ptd file.
 EXTERNAL_WEIGHTS_TAG = "model"
 
@@ -89,6 +91,7 @@ def example_inputs(step: PRGEStep, shapes: ExportShapes) -> dict[str, tuple[Tens
         "eval_logits": (eval_ids, torch.ones_like(eval_ids)),
         "get_adapter": (),
         "set_adapter": (torch.zeros(step.adapter_numel, dtype=torch.float32),),
+        "perturbed_loss": (ids.clone(), mask.clone(), labels.clone(), seed(), scalar()),
     }
 
 
@@ -112,8 +115,10 @@ def export_step(
     shapes: ExportShapes,
     external_weights: bool = False,
     progress: Callable[[str], Any] = say,
+    methods: tuple[str, ...] = METHOD_NAMES,
 ):
-    """Lower all methods to one XNNPACK-delegated program.
+    """Lower the chosen methods (default: all of METHOD_NAMES) to one XNNPACK-delegated program.
+    Lowering dominates export time, so a caller that needs fewer methods exports fewer.
 
     Returns (ExecutorchProgramManager, {method: delegation summary}, {phase: seconds}).
     """
@@ -121,13 +126,16 @@ def export_step(
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
+    unknown = set(methods) - set(METHOD_NAMES) - set(OPTIONAL_METHODS)
+    if unknown or not methods:
+        raise ValueError(f"cannot export methods {sorted(unknown) or '(none)'}; known: {METHOD_NAMES + OPTIONAL_METHODS}")
     step.eval()
     inputs = example_inputs(step, shapes)
     timings: dict[str, float] = {}
     began = time.perf_counter()
     programs = {}
     with torch.no_grad():
-        for name in METHOD_NAMES:
+        for name in methods:
             progress(f"  tracing {name} ...")
             programs[name] = torch.export.export(_Method(step, name), inputs[name], strict=False)
     timings["torch_export_s"] = time.perf_counter() - began
@@ -137,7 +145,7 @@ def export_step(
     # force_non_static_weights: the adapter matmuls multiply by B, a buffer, not a constant.
     partitioner = XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)
     edge = to_edge_transform_and_lower(programs, partitioner=[partitioner])
-    delegation = {name: _delegation_summary(edge, name) for name in METHOD_NAMES}
+    delegation = {name: _delegation_summary(edge, name) for name in methods}
     timings["lower_s"] = time.perf_counter() - began
 
     began = time.perf_counter()

@@ -40,6 +40,7 @@ def export_model(
     external_weights: bool = False,
     defaults: dict[str, float] | None = None,
     progress: Callable[[str], Any] = say,
+    methods: tuple[str, ...] = METHOD_NAMES,
 ) -> dict[str, Any]:
     """Export and write everything into out_dir atomically (a temp folder renamed into place)."""
     import executorch
@@ -51,7 +52,7 @@ def export_model(
     progress(f"Building {model_dir.name} with LoRA-FA (q={adapter.num_queries}, r={adapter.rank}) ...")
     step = build_step(model_dir, adapter, label_ids)
     began = time.perf_counter()
-    program, delegation, timings = export_step(step, shapes, external_weights, progress)
+    program, delegation, timings = export_step(step, shapes, external_weights, progress, methods)
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,7 @@ def export_model(
                 "pte": {"file": pte.name, "bytes": pte.stat().st_size, "sha256": sha256_file(pte)},
                 "ptd": {"file": ptd.name, "bytes": ptd.stat().st_size, "sha256": sha256_file(ptd)} if ptd else None,
             },
-            "methods": list(METHOD_NAMES),
+            "methods": list(methods),
             "shapes": {"batch_size": shapes.batch_size, "seq_len": shapes.seq_len, "eval_batch_size": shapes.eval_batch_size},
             "num_queries": adapter.num_queries,
             "adapter": {

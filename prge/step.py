@@ -169,6 +169,22 @@ class PRGEStep(nn.Module):
         self._write_adapter(adapter)
         return torch.stack(losses)
 
+    def perturbed_loss(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, seed: Tensor, eps: Tensor
+    ) -> Tensor:
+        """One MeZO-style forward: the mean loss [1] at B + eps z over the un-tiled batch.
+
+        z is stream 0 of the seed and eps may be negative, so calls with +eps and -eps give
+        sequential_losses' two losses for q = 1 bit for bit. It exists so the sequential
+        baseline can run on the same runtime as train_step. B is written back unchanged.
+        """
+        adapter = self.flat_adapter()
+        scaled = eps.to(torch.float64).reshape(1, 1) * gaussian(seed, 1, self.adapter_numel)
+        self._write_adapter((adapter.to(torch.float64).reshape(1, -1) + scaled).to(torch.float32)[0])
+        loss = self.per_example_loss(input_ids, attention_mask, labels).mean().reshape(1)
+        self._write_adapter(adapter)
+        return loss
+
     def apply_update(self, prev_seed: Tensor, prev_g: Tensor, lr: Tensor) -> Tensor:
         """Apply a pending update without a forward (before eval, checkpoint, or at the end)."""
         adapter = updated_adapter(self.flat_adapter(), prev_seed, prev_g, lr).to(torch.float32)
