@@ -19,8 +19,24 @@ REQUIRED_KEYS = (
 )
 
 
+# Packages whose code is traced into a program: after any change to them an old export is stale.
+PROGRAM_SOURCES = ("prge", "models", "export")
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
 class ManifestError(ValueError):
     pass
+
+
+def program_code_version() -> str:
+    """A hash of the source that export traces (recorded in manifests): tools that reuse an
+    earlier export (the demo, the benchmark cache) reuse it only when this is unchanged."""
+    digest = hashlib.sha256()
+    for package in PROGRAM_SOURCES:
+        for path in sorted((_REPO_ROOT / package).rglob("*.py")):
+            digest.update(str(path.relative_to(_REPO_ROOT)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def model_weights_hash(model_dir: Path) -> str:

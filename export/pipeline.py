@@ -1,6 +1,7 @@
 """`prge export`: model folder + task -> OUT/{model.pte, [model.ptd], manifest.json, tokenizer files}."""
 from __future__ import annotations
 
+import importlib.metadata
 import shutil
 import tempfile
 import time
@@ -9,7 +10,7 @@ from typing import Any, Callable
 
 from models.cache import say
 from export.exporter import METHOD_NAMES, ExportShapes, export_step, write_program
-from export.manifest import MANIFEST_VERSION, model_weights_hash, sha256_file, slots_to_json, write_manifest
+from export.manifest import MANIFEST_VERSION, model_weights_hash, program_code_version, sha256_file, slots_to_json, write_manifest
 from models.causal_lm import AdapterConfig, ModelError, build_step, label_token_ids, load_tokenizer
 from prge.noise import PRNG_VERSION
 from runtime_driver.data import TaskSpec
@@ -43,8 +44,6 @@ def export_model(
     methods: tuple[str, ...] = METHOD_NAMES,
 ) -> dict[str, Any]:
     """Export and write everything into out_dir atomically (a temp folder renamed into place)."""
-    import executorch
-
     check_shapes(model_dir, shapes, adapter.num_queries)
     tokenizer = load_tokenizer(model_dir)
     label_ids = label_token_ids(tokenizer, task.label_words)
@@ -101,7 +100,8 @@ def export_model(
                 "model_type": step.body.backbone.config.model_type,
                 "weights_sha256": model_weights_hash(model_dir),
             },
-            "executorch_version": getattr(executorch, "__version__", "unknown"),
+            "executorch_version": importlib.metadata.version("executorch"),  # the package has no __version__
+            "code_version": program_code_version(),
             "defaults": defaults or {},
             "delegation": delegation,
             "export_seconds": {**{k: round(v, 2) for k, v in timings.items()}, "total_s": round(time.perf_counter() - began, 2)},

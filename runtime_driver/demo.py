@@ -13,7 +13,7 @@ from typing import Any
 
 from models.cache import say
 from export.exporter import ExportShapes
-from export.manifest import MANIFEST_FILE, ManifestError, model_weights_hash, read_manifest
+from export.manifest import MANIFEST_FILE, ManifestError, model_weights_hash, program_code_version, read_manifest
 from export.pipeline import delegation_table, export_model
 from models.causal_lm import AdapterConfig
 from prge.noise import PRNG_VERSION
@@ -55,6 +55,7 @@ def _reusable(program_dir: Path, model_dir: Path, cfg: DemoConfig, adapter: Adap
         and m["adapter"]["rank"] == adapter.rank
         and m["prng_version"] == PRNG_VERSION
         and m["model"]["weights_sha256"] == model_weights_hash(model_dir)
+        and m.get("code_version") == program_code_version()  # exported by this prge's step code
     )
 
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from export.manifest import REQUIRED_KEYS, ManifestError, read_manifest
+from export.manifest import REQUIRED_KEYS, ManifestError, program_code_version, read_manifest
 from models.causal_lm import build_step
 from models.peft_io import save_peft_adapter
 from models.tiny import TINY_FAMILIES
@@ -145,6 +145,20 @@ def test_manifest_has_what_a_driver_needs(tiny_program):
     assert manifest["delegation"]["train_step"]["delegated_nodes"] > 0
     assert manifest["adapter"]["numel"] == sum(s["shape"][0] * s["shape"][1] for s in manifest["adapter"]["slots"])
     assert manifest["tokenizer"]["file"] == "tokenizer.json" and len(manifest["tokenizer"]["sha256"]) == 64
+    assert manifest["executorch_version"] == "1.5.1"
+    assert manifest["code_version"] == program_code_version()  # what the demo checks before reusing it
+
+
+def test_code_version_changes_with_the_traced_code(tmp_path, monkeypatch):
+    import export.manifest as manifest_module
+
+    for package in manifest_module.PROGRAM_SOURCES:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(manifest_module, "_REPO_ROOT", tmp_path)
+    before = program_code_version()
+    (tmp_path / "prge" / "a.py").write_text("x = 2\n")
+    assert program_code_version() != before
 
 
 def test_corrupted_program_is_refused(tiny_program, tmp_path):
