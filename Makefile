@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.prge-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast bench-accuracy clean native native-aarch64
+.PHONY: install demo test test-fast bench bench-accuracy clean native native-aarch64
 
 install: $(STAMP)
 
@@ -50,3 +50,10 @@ bench-accuracy: install
 	$(BIN)/prge train --method prge --q 4 --batch 4 --steps $(BENCH_STEPS) --lr 3e-3 --eps 1e-2 --eval-every 50 --eval-examples 200 --out runs/bench-prge
 	$(BIN)/prge train --method mezo --q 1 --batch 4 --steps $$(( 4 * $(BENCH_STEPS) )) --lr 1e-3 --eps 1e-2 --eval-every 200 --eval-examples 200 --out runs/bench-mezo
 	$(BIN)/prge train --method fo --optimizer adam --batch 16 --steps $(BENCH_STEPS) --lr 1e-3 --eval-every 50 --eval-examples 200 --out runs/bench-fo
+
+# Speed and memory (BENCHMARKS.md, "Performance (`prge bench`)"): parallel_speedup grid,
+# step_overhead, et_vs_eager, peak RSS per engine. Exports its programs once into
+# ~/.cache/prge/bench (about 12 exports the first time, tens of minutes on 2 cores).
+bench: install
+	mkdir -p runs
+	$(BIN)/prge bench --json runs/bench.json

@@ -1,0 +1,404 @@
+"""`prge bench`: P-RGE's speed and memory claims, measured side by side on this machine.
+
+All timings come from ONE process: the programs of a comparison are loaded together, their
+calls are interleaved repetition by repetition (order alternating, so drift and a noisy
+neighbour hit both sides alike) and medians are reported. Both thread pools (torch's and
+ExecuTorch's own) are set to the same count and recorded. Peak memory is a per-process
+high-water mark, so each engine runs in a separate worker process (bench_worker).
+
+Programs are exported with only the methods a measurement needs and cached under
+~/.cache/prge/bench/<key>/, the key covering the model weights, the shapes, the adapter and
+the source of every module that shapes the program; a second `prge bench` re-exports nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from models.cache import cache_dir, say
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAIN_METHODS = ("train_step",)
+TRAIN_AND_FORWARD = ("train_step", "eval_logits")
+SEQUENTIAL_METHODS = ("perturbed_loss",)
+
+TARGETS = {
+    "parallel_speedup[4][1]": (">=", 2.0),
+    "step_overhead": ("<=", 1.05),
+    "et_vs_eager": ("<=", 0.8),
+    "prge_rss_b64_over_b8": ("<=", 1.1),
+    "prge_rss_over_first_order_b64": ("<=", 0.5),
+}
+
+
+@dataclass
+class BenchConfig:
+    model: str | None = None  # model folder (default: SmolLM2-135M-Instruct)
+    qs: tuple[int, ...] = (1, 2, 4, 8)  # parallel_speedup grid: queries per step
+    bs: tuple[int, ...] = (1, 4)  # parallel_speedup grid: examples per perturbed copy
+    seq_len: int = 64  # prompt length in tokens
+    demo_q: int = 4  # the demo configuration: step_overhead, et_vs_eager, tokens/steps per s
+    demo_b: int = 4
+    rss_q: int = 4  # queries of the peak-RSS runs
+    rss_batches: tuple[int, ...] = (8, 64)  # per-query batches of the peak-RSS runs
+    threads: int = 2  # torch and ExecuTorch threads (the same for both)
+    reps: int = 5  # timed repetitions per measurement (medians reported)
+    warmup: int = 1  # untimed calls of each measurement first
+    rss_steps: int = 1  # steps each memory worker runs
+    cache: str | None = None  # program cache root (default ~/.cache/prge/bench)
+    skip_rss: bool = False
+
+
+# ---- programs ---------------------------------------------------------------------------
+class ProgramCache:
+    """Exports on first request, then serves the cached folder."""
+
+    def __init__(self, model_dir: Path, cfg: BenchConfig) -> None:
+        import executorch
+
+        from export.manifest import model_weights_hash, program_code_version
+
+        self.model_dir = model_dir
+        self.cfg = cfg
+        self.root = Path(cfg.cache).expanduser() if cfg.cache else cache_dir() / "bench"
+        self.identity = {
+            "model": model_weights_hash(model_dir),
+            "code": program_code_version(),  # any change to the traced source re-exports
+            "torch": torch.__version__,
+            "executorch": getattr(executorch, "__version__", "unknown"),
+            "seq_len": cfg.seq_len,
+        }
+        self.export_seconds: dict[str, float] = {}
+
+    def get(self, q: int, b: int, methods: tuple[str, ...], eval_batch: int | None = None) -> Path:
+        from export.exporter import ExportShapes
+        from export.pipeline import export_model
+        from models.causal_lm import AdapterConfig
+        from runtime_driver.data import DEFAULT_SENTIMENT_TASK
+
+        eval_batch = eval_batch or 2 * q * b
+        spec = {**self.identity, "q": q, "b": b, "eval_batch": eval_batch, "methods": list(methods)}
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+        out = self.root / key / "program"
+        name = f"q{q}-b{b}-{'+'.join(methods)}"
+        if (out / "manifest.json").is_file():
+            return out
+        say(f"Exporting {name} (cached as {out}) ...")
+        began = time.perf_counter()
+        shapes = ExportShapes(b, self.cfg.seq_len, eval_batch)
+        export_model(self.model_dir, DEFAULT_SENTIMENT_TASK, AdapterConfig(num_queries=q), shapes, out,
+                     progress=lambda _: None, methods=methods)
+        (self.root / key / "spec.json").write_text(json.dumps(spec, indent=2))
+        self.export_seconds[name] = round(time.perf_counter() - began, 1)
+        return out
+
+
+class LoadedProgram:
+    """Only the named methods of an exported program, through the ExecuTorch runtime."""
+
+    def __init__(self, program_dir: Path, methods: tuple[str, ...]) -> None:
+        from executorch.runtime import Runtime
+
+        from export.manifest import read_manifest
+
+        self.manifest = read_manifest(program_dir)
+        self.program = Runtime.get().load_program(program_dir / self.manifest["program"]["pte"]["file"])
+        self.methods = {name: self.program.load_method(name) for name in methods}
+
+    def run(self, name: str, inputs: list) -> torch.Tensor:
+        return self.methods[name].execute(inputs)[0]
+
+
+# ---- timing -----------------------------------------------------------------------------
+def interleaved_ms(calls: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, float]:
+    """Median ms of each call; every repetition runs all calls, in alternating order."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for rep in range(reps):
+        order = list(calls) if rep % 2 == 0 else list(reversed(list(calls)))
+        for name in order:
+            began = time.perf_counter()
+            calls[name]()
+            samples[name].append((time.perf_counter() - began) * 1000)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _batch(rows: int, seq_len: int, vocab: int, seed: int = 0):
+    from runtime_driver.bench_worker import random_batch
+
+    return random_batch(rows, seq_len, vocab, 2, seed)
+
+
+def _train_step_call(program: LoadedProgram, q: int, b: int, seq_len: int, vocab: int) -> Callable[[], Any]:
+    from runtime_driver.executors import step_scalars
+
+    ids, mask, labels = _batch(b, seq_len, vocab)
+    # A nonzero g and lr: the folded update really regenerates noise and changes B each call.
+    inputs = [ids, mask, labels, *step_scalars(1, 2, [0.1] * q, 1e-4, 1e-2)]
+    return lambda: program.run("train_step", inputs)
+
+
+def _sequential_call(program: LoadedProgram, q: int, b: int, seq_len: int, vocab: int) -> Callable[[], Any]:
+    """2q perturbed forwards of b rows (MeZO-style: +eps and -eps of q directions, one seed each)."""
+    ids, mask, labels = _batch(b, seq_len, vocab)
+    inputs = [
+        [ids, mask, labels, torch.tensor([seed], dtype=torch.int64), torch.tensor([sign * 1e-2], dtype=torch.float32)]
+        for seed in range(1, q + 1)
+        for sign in (1.0, -1.0)
+    ]
+
+    def run() -> None:
+        for args in inputs:
+            program.run("perturbed_loss", args)
+
+    return run
+
+
+def _eager_step_call(model_dir: Path, q: int, b: int, seq_len: int, vocab: int, label_ids: list[int]) -> Callable[[], Any]:
+    from models.causal_lm import AdapterConfig, build_step
+    from runtime_driver.executors import EagerPRGE
+
+    engine = EagerPRGE(build_step(model_dir, AdapterConfig(num_queries=q), label_ids))
+    ids, mask, labels = _batch(b, seq_len, vocab)
+    return lambda: engine.train_step(ids, mask, labels, 1, 2, [0.1] * q, 1e-4, 1e-2)
+
+
+# ---- memory -----------------------------------------------------------------------------
+def run_worker(args: list[str]) -> dict[str, Any]:
+    """One bench_worker process: its own VmHWM, cross-checked with the kernel's ru_maxrss of
+    exactly that child (wait4; output goes to files so the child never blocks on a pipe)."""
+    import tempfile
+
+    cmd = [sys.executable, "-m", "runtime_driver.bench_worker", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=REPO_ROOT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench worker {args[0]} failed (exit {proc.returncode}):\n{stderr[-2000:]}")
+    row = json.loads(stdout.strip().splitlines()[-1])
+    row["ru_maxrss_mb"] = round(usage.ru_maxrss / 1024, 1)
+    return row
+
+
+# ---- the benchmark ----------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    import executorch
+
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_gb, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "executorch": getattr(executorch, "__version__", "unknown"),
+    }
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    from models.causal_lm import label_token_ids, load_tokenizer
+    from runtime_driver.data import DEFAULT_SENTIMENT_TASK
+    from runtime_driver.executorch_engine import set_runtime_threads
+    from runtime_driver.workspace import resolve_model_dir
+
+    model_dir = resolve_model_dir(cfg.model)
+    vocab = AutoConfig.from_pretrained(str(model_dir)).vocab_size
+    label_ids = label_token_ids(load_tokenizer(model_dir), DEFAULT_SENTIMENT_TASK.label_words)
+    torch.set_num_threads(cfg.threads)
+    set_runtime_threads(cfg.threads)
+    cache = ProgramCache(model_dir, cfg)
+    demo = (cfg.demo_q, cfg.demo_b)
+    started = time.time()
+
+    def prge_methods(q: int, b: int) -> tuple[str, ...]:
+        # Programs that also serve the plain forward (demo) or the memory runs carry eval_logits.
+        wanted = (q, b) == demo or (q == cfg.rss_q and b in cfg.rss_batches)
+        return TRAIN_AND_FORWARD if wanted else TRAIN_METHODS
+
+    # Export everything first, so no export runs between the timings.
+    grid_programs = {(q, b): cache.get(q, b, prge_methods(q, b)) for q in cfg.qs for b in cfg.bs}
+    demo_program = cache.get(*demo, prge_methods(*demo))
+    sequential_programs = {b: cache.get(1, b, SEQUENTIAL_METHODS) for b in sorted(set(cfg.bs) | {cfg.demo_b})}
+    rss_programs = {} if cfg.skip_rss else {b: cache.get(cfg.rss_q, b, prge_methods(cfg.rss_q, b)) for b in cfg.rss_batches}
+
+    say(f"Timing with {cfg.threads} thread(s), {cfg.reps} interleaved repetitions ...")
+    sequential = {b: LoadedProgram(path, SEQUENTIAL_METHODS) for b, path in sequential_programs.items()}
+    grid_ms: dict[str, dict[str, dict[str, float]]] = {}
+    speedup: dict[str, dict[str, float]] = {}
+    for (q, b), path in grid_programs.items():
+        program = LoadedProgram(path, TRAIN_METHODS)
+        ms = interleaved_ms(
+            {
+                "train_step": _train_step_call(program, q, b, cfg.seq_len, vocab),
+                "sequential_2q_forwards": _sequential_call(sequential[b], q, b, cfg.seq_len, vocab),
+            },
+            cfg.reps, cfg.warmup,
+        )
+        del program
+        grid_ms.setdefault(str(q), {})[str(b)] = {k: round(v, 2) for k, v in ms.items()}
+        speedup.setdefault(str(q), {})[str(b)] = round(ms["sequential_2q_forwards"] / ms["train_step"], 3)
+        say(f"  q={q} b={b}: train_step {ms['train_step']:.1f} ms, 2q sequential forwards "
+            f"{ms['sequential_2q_forwards']:.1f} ms -> speedup {speedup[str(q)][str(b)]:.2f}")
+
+    q, b = demo
+    program = LoadedProgram(demo_program, TRAIN_AND_FORWARD)
+    forward_ids, forward_mask, _ = _batch(2 * q * b, cfg.seq_len, vocab)
+    demo_ms = interleaved_ms(
+        {
+            "executorch_train_step": _train_step_call(program, q, b, cfg.seq_len, vocab),
+            "executorch_forward_2qb_rows": lambda: program.run("eval_logits", [forward_ids, forward_mask]),
+            "eager_train_step": _eager_step_call(model_dir, q, b, cfg.seq_len, vocab, label_ids),
+        },
+        cfg.reps, cfg.warmup,
+    )
+    del program
+    step_ms = demo_ms["executorch_train_step"]
+    say(f"  demo q={q} b={b}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in demo_ms.items()))
+
+    rss: dict[str, dict[str, float]] = {}
+    rss_kernel: dict[str, dict[str, float]] = {}  # the kernel's ru_maxrss of the same children
+    if not cfg.skip_rss:
+        say("Peak RSS, one process per engine ...")
+        common = ["--threads", str(cfg.threads), "--seq-len", str(cfg.seq_len), "--steps", str(cfg.rss_steps)]
+        for rss_b, path in rss_programs.items():
+            eager = ["--model", str(model_dir), "--label-ids", ",".join(map(str, label_ids)), "--q", str(cfg.rss_q), "--b", str(rss_b)]
+            rows = {
+                "executorch_prge": run_worker(["executorch-prge", "--program", str(path), *common]),
+                "eager_prge": run_worker(["eager-prge", *eager, *common]),
+                "eager_first_order": run_worker(["eager-fo", *eager, *common]),
+                "executorch_inference": run_worker(["executorch-infer", "--program", str(path), *common]),
+            }
+            rss[str(rss_b)] = {name: row["vm_hwm_mb"] for name, row in rows.items()}
+            rss_kernel[str(rss_b)] = {name: row["ru_maxrss_mb"] for name, row in rows.items()}
+            say(f"  b={rss_b}: " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss[str(rss_b)].items()))
+
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "machine": machine_info(),
+        "threads": {"torch": torch.get_num_threads(), "executorch": cfg.threads},
+        "config": {**{k: v for k, v in asdict(cfg).items() if k != "cache"}, "model": str(model_dir)},
+        "parallel_speedup": speedup,
+        "step_overhead": round(step_ms / demo_ms["executorch_forward_2qb_rows"], 3),
+        "et_vs_eager": round(step_ms / demo_ms["eager_train_step"], 3),
+        "peak_rss_mb": rss,
+        "peak_rss_ru_maxrss_mb": rss_kernel,
+        "tokens_per_s": round(2 * q * b * cfg.seq_len / (step_ms / 1000), 1),
+        "steps_per_s": round(1000 / step_ms, 4),
+        "timings_ms": {"grid": grid_ms, "demo": {k: round(v, 2) for k, v in demo_ms.items()}},
+        "export_seconds": cache.export_seconds,
+        "programs": {"cache": str(cache.root), "code_hash": cache.identity["code"]},
+        "notes": {
+            "parallel_speedup": "2q sequential perturbed_loss calls at batch b / one train_step over 2q*b rows, same runtime",
+            "step_overhead": "train_step / eval_logits over the same 2q*b rows and weights (plain forward)",
+            "tokens_per_s": "prompt tokens through the forward per second: 2q*b*seq_len / train_step time",
+            "peak_rss_mb": f"VmHWM of one process per engine; q={cfg.rss_q}; keys are per-query batch b "
+                           f"(P-RGE forwards 2q*b rows, first-order backprops b rows); inference = eval_logits on 2q*b rows",
+        },
+    }
+    result["targets"] = target_status(result)
+    return result
+
+
+def _rss_ratios(rss: dict[str, dict[str, float]]) -> dict[str, float | None]:
+    """Largest over smallest measured batch (8 and 64 by default, as the target names say)."""
+    batches = sorted(rss, key=int)
+    low, high = (rss[batches[0]], rss[batches[-1]]) if len(batches) > 1 else (None, None)
+    return {
+        "prge_rss_b64_over_b8": round(high["executorch_prge"] / low["executorch_prge"], 3) if low and high else None,
+        "prge_rss_over_first_order_b64": round(high["executorch_prge"] / high["eager_first_order"], 3) if high else None,
+    }
+
+
+def target_status(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    values = {
+        "parallel_speedup[4][1]": result["parallel_speedup"].get("4", {}).get("1"),
+        "step_overhead": result["step_overhead"],
+        "et_vs_eager": result["et_vs_eager"],
+        **_rss_ratios(result["peak_rss_mb"]),
+    }
+    status = {}
+    for name, (op, bound) in TARGETS.items():
+        value = values.get(name)
+        met = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        status[name] = {"value": value, "target": f"{op} {bound}", "met": met}
+    return status
+
+
+def format_table(result: dict[str, Any]) -> str:
+    speedup = result["parallel_speedup"]
+    bs = sorted({b for row in speedup.values() for b in row}, key=int)
+    lines = [f"parallel_speedup (2q sequential forwards at batch b / one P-RGE train_step), "
+             f"{result['threads']['executorch']} thread(s)"]
+    lines.append("q \\ b " + "".join(f"{'b=' + b:>10}" for b in bs))
+    for q in sorted(speedup, key=int):
+        lines.append(f"{'q=' + q:<6}" + "".join(f"{speedup[q].get(b, float('nan')):>10.2f}" for b in bs))
+    demo = result["timings_ms"]["demo"]
+    lines.append("")
+    lines.append(f"demo q={result['config']['demo_q']} b={result['config']['demo_b']} T={result['config']['seq_len']}: "
+                 + ", ".join(f"{k} {v:.0f} ms" for k, v in demo.items()))
+    lines.append(f"tokens_per_s {result['tokens_per_s']:.0f}   steps_per_s {result['steps_per_s']:.3f}")
+    if result["peak_rss_mb"]:
+        engines = list(next(iter(result["peak_rss_mb"].values())))
+        lines.append("")
+        lines.append(f"{'peak RSS MB':<14}" + "".join(f"{e:>22}" for e in engines))
+        for b, row in result["peak_rss_mb"].items():
+            lines.append(f"{'b=' + b:<14}" + "".join(f"{row[e]:>22.0f}" for e in engines))
+    lines.append("")
+    lines.append(f"{'target':<32}{'value':>10}{'goal':>10}  met")
+    for name, t in result["targets"].items():
+        value = "-" if t["value"] is None else f"{t['value']:.3f}"
+        met = "-" if t["met"] is None else ("yes" if t["met"] else "NO")
+        lines.append(f"{name:<32}{value:>10}{t['target']:>10}  {met}")
+    return "\n".join(lines)
+
+
+def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, threads: int = 2) -> dict[str, dict[str, float]]:
+    """train_step and eval_logits medians (ms) of several exports of the same shapes, interleaved
+    in one process: a before/after measurement of a change to the exported code (e.g. an old
+    `prge export` folder against a new one)."""
+    from runtime_driver.executorch_engine import set_runtime_threads
+
+    torch.set_num_threads(threads)
+    set_runtime_threads(threads)
+    calls: dict[str, Callable[[], Any]] = {}
+    keep = []
+    for path in program_dirs:
+        program = LoadedProgram(Path(path), TRAIN_AND_FORWARD)
+        keep.append(program)
+        q, shapes = program.manifest["num_queries"], program.manifest["shapes"]
+        vocab = max(program.manifest["task"]["label_token_ids"]) + 1
+        ids, mask, _ = _batch(shapes["eval_batch_size"], shapes["seq_len"], vocab)
+        calls[f"{path}:train_step"] = _train_step_call(program, q, shapes["batch_size"], shapes["seq_len"], vocab)
+        calls[f"{path}:eval_logits"] = lambda p=program, i=ids, m=mask: p.run("eval_logits", [i, m])
+    ms = interleaved_ms(calls, reps, warmup)
+    return {path: {"train_step_ms": round(ms[f"{path}:train_step"], 1), "eval_logits_ms": round(ms[f"{path}:eval_logits"], 1),
+                   "step_overhead": round(ms[f"{path}:train_step"] / ms[f"{path}:eval_logits"], 3)} for path in program_dirs}

@@ -1,0 +1,119 @@
+"""One memory measurement in a process of its own: `python -m runtime_driver.bench_worker MODE ...`.
+
+Peak RSS is a per-process high-water mark, so each engine gets a fresh interpreter that loads
+only what that engine needs, runs a couple of steps and reports its own VmHWM (the parent
+cross-checks it with the child's rusage from wait4). Modes:
+  executorch-prge   ExecuTorch program, `train_step` only (no eager model is ever built)
+  executorch-infer  ExecuTorch program, `eval_logits` only (inference over the same rows)
+  eager-prge        PRGEStep.train_step in PyTorch under no_grad
+  eager-fo          first-order LoRA-FA: autograd into B, SGD (the backprop reference)
+Prints one JSON object on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODES = ("executorch-prge", "executorch-infer", "eager-prge", "eager-fo")
+
+
+def vm_hwm_mb() -> float:
+    """This process's peak resident set size (VmHWM) in MiB."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def random_batch(rows: int, seq_len: int, vocab: int, num_labels: int, seed: int = 0):
+    """Token ids drawn uniformly (timing and memory do not depend on content: shapes are static)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, seq_len), generator=g, dtype=torch.int64)
+    mask = torch.ones(rows, seq_len, dtype=torch.int64)
+    labels = torch.randint(0, num_labels, (rows,), generator=g, dtype=torch.int64)
+    return ids, mask, labels
+
+
+def _run_executorch(args) -> None:
+    from executorch.runtime import Runtime
+
+    from export.manifest import read_manifest
+    from runtime_driver.executorch_engine import set_runtime_threads
+    from runtime_driver.executors import step_scalars
+
+    set_runtime_threads(args.threads)
+    manifest = read_manifest(args.program)
+    program = Runtime.get().load_program(os.path.join(args.program, manifest["program"]["pte"]["file"]))
+    q, b, t = manifest["num_queries"], manifest["shapes"]["batch_size"], manifest["shapes"]["seq_len"]
+    vocab = max(manifest["task"]["label_token_ids"]) + 1  # any valid ids will do
+    num_labels = len(manifest["task"]["label_token_ids"])
+    if args.mode == "executorch-prge":
+        method = program.load_method("train_step")
+        ids, mask, labels = random_batch(b, t, vocab, num_labels)
+        for i in range(args.steps):
+            method.execute([ids, mask, labels, *step_scalars(i, i + 1, [0.1] * q, 1e-3, 1e-2)])
+    else:
+        method = program.load_method("eval_logits")
+        ids, mask, _ = random_batch(manifest["shapes"]["eval_batch_size"], t, vocab, num_labels)
+        for _ in range(args.steps):
+            method.execute([ids, mask])
+
+
+def _run_eager(args) -> None:
+    import torch
+
+    from models.causal_lm import AdapterConfig, build_step
+    from runtime_driver.executors import EagerPRGE
+
+    torch.set_num_threads(args.threads)
+    label_ids = [int(x) for x in args.label_ids.split(",")]
+    step = build_step(args.model, AdapterConfig(num_queries=args.q), label_ids)
+    vocab = step.head.weight.shape[0]
+    ids, mask, labels = random_batch(args.b, args.seq_len, vocab, len(label_ids))
+    if args.mode == "eager-prge":
+        engine = EagerPRGE(step)
+        for i in range(args.steps):
+            engine.train_step(ids, mask, labels, i, i + 1, [0.1] * args.q, 1e-3, 1e-2)
+        return
+    params = [layer.lora_B for layer in step.adapter_layers]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=1e-3)
+    for _ in range(args.steps):
+        loss = step.per_example_loss(ids, mask, labels).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime_driver.bench_worker")
+    parser.add_argument("mode", choices=MODES)
+    parser.add_argument("--program", help="export folder (executorch modes)")
+    parser.add_argument("--model", help="model folder (eager modes)")
+    parser.add_argument("--label-ids", help="comma-separated label token ids (eager modes)")
+    parser.add_argument("--q", type=int, default=4)
+    parser.add_argument("--b", type=int, default=8, help="examples per perturbed copy (first-order: the batch)")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    began = time.perf_counter()
+    if args.mode.startswith("executorch"):
+        _run_executorch(args)
+    else:
+        _run_eager(args)
+    print(json.dumps({"mode": args.mode, "vm_hwm_mb": round(vm_hwm_mb(), 1), "wall_s": round(time.perf_counter() - began, 2)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""`prge bench` end to end on a tiny model: every key of the performance issue, sane structure,
+and a second run served from the program cache. Timings are never asserted."""
+from __future__ import annotations
+
+import json
+import math
+
+from runtime_driver.bench import TARGETS
+from runtime_driver.cli import main
+
+ENGINES = {"executorch_prge", "eager_prge", "eager_first_order", "executorch_inference"}
+ISSUE_KEYS = {"parallel_speedup", "step_overhead", "et_vs_eager", "peak_rss_mb", "tokens_per_s", "steps_per_s"}
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_emits_every_key_and_reuses_cached_programs(tiny_model_dir, tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "bench.json"
+    args = ["bench", "--model", str(tiny_model_dir("llama")), "--quick", "--seq-len", "16", "--threads", "1",
+            "--cache", str(cache)]
+    assert main([*args, "--q", "1,2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert ISSUE_KEYS <= set(result)
+    assert set(result["parallel_speedup"]) == {"1", "2"}
+    assert all(set(row) == {"1"} and _positive(row["1"]) for row in result["parallel_speedup"].values())
+    for key in ("step_overhead", "et_vs_eager", "tokens_per_s", "steps_per_s"):
+        assert _positive(result[key]), key
+    assert set(result["peak_rss_mb"]) == {"1", "2"}
+    for row in result["peak_rss_mb"].values():
+        assert set(row) == ENGINES and all(_positive(v) for v in row.values())
+    assert set(result["targets"]) == set(TARGETS)
+    assert result["threads"] == {"torch": 1, "executorch": 1}
+    assert result["machine"]["cores"] >= 1 and result["date"].endswith("Z")
+    # tokens_per_s is 2q*b*T sequences' tokens over the same step time as steps_per_s
+    assert math.isclose(result["tokens_per_s"], 2 * 1 * 1 * 16 * result["steps_per_s"], rel_tol=1e-2)
+    assert result["export_seconds"]  # the first run exported
+    assert "parallel_speedup" in capsys.readouterr().out  # the human table
+
+    assert main([*args, "--no-rss", "--json", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["export_seconds"] == {}  # every program came from the cache
+    assert again["peak_rss_mb"] == {}
