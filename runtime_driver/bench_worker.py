@@ -1,8 +1,8 @@
 """One memory measurement in a process of its own: `python -m runtime_driver.bench_worker MODE ...`.
 
 Peak RSS is a per-process high-water mark, so each engine gets a fresh interpreter that loads
-only what that engine needs, runs a couple of steps and reports its own VmHWM (the parent
-cross-checks it with the child's rusage from wait4). Modes:
+only what that engine needs, runs a couple of steps and reports its own VmHWM (exec starts a
+fresh address space, so nothing of the parent is counted). Modes:
   executorch-prge   ExecuTorch program, `train_step` only (no eager model is ever built)
   executorch-infer  ExecuTorch program, `eval_logits` only (inference over the same rows)
   eager-prge        PRGEStep.train_step in PyTorch under no_grad
