@@ -139,8 +139,11 @@ EvalResult evaluate(PrgeProgram& program, const Manifest& m, const Rows& rows) {
 }
 
 // Why a step's losses must not update the adapter ("" when they are fine): train.py::_loss_fault.
-std::string loss_fault(double mean_loss, double first_loss, double diverge_factor) {
+std::string loss_fault(const std::vector<float>& losses, double mean_loss, double first_loss, double diverge_factor) {
   if (!std::isfinite(mean_loss)) return "non-finite loss";
+  // An exploded adapter saturates the model into identical finite losses: g would be 0 forever.
+  if (std::all_of(losses.begin(), losses.end(), [&](float x) { return x == losses[0]; }))
+    return "degenerate loss (all 2q losses equal: the perturbations change nothing)";
   if (diverge_factor > 0 && !std::isnan(first_loss) && mean_loss > diverge_factor * std::max(first_loss, 1e-8)) {
     char buf[160];
     std::snprintf(buf, sizeof buf, "diverged loss (mean %.4g > %g x first step's %.4g)", mean_loss, diverge_factor, first_loss);
@@ -323,8 +326,8 @@ std::string train(PrgeProgram& program, const Manifest& m, const DataFile& data,
     double mean_loss = 0;
     for (float x : losses) mean_loss += double(x);
     mean_loss /= double(losses.size());
-    if (std::isnan(first_loss) && std::isfinite(mean_loss)) first_loss = mean_loss;
-    std::string fault = loss_fault(mean_loss, first_loss, opt.diverge_factor);
+    std::string fault = loss_fault(losses, mean_loss, first_loss, opt.diverge_factor);
+    if (std::isnan(first_loss) && fault.empty()) first_loss = mean_loss;
     std::vector<double> g(size_t(q), 0.0);
     std::string row = "{\"type\": \"train\", \"step\": " + std::to_string(step) + ", \"seed\": " + std::to_string(seed) +
                       ", \"lr\": " + format_double(lr) + ", \"eps\": " + format_double(opt.eps);
@@ -355,7 +358,8 @@ std::string train(PrgeProgram& program, const Manifest& m, const DataFile& data,
       std::fill(prev_g.begin(), prev_g.end(), 0.0);
     }
     if (eval_due(done)) run_eval(done);
-    if (ckpt_due || (opt.checkpoint_every > 0 && done == opt.steps)) {
+    // No checkpoint during a fault streak: the last one stays the last good state.
+    if ((ckpt_due || (opt.checkpoint_every > 0 && done == opt.steps)) && bad_in_a_row == 0) {
       std::string state = "{\"step\": " + std::to_string(done) + ", \"next_seed\": " + std::to_string(step_seed(opt.seed, uint64_t(done))) +
                           ", \"data_position\": " + std::to_string(long(done) * b) +
                           ", \"first_loss\": " + format_double(first_loss) + ", \"fingerprint\": " + fingerprint_json(m, opt) + "}\n";
