@@ -22,6 +22,9 @@ from prge.failpoints import reached
 
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "state.json"
+# A flat-adapter file holds one float32 tensor under this key: checkpoints, the native
+# driver's final adapter and `prge replay --out` all use it.
+ADAPTER_KEY = "adapter"
 
 
 class CheckpointError(ValueError):
@@ -33,6 +36,31 @@ class Checkpoint:
     adapter: Tensor  # flat B, float32
     step: int  # the next step to run
     state: dict[str, Any]  # everything else recorded (next seed, data position, fingerprint)
+
+
+def write_flat_adapter(path: str | Path, adapter: Tensor) -> None:
+    """Write a flat-adapter file through a temp name, fsynced, then renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({ADAPTER_KEY: adapter.detach().to(torch.float32).contiguous()}, str(tmp))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_flat_adapter(path: str | Path, what: str = "adapter file", numel: int | None = None) -> Tensor:
+    """The flat float32 B of a flat-adapter file; anything else is a CheckpointError naming the
+    file (`what` says what the file was meant to be, numel what size it must have)."""
+    path = Path(path)
+    try:
+        flat = load_file(str(path)).get(ADAPTER_KEY)
+    except Exception as e:  # safetensors raises several types for missing or corrupt files
+        raise CheckpointError(f"{path}: unreadable {what} ({type(e).__name__}: {e})") from None
+    if flat is None or flat.dtype != torch.float32 or flat.dim() != 1 or (numel is not None and flat.numel() != numel):
+        got = "nothing" if flat is None else f"{flat.dtype} {list(flat.shape)}"
+        size = f", {numel} values (this program's)" if numel is not None else ""
+        raise CheckpointError(f"{path}: expected a flat {ADAPTER_KEY!r} tensor (float32{size}), got {got}")
+    return flat
 
 
 def _fsync_dir(path: Path) -> None:
@@ -49,11 +77,10 @@ def save_checkpoint(ckpt_dir: str | Path, adapter: Tensor, state: dict[str, Any]
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt-new.", dir=ckpt_dir.parent))
-    save_file({"adapter": adapter.detach().to(torch.float32).contiguous()}, str(tmp / ADAPTER_FILE))
+    write_flat_adapter(tmp / ADAPTER_FILE, adapter)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    with open(tmp / STATE_FILE, "rb") as fh:
+        os.fsync(fh.fileno())
     _fsync_dir(tmp)
     reached("ckpt-tmp-written", state.get("step"))
     if ckpt_dir.exists():
@@ -85,13 +112,11 @@ def load_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
         raise CheckpointError(f"{ckpt_dir}: no checkpoint to resume from")
     try:
         state = json.loads((found / STATE_FILE).read_text())
-        adapter = load_file(str(found / ADAPTER_FILE))["adapter"]
     except Exception as e:
         raise CheckpointError(f"{found}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    adapter = read_flat_adapter(found / ADAPTER_FILE, what="checkpoint")
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state["step"], bool):
         raise CheckpointError(f"{found / STATE_FILE}: missing integer 'step'")
     if state["step"] < 0:
         raise CheckpointError(f"{found / STATE_FILE}: negative step {state['step']}")
-    if adapter.dtype != torch.float32 or adapter.dim() != 1:
-        raise CheckpointError(f"{found / ADAPTER_FILE}: expected a flat float32 adapter, got {adapter.dtype} {list(adapter.shape)}")
     return Checkpoint(adapter=adapter, step=state["step"], state=state)

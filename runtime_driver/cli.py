@@ -173,9 +173,9 @@ def cmd_replay(args) -> int:
 
     result = replay_run(args.run_dir)
     if args.out:
-        from runtime_driver.replay import save_flat_adapter
+        from runtime_driver.checkpoint import write_flat_adapter
 
-        save_flat_adapter(args.out, result.adapter)
+        write_flat_adapter(args.out, result.adapter)
     _print({"run_dir": args.run_dir, "steps_replayed": result.steps, "identical": result.identical, **result.compared})
     if not result.identical:
         print(f"prge replay: the log does not reproduce the saved adapter of {args.run_dir}", file=sys.stderr)

@@ -9,7 +9,6 @@ exactly the updates it logged.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,18 +99,6 @@ def _compare(replayed: Tensor, saved: Tensor, step: int) -> dict[str, Any]:
         "identical": bool(same_shape and torch.equal(replayed, saved)),
         "max_abs_diff": float((replayed - saved).abs().max()) if same_shape else None,
     }
-
-
-def save_flat_adapter(path: str | Path, adapter: Tensor) -> None:
-    """The replayed flat B as safetensors (key "adapter", as in checkpoints), written atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"adapter": adapter.contiguous()}, str(tmp))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def replay_run(run_dir: str | Path) -> ReplayResult:
