@@ -125,6 +125,8 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
         raise fail("shapes", "expected an object")
     for key in ("batch_size", "seq_len", "eval_batch_size"):
         positive_int(m["shapes"].get(key), f"shapes.{key}")
+    if m["shapes"].get("micro_batch") is not None:  # absent or null: one pass over all rows
+        positive_int(m["shapes"]["micro_batch"], "shapes.micro_batch")
     positive_int(m["num_queries"], "num_queries")
     adapter = m["adapter"]
     if not isinstance(adapter, dict):

@@ -69,7 +69,8 @@ def export_model(
                 "ptd": {"file": ptd.name, "bytes": ptd.stat().st_size, "sha256": sha256_file(ptd)} if ptd else None,
             },
             "methods": list(methods),
-            "shapes": {"batch_size": shapes.batch_size, "seq_len": shapes.seq_len, "eval_batch_size": shapes.eval_batch_size},
+            "shapes": {"batch_size": shapes.batch_size, "seq_len": shapes.seq_len, "eval_batch_size": shapes.eval_batch_size,
+                       "micro_batch": adapter.micro_batch},
             "num_queries": adapter.num_queries,
             "adapter": {
                 "kind": "lora-fa",

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from models.delegatable import register_attention, replace_rms_norms
 from models.adapters import DEFAULT_A_SEED, DEFAULT_ALPHA, DEFAULT_RANK, default_targets, inject_lora_fa
-from prge.step import PRGEStep
+from prge.step import DEFAULT_MICRO_BATCH, PRGEStep
 
 # The Hub is never used: models come from local folders only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,6 +33,7 @@ class AdapterConfig:
     targets: list[str] | None = None  # module names (peft semantics); None = family default
     loss: str | None = None  # "classification" (label words) or "lm" (full vocabulary); None: the task's, else classification
     a_seed: int = DEFAULT_A_SEED  # seed of the frozen A matrices
+    micro_batch: int | None = DEFAULT_MICRO_BATCH  # most rows per forward pass; None = all at once
     adapted: list[str] = field(default_factory=list)  # filled in: the adapted module names
 
 
@@ -121,7 +122,8 @@ def build_step(model_dir: str | Path, adapter: AdapterConfig, label_ids: list[in
     backbone = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
     step = PRGEStep(
-        AnswerHidden(backbone), head, label_ids, adapter.num_queries, adapter.loss, adapter_names=adapter.adapted
+        AnswerHidden(backbone), head, label_ids, adapter.num_queries, adapter.loss, adapter_names=adapter.adapted,
+        micro_batch=adapter.micro_batch,
     )
     step.eval()
     return step

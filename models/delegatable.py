@@ -68,8 +68,9 @@ def grouped_query_attention(
     v = value.reshape(b * kv_heads, s_k, d)
     scores = torch.bmm(q, k.transpose(1, 2)) * scaling
     if attention_mask is not None:
-        mask = attention_mask[:, :, :, :s_k].repeat(1, 1, n_rep, 1)  # [b, 1, n_rep*s, s_k]
-        scores = (scores.reshape(b, kv_heads, n_rep * s, s_k) + mask).reshape(b * kv_heads, n_rep * s, s_k)
+        # Viewed per query head the scores are [b, heads, s, s_k]; the mask broadcasts over the
+        # heads. (Repeating the mask to the heads instead costs a copy of it in every layer.)
+        scores = (scores.reshape(b, heads, s, s_k) + attention_mask[:, :, :, :s_k]).reshape(b * kv_heads, n_rep * s, s_k)
     probs = torch.softmax(scores, dim=-1)
     out = torch.bmm(probs, v).reshape(b, heads, s, d)
     return out.transpose(1, 2).contiguous(), None

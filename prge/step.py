@@ -6,6 +6,9 @@ One call of `train_step` does a whole step of parallel randomized gradient estim
   2. draw the new noise z_i from the new seed and write the 2q perturbed copies
      B + eps z_i (copies 0..q-1) and B - eps z_i (copies q..2q-1),
   3. run one forward over the minibatch tiled 2q times and return the 2q per-copy losses.
+     With `micro_batch` rows set, that forward streams through the 2q*b rows in pieces of at
+     most micro_batch rows, one after the other: activation memory then stays that of
+     micro_batch rows however large b is (zeroth-order needs no activations kept for backprop).
 The driver turns the losses into projected gradients g_i = (L_i+ - L_i-) / (2 eps) and passes
 them back in the next call. Shapes are static and there is no data-dependent control flow, so
 torch.export traces exactly this module; the eager engine calls it directly.
@@ -27,6 +30,35 @@ from prge.estimators import perturbed_copies, updated_adapter
 from prge.noise import gaussian
 
 LOSS_KINDS = ("classification", "lm")
+# Rows per forward pass by default. 64 rows x 64 tokens already saturates the GEMMs on a
+# 2-core CPU (the b=4 columns of BENCHMARKS.md), so streaming larger batches in pieces of 64
+# costs no speed while keeping activation memory at 64 rows' worth.
+DEFAULT_MICRO_BATCH = 64
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One piece of the tiled forward: rows [row_start, row_stop) of the minibatch, run under
+    each of the perturbed copies [copy_start, copy_stop)."""
+
+    copy_start: int
+    copy_stop: int
+    row_start: int
+    row_stop: int
+
+
+def micro_batches(num_copies: int, batch: int, max_rows: int | None) -> list[MicroBatch]:
+    """Split the copy-major tiled batch (num_copies x batch rows) into pieces of at most
+    max_rows rows, in row order: whole copies at a time when a copy fits, else parts of one
+    copy. None (or a limit above the total) is one piece: the whole forward at once."""
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"micro-batch must be >= 1 row, got {max_rows}")
+    if max_rows is None or max_rows >= num_copies * batch:
+        return [MicroBatch(0, num_copies, 0, batch)]
+    if batch <= max_rows:
+        per_piece = max_rows // batch
+        return [MicroBatch(c, min(c + per_piece, num_copies), 0, batch) for c in range(0, num_copies, per_piece)]
+    return [MicroBatch(c, c + 1, r, min(r + max_rows, batch)) for c in range(num_copies) for r in range(0, batch, max_rows)]
 
 
 @dataclass(frozen=True)
@@ -55,6 +87,8 @@ class PRGEStep(nn.Module):
           defaults to their paths inside body.
     loss: "classification" = cross-entropy over the label words only;
           "lm" = full-vocabulary next-token cross-entropy of the label word at the answer position.
+    micro_batch: most rows one forward pass runs at a time (train_step's tiled batch and
+          eval_logits' batch are streamed in pieces); None = every row in one pass.
     """
 
     def __init__(
@@ -65,14 +99,17 @@ class PRGEStep(nn.Module):
         num_queries: int,
         loss: str = "classification",
         adapter_names: list[str] | None = None,
+        micro_batch: int | None = None,
     ) -> None:
         super().__init__()
+        micro_batches(1, 1, micro_batch)  # validates it
         if loss not in LOSS_KINDS:
             raise ValueError(f"unknown loss {loss!r}; expected one of {LOSS_KINDS}")
         self.body = body
         self.head = head
         self.num_queries = num_queries
         self.loss = loss
+        self.micro_batch = micro_batch
         self.register_buffer("label_token_ids", torch.tensor(label_token_ids, dtype=torch.int64))
         self.adapter_layers: list[LoRAFALinear] = [m for _, m in adapters_of(body)]
         if not self.adapter_layers:
@@ -144,12 +181,20 @@ class PRGEStep(nn.Module):
         adapter = updated_adapter(self.flat_adapter(), prev_seed, prev_g, lr).to(torch.float32)
         self._write_adapter(adapter)
         self._write_copies(perturbed_copies(adapter, self.noise(new_seed), eps))
-        copies = 2 * self.num_queries
-        tiled_ids = input_ids.repeat(copies, 1)
-        tiled_mask = attention_mask.repeat(copies, 1)
-        tiled_labels = labels.repeat(copies)
-        with perturbed_mode(self.body):
-            losses = self.per_example_loss(tiled_ids, tiled_mask, tiled_labels)
+        copies, batch = 2 * self.num_queries, input_ids.shape[0]
+        pieces: list[Tensor] = []
+        # A Python loop, so export unrolls it into one forward per piece, each chained after
+        # the previous one (_after) so their activations have disjoint lifetimes.
+        for piece in micro_batches(copies, batch, self.micro_batch):
+            rows = slice(piece.row_start, piece.row_stop)
+            tiles = piece.copy_stop - piece.copy_start
+            with perturbed_mode(self.body, copy_range=(piece.copy_start, piece.copy_stop)):
+                pieces.append(self.per_example_loss(
+                    _after(_rows(input_ids, rows, batch), pieces).repeat(tiles, 1),
+                    _after(_rows(attention_mask, rows, batch), pieces).repeat(tiles, 1),
+                    _rows(labels, rows, batch).repeat(tiles),
+                ))
+        losses = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # copy-major, as unsplit
         return losses.reshape(copies, -1).mean(dim=1)
 
     def sequential_losses(
@@ -192,8 +237,15 @@ class PRGEStep(nn.Module):
         return adapter
 
     def eval_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Label-word logits [b, num_labels] with the unperturbed adapter."""
-        return self.answer_logits(input_ids, attention_mask, full_vocab=False)
+        """Label-word logits [b, num_labels] with the unperturbed adapter (micro-batched like
+        train_step)."""
+        batch = input_ids.shape[0]
+        pieces: list[Tensor] = []
+        for piece in micro_batches(1, batch, self.micro_batch):
+            rows = slice(piece.row_start, piece.row_stop)
+            ids, mask = _after(_rows(input_ids, rows, batch), pieces), _after(_rows(attention_mask, rows, batch), pieces)
+            pieces.append(self.answer_logits(ids, mask, full_vocab=False))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def get_adapter(self) -> Tensor:
         return self.flat_adapter().clone()
@@ -202,3 +254,24 @@ class PRGEStep(nn.Module):
         self._write_adapter(flat.reshape(-1).to(torch.float32))
         return self.flat_adapter().clone()
 
+
+def _after(ids: Tensor, previous: list[Tensor]) -> Tensor:
+    """ids (or a mask) unchanged, but made to depend on the last finished piece of a
+    micro-batched forward.
+
+    Without a data path between the pieces, XNNPACK's partitioner merges the same layer of
+    every piece into one delegate call, so all pieces' activations are alive at once and
+    streaming saves nothing. Adding an integer zero computed from the previous piece's output
+    (an int64 op, which stays outside XNNPACK) orders the pieces and keeps their delegate
+    calls apart; doing the same to the mask keeps the next piece's attention mask from being
+    built (and held) early. x != x is False even for NaN, so the zero is exact for any value.
+    """
+    if not previous:
+        return ids
+    last = previous[-1].reshape(-1)[:1]
+    return ids + (last != last).to(ids.dtype)
+
+
+def _rows(t: Tensor, rows: slice, batch: int) -> Tensor:
+    """t[rows], without a slice op in the traced graph when rows is all of them."""
+    return t if (rows.start, rows.stop) == (0, batch) else t[rows]

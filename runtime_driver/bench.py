@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from models.cache import cache_dir, say
+from prge.step import DEFAULT_MICRO_BATCH
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_METHODS = ("train_step",)
@@ -58,6 +59,8 @@ class BenchConfig:
     rss_steps: int = 1  # steps each memory worker runs
     cache: str | None = None  # program cache root (default ~/.cache/prge/bench)
     skip_rss: bool = False
+    micro_batch: int | None = DEFAULT_MICRO_BATCH  # most rows per forward pass in the P-RGE programs
+    export_only: bool = False  # fill the program cache and stop (time later, on a quiet machine)
 
 
 # ---- programs ---------------------------------------------------------------------------
@@ -88,7 +91,8 @@ class ProgramCache:
         from runtime_driver.data import DEFAULT_SENTIMENT_TASK
 
         eval_batch = eval_batch or 2 * q * b
-        spec = {**self.identity, "q": q, "b": b, "eval_batch": eval_batch, "methods": list(methods)}
+        spec = {**self.identity, "q": q, "b": b, "eval_batch": eval_batch, "methods": list(methods),
+                "micro_batch": self.cfg.micro_batch}
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
         out = self.root / key / "program"
         name = f"q{q}-b{b}-{'+'.join(methods)}"
@@ -97,7 +101,8 @@ class ProgramCache:
         say(f"Exporting {name} (cached as {out}) ...")
         began = time.perf_counter()
         shapes = ExportShapes(b, self.cfg.seq_len, eval_batch)
-        export_model(self.model_dir, DEFAULT_SENTIMENT_TASK, AdapterConfig(num_queries=q), shapes, out,
+        adapter = AdapterConfig(num_queries=q, micro_batch=self.cfg.micro_batch)
+        export_model(self.model_dir, DEFAULT_SENTIMENT_TASK, adapter, shapes, out,
                      progress=lambda _: None, methods=methods)
         (self.root / key / "spec.json").write_text(json.dumps(spec, indent=2))
         self.export_seconds[name] = round(time.perf_counter() - began, 1)
@@ -167,11 +172,12 @@ def _sequential_call(program: LoadedProgram, q: int, b: int, seq_len: int, vocab
     return run
 
 
-def _eager_step_call(model_dir: Path, q: int, b: int, seq_len: int, vocab: int, label_ids: list[int]) -> Callable[[], Any]:
+def _eager_step_call(model_dir: Path, q: int, b: int, seq_len: int, vocab: int, label_ids: list[int],
+                     micro_batch: int | None) -> Callable[[], Any]:
     from models.causal_lm import AdapterConfig, build_step
     from runtime_driver.executors import EagerPRGE
 
-    engine = EagerPRGE(build_step(model_dir, AdapterConfig(num_queries=q), label_ids))
+    engine = EagerPRGE(build_step(model_dir, AdapterConfig(num_queries=q, micro_batch=micro_batch), label_ids))
     ids, mask, labels = _batch(b, seq_len, vocab)
     return lambda: engine.train_step(ids, mask, labels, 1, 2, [0.1] * q, 1e-4, 1e-2)
 
@@ -240,6 +246,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     demo_program = cache.get(*demo, prge_methods(*demo))
     sequential_programs = {b: cache.get(1, b, SEQUENTIAL_METHODS) for b in sorted(set(cfg.bs) | {cfg.demo_b})}
     rss_programs = {} if cfg.skip_rss else {b: cache.get(cfg.rss_q, b, prge_methods(cfg.rss_q, b)) for b in cfg.rss_batches}
+    if cfg.export_only:
+        return {"programs": {"cache": str(cache.root), "code_hash": cache.identity["code"]}, "export_seconds": cache.export_seconds}
 
     say(f"Timing with {cfg.threads} thread(s), {cfg.reps} interleaved repetitions ...")
     sequential = {b: LoadedProgram(path, SEQUENTIAL_METHODS) for b, path in sequential_programs.items()}
@@ -267,7 +275,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         {
             "executorch_train_step": _train_step_call(program, q, b, cfg.seq_len, vocab),
             "executorch_forward_2qb_rows": lambda: program.run("eval_logits", [forward_ids, forward_mask]),
-            "eager_train_step": _eager_step_call(model_dir, q, b, cfg.seq_len, vocab, label_ids),
+            "eager_train_step": _eager_step_call(model_dir, q, b, cfg.seq_len, vocab, label_ids, cfg.micro_batch),
         },
         cfg.reps, cfg.warmup,
     )
@@ -280,7 +288,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         say("Peak RSS, one process per engine ...")
         common = ["--threads", str(cfg.threads), "--seq-len", str(cfg.seq_len), "--steps", str(cfg.rss_steps)]
         for rss_b, path in rss_programs.items():
-            eager = ["--model", str(model_dir), "--label-ids", ",".join(map(str, label_ids)), "--q", str(cfg.rss_q), "--b", str(rss_b)]
+            eager = ["--model", str(model_dir), "--label-ids", ",".join(map(str, label_ids)), "--q", str(cfg.rss_q), "--b", str(rss_b),
+                     "--micro-batch", str(cfg.micro_batch or 0)]
             rows = {
                 "executorch_prge": run_worker(["executorch-prge", "--program", str(path), *common]),
                 "eager_prge": run_worker(["eager-prge", *eager, *common]),

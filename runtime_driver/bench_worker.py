@@ -75,7 +75,7 @@ def _run_eager(args) -> None:
 
     torch.set_num_threads(args.threads)
     label_ids = [int(x) for x in args.label_ids.split(",")]
-    step = build_step(args.model, AdapterConfig(num_queries=args.q), label_ids)
+    step = build_step(args.model, AdapterConfig(num_queries=args.q, micro_batch=args.micro_batch or None), label_ids)
     vocab = step.head.weight.shape[0]
     ids, mask, labels = random_batch(args.b, args.seq_len, vocab, len(label_ids))
     if args.mode == "eager-prge":
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--q", type=int, default=4)
     parser.add_argument("--b", type=int, default=8, help="examples per perturbed copy (first-order: the batch)")
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--micro-batch", type=int, default=0, help="eager P-RGE: rows per forward pass (0: one pass)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the Hub, whatever ge
 
 from models.adapters import DEFAULT_ALPHA, DEFAULT_RANK  # noqa: E402
 from models.causal_lm import AdapterConfig  # noqa: E402
+from prge.step import DEFAULT_MICRO_BATCH  # noqa: E402
 from runtime_driver.train import METHODS, TrainConfig  # noqa: E402
 
 # Errors a user can fix: printed as one line, exit code 2, no traceback (PRGE_DEBUG=1 shows it).
@@ -32,11 +33,17 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"LoRA alpha (default {DEFAULT_ALPHA:g})")
     p.add_argument("--targets", type=_targets, help="comma-separated module names (default: family default, e.g. q_proj,v_proj)")
     p.add_argument("--loss", choices=("classification", "lm"), help="loss (default: the task's, classification)")
+    p.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH,
+                   help=f"most rows per forward pass: the 2q*b rows of a step run in pieces of this many, so memory "
+                        f"stays flat as the batch grows (default {DEFAULT_MICRO_BATCH}; 0: all rows in one pass)")
 
 
 def _adapter_config(args) -> AdapterConfig:
     """Adapter settings from the command line; the loss defaults to the task's (set later)."""
-    return AdapterConfig(num_queries=args.q, rank=args.rank, alpha=args.alpha, targets=args.targets, loss=args.loss)
+    if args.micro_batch < 0:
+        raise SystemExit(f"prge: --micro-batch must be >= 0, got {args.micro_batch}")
+    return AdapterConfig(num_queries=args.q, rank=args.rank, alpha=args.alpha, targets=args.targets, loss=args.loss,
+                         micro_batch=args.micro_batch or None)
 
 
 def _print(obj) -> None:
@@ -91,7 +98,8 @@ def cmd_bench(args) -> None:
         return tuple(int(x) for x in text.split(",") if x.strip())
 
     cfg = BenchConfig(model=args.model, seq_len=args.seq_len, threads=args.threads, reps=args.reps,
-                      cache=args.cache, skip_rss=args.no_rss)
+                      cache=args.cache, skip_rss=args.no_rss, micro_batch=args.micro_batch or None,
+                      export_only=args.export_only)
     if args.quick:  # a smoke run (tests, tiny models): every key, the smallest grid
         cfg.qs, cfg.bs, cfg.demo_q, cfg.demo_b, cfg.rss_q, cfg.rss_batches, cfg.reps = (1,), (1,), 1, 1, 1, (1, 2), 2
     for name in ("qs", "bs", "rss_batches"):
@@ -100,6 +108,9 @@ def cmd_bench(args) -> None:
     if args.demo:
         cfg.demo_q, cfg.demo_b = ints(args.demo)
     result = run_bench(cfg)
+    if cfg.export_only:
+        print(f"Programs are in {result['programs']['cache']} (exported now: {result['export_seconds'] or 'none'})")
+        return
     print(format_table(result))
     if args.json:
         from pathlib import Path
@@ -279,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch and ExecuTorch threads (default 2)")
     p.add_argument("--reps", type=int, default=5, help="interleaved timed repetitions (default 5)")
     p.add_argument("--cache", help="program cache (default ~/.cache/prge/bench)")
+    p.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH,
+                   help=f"rows per forward pass in the P-RGE programs (default {DEFAULT_MICRO_BATCH}; 0: one pass)")
+    p.add_argument("--export-only", action="store_true", help="export (or find) every program, then stop without timing")
     p.add_argument("--quick", action="store_true", help="smallest grid, 2 reps: a smoke run")
     p.set_defaults(func=cmd_bench)
 

@@ -119,7 +119,8 @@ def program_task(program_dir: Path, manifest: dict[str, Any], data_dir: Path) ->
 def program_adapter_config(manifest: dict[str, Any]) -> AdapterConfig:
     a = manifest["adapter"]
     return AdapterConfig(num_queries=int(manifest["num_queries"]), rank=a["rank"], alpha=a["alpha"], targets=a["targets"],
-                         loss=manifest["task"]["loss"], a_seed=a["a_seed"], adapted=[s["name"] for s in a["slots"]])
+                         loss=manifest["task"]["loss"], a_seed=a["a_seed"], adapted=[s["name"] for s in a["slots"]],
+                         micro_batch=manifest["shapes"].get("micro_batch"))
 
 
 def build_engine(cfg: RunConfig, data_dir: Path) -> Engine:
