@@ -124,9 +124,9 @@ def check_resumable(cfg: TrainConfig, run_dir: Path, fingerprint: dict[str, Any]
     return ckpt.step, ckpt.adapter, ckpt.state
 
 
-def _loss_fault(losses: torch.Tensor, first_loss: float | None, diverge_factor: float) -> str | None:
-    """Why a step's losses must not update the adapter, or None when they are fine."""
-    mean_loss = float(losses.to(torch.float64).mean())
+def _loss_fault(losses: torch.Tensor, mean_loss: float, first_loss: float | None, diverge_factor: float) -> str | None:
+    """Why a step's losses (mean_loss: their float64 mean) must not update the adapter, or None
+    when they are fine."""
     if not math.isfinite(mean_loss):
         return "non-finite loss"
     if bool((losses == losses[0]).all()):
@@ -172,9 +172,10 @@ def train_zero_order(
             losses = executor.train_step(ids, mask, labels, prev_seed, seed, prev_g, prev_lr, cfg.eps)
             step_ms.append((time.perf_counter() - began) * 1000)
             row: dict[str, Any] = {"type": "train", "step": t, "seed": seed, "lr": lr, "eps": cfg.eps}
-            fault = _loss_fault(losses, first_loss, cfg.diverge_factor)
+            mean_loss = float(losses.to(torch.float64).mean())
+            fault = _loss_fault(losses, mean_loss, first_loss, cfg.diverge_factor)
             if first_loss is None and fault is None:
-                first_loss = float(losses.to(torch.float64).mean())
+                first_loss = mean_loss
             if fault is None:
                 g = projected_grads(losses.to(torch.float64), cfg.eps).tolist()
                 bad_in_a_row = 0
