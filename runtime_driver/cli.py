@@ -35,7 +35,8 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=("classification", "lm"), help="loss (default: the task's, classification)")
     p.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH,
                    help=f"most rows per forward pass: the 2q*b rows of a step run in pieces of this many, so memory "
-                        f"stays flat as the batch grows (default {DEFAULT_MICRO_BATCH}; 0: all rows in one pass)")
+                        f"stays flat as the batch grows (default {DEFAULT_MICRO_BATCH}; 0: all rows in one pass). Export "
+                        f"unrolls one forward per piece: many pieces need much RAM to export (BENCHMARKS.md)")
 
 
 def _adapter_config(args) -> AdapterConfig:
