@@ -41,10 +41,15 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
 
 def _adapter_config(args) -> AdapterConfig:
     """Adapter settings from the command line; the loss defaults to the task's (set later)."""
+    return AdapterConfig(num_queries=args.q, rank=args.rank, alpha=args.alpha, targets=args.targets, loss=args.loss,
+                         micro_batch=_micro_batch(args))
+
+
+def _micro_batch(args) -> int | None:
+    """--micro-batch as the code takes it: rows per forward pass, None for one pass (0)."""
     if args.micro_batch < 0:
         raise SystemExit(f"prge: --micro-batch must be >= 0, got {args.micro_batch}")
-    return AdapterConfig(num_queries=args.q, rank=args.rank, alpha=args.alpha, targets=args.targets, loss=args.loss,
-                         micro_batch=args.micro_batch or None)
+    return args.micro_batch or None
 
 
 def _print(obj) -> None:
@@ -99,7 +104,7 @@ def cmd_bench(args) -> None:
         return tuple(int(x) for x in text.split(",") if x.strip())
 
     cfg = BenchConfig(model=args.model, seq_len=args.seq_len, threads=args.threads, reps=args.reps,
-                      cache=args.cache, skip_rss=args.no_rss, micro_batch=args.micro_batch or None,
+                      cache=args.cache, skip_rss=args.no_rss, micro_batch=_micro_batch(args),
                       export_only=args.export_only)
     if args.quick:  # a smoke run (tests, tiny models): every key, the smallest grid
         cfg.qs, cfg.bs, cfg.demo_q, cfg.demo_b, cfg.rss_q, cfg.rss_batches, cfg.reps = (1,), (1,), 1, 1, 1, (1, 2), 2
