@@ -96,17 +96,31 @@ def example_inputs(step: PRGEStep, shapes: ExportShapes) -> dict[str, tuple[Tens
 
 
 def _delegation_summary(edge_manager, method: str) -> dict[str, Any]:
-    from executorch.devtools.backend_debug import get_delegation_info
+    """Delegated vs portable nodes of a method, counting loop bodies (a micro-batched
+    forward's piece) once, as they appear in the program."""
+    from collections import Counter
 
-    info = get_delegation_info(edge_manager.exported_program(method).graph_module)
-    portable = {op: b.non_delegated for op, b in info.delegation_by_operator.items() if b.non_delegated}
-    delegated = {op: b.delegated for op, b in info.delegation_by_operator.items() if b.delegated}
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir.graph_module import get_control_flow_submodules
+
+    top = edge_manager.exported_program(method).graph_module
+    graphs = [top] + [body for _, body, _ in get_control_flow_submodules(top)]
+    subgraphs = delegated_nodes = portable_nodes = 0
+    portable, delegated = Counter(), Counter()
+    for graph in graphs:
+        info = get_delegation_info(graph)
+        subgraphs += info.num_delegated_subgraphs
+        delegated_nodes += info.num_delegated_nodes
+        portable_nodes += info.num_non_delegated_nodes
+        for op, b in info.delegation_by_operator.items():
+            portable[op] += b.non_delegated
+            delegated[op] += b.delegated
     return {
-        "delegated_subgraphs": info.num_delegated_subgraphs,
-        "delegated_nodes": info.num_delegated_nodes,
-        "portable_nodes": info.num_non_delegated_nodes,
-        "delegated_ops": dict(sorted(delegated.items())),
-        "portable_ops": dict(sorted(portable.items())),
+        "delegated_subgraphs": subgraphs,
+        "delegated_nodes": delegated_nodes,
+        "portable_nodes": portable_nodes,
+        "delegated_ops": dict(sorted((op, n) for op, n in delegated.items() if n)),
+        "portable_ops": dict(sorted((op, n) for op, n in portable.items() if n)),
     }
 
 
@@ -122,9 +136,9 @@ def export_step(
 
     Returns (ExecutorchProgramManager, {method: delegation summary}, {phase: seconds}).
     """
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
-    from executorch.exir.passes import MemoryPlanningPass
+
+    from export.loops import LoopAwareMemoryPlanningPass, LoopAwareXnnpackPartitioner
 
     unknown = set(methods) - set(METHOD_NAMES) - set(OPTIONAL_METHODS)
     if unknown or not methods:
@@ -143,7 +157,7 @@ def export_step(
     began = time.perf_counter()
     progress("  lowering to edge + XNNPACK ...")
     # force_non_static_weights: the adapter matmuls multiply by B, a buffer, not a constant.
-    partitioner = XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)
+    partitioner = LoopAwareXnnpackPartitioner(force_non_static_weights_for_f32_linear=True)
     edge = to_edge_transform_and_lower(programs, partitioner=[partitioner])
     delegation = {name: _delegation_summary(edge, name) for name in methods}
     timings["lower_s"] = time.perf_counter() - began
@@ -152,7 +166,7 @@ def export_step(
     progress("  serializing ...")
     config = ExecutorchBackendConfig(
         # One allocation for each mutable buffer, seen by every method: the adapter is shared.
-        memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+        memory_planning_pass=LoopAwareMemoryPlanningPass(share_mutable_buffers=True),
         emit_mutable_buffer_names=True,
         external_constants=_weight_tagger(step, _param_placeholders(edge)) if external_weights else False,
     )

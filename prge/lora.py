@@ -6,8 +6,8 @@ A is a fixed random projection (LoRA-FA freezes it), B starts at zero and is the
 training changes. In perturbed mode the batch holds 2q chunks (copy-major: rows
 [c*b, (c+1)*b) belong to copy c) and chunk c is multiplied by its own copy of B, so the whole
 +/- estimate for q directions is one batched forward instead of 2q forwards. A micro-batched
-forward runs a contiguous range of copies at a time (`copy_range`), possibly only some rows of
-one copy; the rows it is given are then split evenly over the copies of that range.
+forward substitutes the copies of its piece for lora_B_copies (torch.func.functional_call):
+the rows it is given are then split evenly over those copies.
 
 All state lives in buffers, never parameters, because the exported program mutates it in
 place and the runtime has no notion of trainable parameters.
@@ -61,16 +61,12 @@ class LoRAFALinear(nn.Module):
         self.register_buffer("lora_B_copies", torch.zeros(num_copies, out_features, rank))
         # Chosen before tracing (static control flow): train_step runs perturbed, eval clean.
         self.perturbed = False
-        # Copies [start, stop) the current forward's rows belong to; None = all of them.
-        self.copy_range: tuple[int, int] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         ax = nn.functional.linear(x, self.lora_A)
         if self.perturbed:
             copies = self.lora_B_copies
-            if self.copy_range is not None and self.copy_range != (0, self.num_copies):
-                copies = copies[self.copy_range[0] : self.copy_range[1]]
             chunks = ax.reshape(copies.shape[0], -1, self.rank)
             delta = torch.bmm(chunks, copies.transpose(1, 2)).reshape(y.shape)
         else:
@@ -84,15 +80,14 @@ def adapters_of(model: nn.Module) -> list[tuple[str, LoRAFALinear]]:
 
 
 @contextmanager
-def perturbed_mode(model: nn.Module, on: bool = True, copy_range: tuple[int, int] | None = None) -> Iterator[None]:
-    """Run (or trace) the model with every adapter using its perturbed copies (only copies
-    [start, stop) when copy_range is given)."""
+def perturbed_mode(model: nn.Module, on: bool = True) -> Iterator[None]:
+    """Run (or trace) the model with every adapter using its perturbed copies."""
     layers = [m for _, m in adapters_of(model)]
-    previous = [(m.perturbed, m.copy_range) for m in layers]
+    previous = [m.perturbed for m in layers]
     for m in layers:
-        m.perturbed, m.copy_range = on, copy_range
+        m.perturbed = on
     try:
         yield
     finally:
-        for m, (p, r) in zip(layers, previous):
-            m.perturbed, m.copy_range = p, r
+        for m, p in zip(layers, previous):
+            m.perturbed = p

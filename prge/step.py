@@ -6,9 +6,11 @@ One call of `train_step` does a whole step of parallel randomized gradient estim
   2. draw the new noise z_i from the new seed and write the 2q perturbed copies
      B + eps z_i (copies 0..q-1) and B - eps z_i (copies q..2q-1),
   3. run one forward over the minibatch tiled 2q times and return the 2q per-copy losses.
-     With `micro_batch` rows set, that forward streams through the 2q*b rows in pieces of at
-     most micro_batch rows, one after the other: activation memory then stays that of
-     micro_batch rows however large b is (zeroth-order needs no activations kept for backprop).
+     With `micro_batch` rows set, that forward streams through the 2q*b rows in equal pieces
+     of at most micro_batch rows, one after the other: activation memory then stays that of
+     one piece however large b is (zeroth-order needs no activations kept for backprop).
+     Exported, the pieces are one loop (torch scan), so the program holds a single piece's
+     graph whatever the number of pieces; eager runs the same piece function in a Python loop.
 The driver turns the losses into projected gradients g_i = (L_i+ - L_i-) / (2 eps) and passes
 them back in the next call. Shapes are static and there is no data-dependent control flow, so
 torch.export traces exactly this module; the eager engine calls it directly.
@@ -21,9 +23,11 @@ flat vector (portable kernels, so eager and runtime agree bit for bit) and cast 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch._higher_order_ops.scan import scan
 
 from prge.lora import LoRAFALinear, adapters_of, perturbed_mode
 from prge.estimators import perturbed_copies, updated_adapter
@@ -37,28 +41,59 @@ DEFAULT_MICRO_BATCH = 64
 
 
 @dataclass(frozen=True)
-class MicroBatch:
-    """One piece of the tiled forward: rows [row_start, row_stop) of the minibatch, run under
-    each of the perturbed copies [copy_start, copy_stop)."""
+class Pieces:
+    """How a forward over a copy-major tiled batch (num_copies x batch rows) is streamed:
+    `count` pieces of `rows` rows each, piece p being rows [p*rows, (p+1)*rows). A piece is
+    whole copies (rows a multiple of batch) or an equal part of one copy (batch a multiple of
+    rows), so each piece needs `copies_per_piece` consecutive perturbed copies."""
 
-    copy_start: int
-    copy_stop: int
-    row_start: int
-    row_stop: int
+    count: int
+    rows: int
+    batch: int
+
+    @property
+    def copies_per_piece(self) -> int:
+        return max(1, self.rows // self.batch)
+
+    def copy_ids(self) -> Tensor:
+        """[count, copies_per_piece] int64: the copies each piece's rows belong to."""
+        first = [(p * self.rows) // self.batch for p in range(self.count)]
+        return torch.tensor([[c + j for j in range(self.copies_per_piece)] for c in first], dtype=torch.int64)
 
 
-def micro_batches(num_copies: int, batch: int, max_rows: int | None) -> list[MicroBatch]:
-    """Split the copy-major tiled batch (num_copies x batch rows) into pieces of at most
-    max_rows rows, in row order: whole copies at a time when a copy fits, else parts of one
-    copy. None (or a limit above the total) is one piece: the whole forward at once."""
+def piece_layout(num_copies: int, batch: int, max_rows: int | None) -> Pieces:
+    """Equal pieces of at most max_rows rows: the most whole copies that fit, else the largest
+    divisor of batch that fits (pieces are equal because they run as one loop body). None, or
+    a limit of at least num_copies * batch, is one piece: the whole forward at once."""
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"micro-batch must be >= 1 row, got {max_rows}")
-    if max_rows is None or max_rows >= num_copies * batch:
-        return [MicroBatch(0, num_copies, 0, batch)]
+    total = num_copies * batch
+    if max_rows is None or max_rows >= total:
+        return Pieces(1, total, batch)
     if batch <= max_rows:
-        per_piece = max_rows // batch
-        return [MicroBatch(c, min(c + per_piece, num_copies), 0, batch) for c in range(0, num_copies, per_piece)]
-    return [MicroBatch(c, c + 1, r, min(r + max_rows, batch)) for c in range(num_copies) for r in range(0, batch, max_rows)]
+        rows = batch * max(d for d in range(1, num_copies + 1) if num_copies % d == 0 and d * batch <= max_rows)
+    else:
+        rows = max(d for d in range(1, max_rows + 1) if batch % d == 0)
+    return Pieces(total // rows, rows, batch)
+
+
+def stream(piece_fn: Callable[..., Tensor], pieces: list[Tensor]) -> Tensor:
+    """piece_fn over every piece (dim 0 of each tensor in pieces), outputs stacked on dim 0.
+
+    Exported, this is a torch scan: ExecuTorch emits it as a loop over one copy of the piece's
+    graph, so export time, program size and the memory plan do not grow with the number of
+    pieces (unrolled, XNNPACK's partitioner costs memory quadratic in the graph size: a
+    135M-parameter model with 8 pieces needed more than 24 GB to export). Eager runs the same
+    piece_fn in a Python loop: same operations, same numbers.
+    """
+    count = pieces[0].shape[0]
+    if count == 1:
+        return piece_fn(*(p[0] for p in pieces)).unsqueeze(0)
+    if torch.compiler.is_exporting():
+        # scan needs a carry; the pieces are independent, so it is a dummy that is passed on.
+        _, out = scan(lambda carry, xs: (carry.clone(), piece_fn(*xs)), torch.zeros(1), pieces)
+        return out
+    return torch.stack([piece_fn(*(p[i] for p in pieces)) for i in range(count)])
 
 
 @dataclass(frozen=True)
@@ -102,7 +137,8 @@ class PRGEStep(nn.Module):
         micro_batch: int | None = None,
     ) -> None:
         super().__init__()
-        micro_batches(1, 1, micro_batch)  # validates it
+        if micro_batch is not None and micro_batch < 1:
+            raise ValueError(f"micro-batch must be >= 1 row, got {micro_batch}")
         if loss not in LOSS_KINDS:
             raise ValueError(f"unknown loss {loss!r}; expected one of {LOSS_KINDS}")
         self.body = body
@@ -124,6 +160,8 @@ class PRGEStep(nn.Module):
             offset += layer.out_features * layer.rank
         self.slots: tuple[AdapterSlot, ...] = tuple(slots)
         self.adapter_numel = offset
+        # Names under which a piece's copies replace each adapter's lora_B_copies in the body.
+        self._copies_names = [f"{name}.lora_B_copies" for name, _ in adapters_of(body)]
 
     # ---- adapter state -------------------------------------------------------------------
     def flat_adapter(self) -> Tensor:
@@ -145,7 +183,9 @@ class PRGEStep(nn.Module):
 
     # ---- losses -------------------------------------------------------------------------
     def answer_logits(self, input_ids: Tensor, attention_mask: Tensor, full_vocab: bool) -> Tensor:
-        hidden = self.body(input_ids, attention_mask)
+        return self._head_logits(self.body(input_ids, attention_mask), full_vocab)
+
+    def _head_logits(self, hidden: Tensor, full_vocab: bool) -> Tensor:
         if full_vocab:
             return self.head(hidden)
         # Only the label-word rows of the output embedding: never a [B, vocab] tensor.
@@ -157,13 +197,23 @@ class PRGEStep(nn.Module):
 
     def per_example_loss(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         """Cross-entropy per example, [B]. labels are class indices into label_token_ids."""
+        return self._loss(self.body(input_ids, attention_mask), labels)
+
+    def _loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
         if self.loss == "classification":
-            logits, targets = self.answer_logits(input_ids, attention_mask, full_vocab=False), labels
+            logits, targets = self._head_logits(hidden, full_vocab=False), labels
         else:
-            logits = self.answer_logits(input_ids, attention_mask, full_vocab=True)
+            logits = self._head_logits(hidden, full_vocab=True)
             targets = self.label_token_ids.index_select(0, labels)
         log_probs = torch.log_softmax(logits, dim=-1)
         return -log_probs.gather(1, targets.reshape(-1, 1)).reshape(-1)
+
+    def _piece_losses(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *copies: Tensor) -> Tensor:
+        """Per-row losses of one piece, its rows run under the given perturbed copies (one
+        [copies_per_piece, out, rank] tensor per adapter). The copies come in as arguments,
+        not as module state, because a scan body must be a pure function."""
+        hidden = torch.func.functional_call(self.body, dict(zip(self._copies_names, copies)), (input_ids, attention_mask))
+        return self._loss(hidden, labels)
 
     # ---- the exported methods -----------------------------------------------------------
     def train_step(
@@ -182,20 +232,18 @@ class PRGEStep(nn.Module):
         self._write_adapter(adapter)
         self._write_copies(perturbed_copies(adapter, self.noise(new_seed), eps))
         copies, batch = 2 * self.num_queries, input_ids.shape[0]
-        pieces: list[Tensor] = []
-        # A Python loop, so export unrolls it into one forward per piece, each chained after
-        # the previous one (_after) so their activations have disjoint lifetimes.
-        for piece in micro_batches(copies, batch, self.micro_batch):
-            rows = slice(piece.row_start, piece.row_stop)
-            tiles = piece.copy_stop - piece.copy_start
-            with perturbed_mode(self.body, copy_range=(piece.copy_start, piece.copy_stop)):
-                pieces.append(self.per_example_loss(
-                    _after(_rows(input_ids, rows, batch), pieces).repeat(tiles, 1),
-                    _after(_rows(attention_mask, rows, batch), pieces).repeat(tiles, 1),
-                    _rows(labels, rows, batch).repeat(tiles),
-                ))
-        losses = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # copy-major, as unsplit
-        return losses.reshape(copies, -1).mean(dim=1)
+        layout = piece_layout(copies, batch, self.micro_batch)
+
+        def split(t: Tensor) -> Tensor:  # the tiled batch, copy-major, cut into the pieces
+            tiled = t.repeat(copies, *([1] * (t.dim() - 1)))
+            return tiled.reshape(layout.count, layout.rows, *t.shape[1:])
+
+        copy_ids = layout.copy_ids().reshape(-1)
+        piece_copies = [layer.lora_B_copies.index_select(0, copy_ids).reshape(layout.count, layout.copies_per_piece, *layer.lora_B_copies.shape[1:])
+                        for layer in self.adapter_layers]
+        with perturbed_mode(self.body):
+            losses = stream(self._piece_losses, [split(input_ids), split(attention_mask), split(labels), *piece_copies])
+        return losses.reshape(copies, -1).mean(dim=1)  # pieces are in row order: copy-major, as unsplit
 
     def sequential_losses(
         self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, seed: Tensor, eps: Tensor
@@ -239,13 +287,10 @@ class PRGEStep(nn.Module):
     def eval_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Label-word logits [b, num_labels] with the unperturbed adapter (micro-batched like
         train_step)."""
-        batch = input_ids.shape[0]
-        pieces: list[Tensor] = []
-        for piece in micro_batches(1, batch, self.micro_batch):
-            rows = slice(piece.row_start, piece.row_stop)
-            ids, mask = _after(_rows(input_ids, rows, batch), pieces), _after(_rows(attention_mask, rows, batch), pieces)
-            pieces.append(self.answer_logits(ids, mask, full_vocab=False))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        layout = piece_layout(1, input_ids.shape[0], self.micro_batch)
+        pieces = [t.reshape(layout.count, layout.rows, *t.shape[1:]) for t in (input_ids, attention_mask)]
+        logits = stream(lambda ids, mask: self.answer_logits(ids, mask, full_vocab=False), pieces)
+        return logits.reshape(input_ids.shape[0], -1)
 
     def get_adapter(self) -> Tensor:
         return self.flat_adapter().clone()
@@ -253,25 +298,3 @@ class PRGEStep(nn.Module):
     def set_adapter(self, flat: Tensor) -> Tensor:
         self._write_adapter(flat.reshape(-1).to(torch.float32))
         return self.flat_adapter().clone()
-
-
-def _after(ids: Tensor, previous: list[Tensor]) -> Tensor:
-    """ids (or a mask) unchanged, but made to depend on the last finished piece of a
-    micro-batched forward.
-
-    Without a data path between the pieces, XNNPACK's partitioner merges the same layer of
-    every piece into one delegate call, so all pieces' activations are alive at once and
-    streaming saves nothing. Adding an integer zero computed from the previous piece's output
-    (an int64 op, which stays outside XNNPACK) orders the pieces and keeps their delegate
-    calls apart; doing the same to the mask keeps the next piece's attention mask from being
-    built (and held) early. x != x is False even for NaN, so the zero is exact for any value.
-    """
-    if not previous:
-        return ids
-    last = previous[-1].reshape(-1)[:1]
-    return ids + (last != last).to(ids.dtype)
-
-
-def _rows(t: Tensor, rows: slice, batch: int) -> Tensor:
-    """t[rows], without a slice op in the traced graph when rows is all of them."""
-    return t if (rows.start, rows.stop) == (0, batch) else t[rows]

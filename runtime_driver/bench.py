@@ -245,8 +245,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     grid_programs = {(q, b): cache.get(q, b, prge_methods(q, b)) for q in cfg.qs for b in cfg.bs}
     demo_program = cache.get(*demo, prge_methods(*demo))
     sequential_programs = {b: cache.get(1, b, SEQUENTIAL_METHODS) for b in sorted(set(cfg.bs) | {cfg.demo_b})}
-    # Memory runs use one program per method: a large micro-batched export unrolls one forward
-    # per piece, and lowering two such methods in one export exhausted 24 GiB (b=64: 8 pieces).
+    # Memory runs use one program per method, so each measured process holds nothing of the
+    # method it does not run.
     rss_programs = {} if cfg.skip_rss else {
         b: (cache.get(cfg.rss_q, b, TRAIN_METHODS), cache.get(cfg.rss_q, b, FORWARD_METHODS)) for b in cfg.rss_batches
     }

@@ -34,9 +34,9 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", type=_targets, help="comma-separated module names (default: family default, e.g. q_proj,v_proj)")
     p.add_argument("--loss", choices=("classification", "lm"), help="loss (default: the task's, classification)")
     p.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH,
-                   help=f"most rows per forward pass: the 2q*b rows of a step run in pieces of this many, so memory "
-                        f"stays flat as the batch grows (default {DEFAULT_MICRO_BATCH}; 0: all rows in one pass). Export "
-                        f"unrolls one forward per piece: many pieces need much RAM to export (BENCHMARKS.md)")
+                   help=f"most rows per forward pass: the 2q*b rows of a step run as a loop over equal pieces of at "
+                        f"most this many rows, so memory stays flat as the batch grows (default {DEFAULT_MICRO_BATCH}; "
+                        f"0: all rows in one pass)")
 
 
 def _adapter_config(args) -> AdapterConfig:

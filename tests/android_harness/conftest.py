@@ -22,7 +22,9 @@ def native_binary() -> Path:
 
 @pytest.fixture(scope="session")
 def program(tiny_program) -> Path:
-    return tiny_program("llama")
+    # micro_batch=2: train_step's 8 rows run as a loop of 4 pieces, so the native runtime is
+    # shown to run the exported loop (scan) exactly like the Python runtime.
+    return tiny_program("llama", micro_batch=2)
 
 
 @pytest.fixture(scope="session")

@@ -5,24 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prge.step import MicroBatch, micro_batches
+from prge.step import Pieces, piece_layout
 
 
-@pytest.mark.parametrize("copies,batch,max_rows", [(4, 2, None), (4, 2, 8), (4, 2, 3), (4, 2, 2), (4, 5, 2), (6, 3, 7), (2, 1, 1)])
-def test_pieces_cover_every_row_once_in_copy_major_order(copies, batch, max_rows):
-    pieces = micro_batches(copies, batch, max_rows)
-    rows = [(c, r) for p in pieces for c in range(p.copy_start, p.copy_stop) for r in range(p.row_start, p.row_stop)]
-    assert rows == [(c, r) for c in range(copies) for r in range(batch)]
-    for p in pieces:
-        assert (p.copy_stop - p.copy_start) * (p.row_stop - p.row_start) <= (max_rows or copies * batch)
-        # A piece is whole copies or part of one copy: the layout LoRAFALinear.copy_range needs.
-        assert p.copy_stop - p.copy_start == 1 or (p.row_start, p.row_stop) == (0, batch)
+@pytest.mark.parametrize("copies,batch,max_rows", [(4, 2, None), (4, 2, 8), (4, 2, 3), (4, 2, 2), (4, 5, 2), (6, 3, 7), (2, 1, 1), (8, 64, 64), (8, 7, 64)])
+def test_pieces_are_equal_and_cover_every_row_once_in_copy_major_order(copies, batch, max_rows):
+    layout = piece_layout(copies, batch, max_rows)
+    assert layout.count * layout.rows == copies * batch  # equal pieces, every row once
+    assert layout.rows <= (max_rows or copies * batch)
+    # A piece is whole copies or an equal part of one copy, and copy_ids names them.
+    assert layout.rows % batch == 0 or batch % layout.rows == 0
+    copy_of_row = [row // batch for row in range(copies * batch)]
+    for p, ids in enumerate(layout.copy_ids().tolist()):
+        assert sorted(set(copy_of_row[p * layout.rows:(p + 1) * layout.rows])) == ids
 
 
 def test_one_piece_without_a_limit_or_when_everything_fits():
-    assert micro_batches(8, 4, None) == [MicroBatch(0, 8, 0, 4)]
-    assert micro_batches(8, 4, 32) == [MicroBatch(0, 8, 0, 4)]
-    assert len(micro_batches(8, 4, 31)) == 2
+    assert piece_layout(8, 4, None) == Pieces(1, 32, 4)
+    assert piece_layout(8, 4, 32) == Pieces(1, 32, 4)
+    assert piece_layout(8, 4, 31) == Pieces(2, 16, 4)  # the most whole copies that divide 2q
+    assert piece_layout(8, 5, 4) == Pieces(40, 1, 5)  # 5 rows split evenly: 1 row a piece
 
 
 @pytest.mark.parametrize("bad", [0, -3])
@@ -38,7 +40,7 @@ def _step_inputs(batch, seed: int, g: list[float]):
     return ids, mask, labels, i64(seed), i64(seed + 1), torch.tensor(g, dtype=torch.float32), f32(0.05), f32(1e-2)
 
 
-# 2q*b = 16 rows: 3 rows = parts of copies, 4 = one copy per piece, 8 = two copies per piece.
+# 2q*b = 16 rows: 3 -> pieces of 2 rows (parts of copies), 4 = one copy per piece, 8 = two.
 @pytest.mark.parametrize("micro_batch", [3, 4, 8])
 def test_micro_batched_step_equals_one_pass(tiny_step, tiny_batch, randomize_adapter, micro_batch):
     whole, streamed = tiny_step(q=2, micro_batch=None), tiny_step(q=2, micro_batch=micro_batch)
