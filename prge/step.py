@@ -61,12 +61,16 @@ class Pieces:
         return torch.tensor([[c + j for j in range(self.copies_per_piece)] for c in first], dtype=torch.int64)
 
 
+def check_micro_batch(max_rows: int | None) -> None:
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"micro-batch must be >= 1 row, got {max_rows}")
+
+
 def piece_layout(num_copies: int, batch: int, max_rows: int | None) -> Pieces:
     """Equal pieces of at most max_rows rows: the most whole copies that fit, else the largest
     divisor of batch that fits (pieces are equal because they run as one loop body). None, or
     a limit of at least num_copies * batch, is one piece: the whole forward at once."""
-    if max_rows is not None and max_rows < 1:
-        raise ValueError(f"micro-batch must be >= 1 row, got {max_rows}")
+    check_micro_batch(max_rows)
     total = num_copies * batch
     if max_rows is None or max_rows >= total:
         return Pieces(1, total, batch)
@@ -137,8 +141,7 @@ class PRGEStep(nn.Module):
         micro_batch: int | None = None,
     ) -> None:
         super().__init__()
-        if micro_batch is not None and micro_batch < 1:
-            raise ValueError(f"micro-batch must be >= 1 row, got {micro_batch}")
+        check_micro_batch(micro_batch)
         if loss not in LOSS_KINDS:
             raise ValueError(f"unknown loss {loss!r}; expected one of {LOSS_KINDS}")
         self.body = body
