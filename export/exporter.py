@@ -1,30 +1,23 @@
 """Trace a PRGEStep into one ExecuTorch program whose methods share the adapter state.
 
-Methods (all over the same mutable buffers, lora_B and lora_B_copies of every adapter):
-  train_step(input_ids, attention_mask, labels, prev_seed, new_seed, prev_g, lr, eps) -> losses [2q]
-  apply_update(prev_seed, prev_g, lr) -> adapter [N]
-  eval_logits(input_ids, attention_mask) -> label-word logits [eval_b, num_labels]
-  get_adapter() -> adapter [N]
-  set_adapter(adapter [N]) -> adapter [N]
-Mutable buffers start at zero in the runtime (their initial values are not serialized); a
-zero B is exactly LoRA-FA's initial adapter, and drivers call set_adapter explicitly anyway.
+The methods and their inputs are the program contract (export/contract/methods.py); all of
+them work on the same mutable buffers, lora_B and lora_B_copies of every adapter. Mutable
+buffers start at zero in the runtime (their initial values are not serialized); a zero B is
+exactly LoRA-FA's initial adapter, and drivers call set_adapter explicitly anyway.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from models.cache import say
+from export.contract.methods import OPTIONAL_METHODS, TRAINING_METHODS, ExportShapes, ProgramShapes, example_inputs
+from models.console import say
 from prge.step import PRGEStep
 
-METHOD_NAMES = ("train_step", "apply_update", "eval_logits", "get_adapter", "set_adapter")
-# Exported only on request (export_step(methods=...)): the benchmark's MeZO-style baseline.
-OPTIONAL_METHODS = ("perturbed_loss",)
 # Tag under which frozen weights go to the external .ptd file.
 EXTERNAL_WEIGHTS_TAG = "model"
 
@@ -48,15 +41,6 @@ def _weight_tagger(step: PRGEStep, param_placeholders: dict[str, str]) -> Callab
     return tag
 
 
-@dataclass
-class ExportShapes:
-    """Static shapes baked into the program."""
-
-    batch_size: int  # b: examples per perturbed copy; train_step takes [b, seq_len]
-    seq_len: int  # prompt length in tokens
-    eval_batch_size: int  # rows per eval_logits call
-
-
 class _Method(nn.Module):
     """Exposes one PRGEStep method as forward, so each method exports as its own program while
     all of them keep the same module tree (and so the same buffer names to share)."""
@@ -68,31 +52,6 @@ class _Method(nn.Module):
 
     def forward(self, *args: Tensor) -> Tensor:
         return getattr(self.step, self.method_name)(*args)
-
-
-def example_inputs(step: PRGEStep, shapes: ExportShapes) -> dict[str, tuple[Tensor, ...]]:
-    """Example tensors for tracing. Every input is its own tensor object: passing one object
-    twice (say lr and eps) makes export treat them as one aliased input, silently."""
-    b, t, q = shapes.batch_size, shapes.seq_len, step.num_queries
-
-    def seed() -> Tensor:
-        return torch.zeros(1, dtype=torch.int64)
-
-    def scalar() -> Tensor:
-        return torch.zeros(1, dtype=torch.float32)
-
-    ids = torch.zeros(b, t, dtype=torch.int64)
-    mask = torch.ones(b, t, dtype=torch.int64)
-    labels = torch.zeros(b, dtype=torch.int64)
-    eval_ids = torch.zeros(shapes.eval_batch_size, t, dtype=torch.int64)
-    return {
-        "train_step": (ids, mask, labels, seed(), seed(), torch.zeros(q), scalar(), scalar()),
-        "apply_update": (seed(), torch.zeros(q), scalar()),
-        "eval_logits": (eval_ids, torch.ones_like(eval_ids)),
-        "get_adapter": (),
-        "set_adapter": (torch.zeros(step.adapter_numel, dtype=torch.float32),),
-        "perturbed_loss": (ids.clone(), mask.clone(), labels.clone(), seed(), scalar()),
-    }
 
 
 def _delegation_summary(edge_manager, method: str) -> dict[str, Any]:
@@ -129,9 +88,9 @@ def export_step(
     shapes: ExportShapes,
     external_weights: bool = False,
     progress: Callable[[str], Any] = say,
-    methods: tuple[str, ...] = METHOD_NAMES,
+    methods: tuple[str, ...] = TRAINING_METHODS,
 ):
-    """Lower the chosen methods (default: all of METHOD_NAMES) to one XNNPACK-delegated program.
+    """Lower the chosen methods (default: the training methods) to one XNNPACK-delegated program.
     Lowering dominates export time, so a caller that needs fewer methods exports fewer.
 
     Returns (ExecutorchProgramManager, {method: delegation summary}, {phase: seconds}).
@@ -140,18 +99,18 @@ def export_step(
 
     from export.loops import LoopAwareMemoryPlanningPass, LoopAwareXnnpackPartitioner
 
-    unknown = set(methods) - set(METHOD_NAMES) - set(OPTIONAL_METHODS)
+    unknown = set(methods) - set(TRAINING_METHODS) - set(OPTIONAL_METHODS)
     if unknown or not methods:
-        raise ValueError(f"cannot export methods {sorted(unknown) or '(none)'}; known: {METHOD_NAMES + OPTIONAL_METHODS}")
+        raise ValueError(f"cannot export methods {sorted(unknown) or '(none)'}; known: {TRAINING_METHODS + OPTIONAL_METHODS}")
     step.eval()
-    inputs = example_inputs(step, shapes)
+    dims = ProgramShapes.of(shapes, step.num_queries, step.adapter_numel, len(step.label_token_ids))
     timings: dict[str, float] = {}
     began = time.perf_counter()
     programs = {}
     with torch.no_grad():
         for name in methods:
             progress(f"  tracing {name} ...")
-            programs[name] = torch.export.export(_Method(step, name), inputs[name], strict=False)
+            programs[name] = torch.export.export(_Method(step, name), example_inputs(name, dims), strict=False)
     timings["torch_export_s"] = time.perf_counter() - began
 
     began = time.perf_counter()

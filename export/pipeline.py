@@ -1,19 +1,19 @@
 """`prge export`: model folder + task -> OUT/{model.pte, [model.ptd], manifest.json, tokenizer files}."""
 from __future__ import annotations
 
-import importlib.metadata
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from models.cache import say
-from export.exporter import METHOD_NAMES, ExportShapes, export_step, write_program
-from export.manifest import MANIFEST_VERSION, model_weights_hash, program_code_version, sha256_file, slots_to_json, write_manifest
-from models.causal_lm import AdapterConfig, ModelError, build_step, label_token_ids, load_tokenizer
-from prge.noise import PRNG_VERSION
-from runtime_driver.data import TaskSpec
+from export.contract.manifest import build_manifest, model_weights_hash, write_manifest
+from export.contract.methods import TRAINING_METHODS, ExportShapes
+from export.exporter import export_step, write_program
+from models.causal_lm import AdapterConfig, ModelError, build_step, load_tokenizer
+from models.console import say
+from models.files import replace_dir_atomically
+from models.tasks.labels import label_token_ids
+from models.tasks.spec import TaskSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MIN_SEQ_LEN = 3  # the answer cue needs at least a few tokens; export also rejects smaller dims
@@ -41,79 +41,42 @@ def export_model(
     external_weights: bool = False,
     defaults: dict[str, float] | None = None,
     progress: Callable[[str], Any] = say,
-    methods: tuple[str, ...] = METHOD_NAMES,
+    methods: tuple[str, ...] = TRAINING_METHODS,
+    rewrites: bool = True,
 ) -> dict[str, Any]:
-    """Export and write everything into out_dir atomically (a temp folder renamed into place)."""
+    """Export and write everything into out_dir atomically (a temp folder renamed into place).
+    rewrites=False keeps Hugging Face's own layers (no export-friendly rewrites): slower
+    programs with more delegate islands, for comparison."""
     check_shapes(model_dir, shapes, adapter.num_queries)
     tokenizer = load_tokenizer(model_dir)
     label_ids = label_token_ids(tokenizer, task.label_words)
     adapter.loss = task.loss
     progress(f"Building {model_dir.name} with LoRA-FA (q={adapter.num_queries}, r={adapter.rank}) ...")
-    step = build_step(model_dir, adapter, label_ids)
+    step = build_step(model_dir, adapter, label_ids, rewrites=rewrites)
     began = time.perf_counter()
     program, delegation, timings = export_step(step, shapes, external_weights, progress, methods)
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with replace_dir_atomically(Path(out_dir)) as tmp:
         pte, ptd = write_program(program, tmp)
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
-        tokenizer_file = "tokenizer.json" if (tmp / "tokenizer.json").is_file() else None
-        manifest = {
-            "manifest_version": MANIFEST_VERSION,
-            "program": {
-                "pte": {"file": pte.name, "bytes": pte.stat().st_size, "sha256": sha256_file(pte)},
-                "ptd": {"file": ptd.name, "bytes": ptd.stat().st_size, "sha256": sha256_file(ptd)} if ptd else None,
-            },
-            "methods": list(methods),
-            "shapes": {"batch_size": shapes.batch_size, "seq_len": shapes.seq_len, "eval_batch_size": shapes.eval_batch_size,
-                       "micro_batch": adapter.micro_batch},
-            "num_queries": adapter.num_queries,
-            "adapter": {
-                "kind": "lora-fa",
-                "rank": adapter.rank,
-                "alpha": adapter.alpha,
-                "targets": adapter.targets,
-                "a_seed": adapter.a_seed,
-                "numel": step.adapter_numel,
-                "slots": slots_to_json(step.slots),
-            },
-            "task": {
-                "template": task.template,
-                "labels": task.label_names,
-                "label_words": task.label_words,
-                "label_token_ids": label_ids,
-                "loss": task.loss,
-                "padding": "left",
-            },
-            "tokenizer": {
-                "file": tokenizer_file,
-                "sha256": sha256_file(tmp / tokenizer_file) if tokenizer_file else None,
-                "pad_token_id": tokenizer.pad_token_id,
-            },
-            "prng_version": PRNG_VERSION,
-            "model": {
-                "path": str(model_dir.resolve()),
-                "id": model_dir.name,
-                "model_type": step.body.backbone.config.model_type,
-                "weights_sha256": model_weights_hash(model_dir),
-            },
-            "executorch_version": importlib.metadata.version("executorch"),  # the package has no __version__
-            "code_version": program_code_version(),
-            "defaults": defaults or {},
-            "delegation": delegation,
-            "export_seconds": {**{k: round(v, 2) for k, v in timings.items()}, "total_s": round(time.perf_counter() - began, 2)},
-        }
+        manifest = build_manifest(
+            pte=pte, ptd=ptd, methods=methods, shapes=shapes, micro_batch=adapter.micro_batch,
+            num_queries=adapter.num_queries,
+            adapter={"kind": "lora-fa", "rank": adapter.rank, "alpha": adapter.alpha, "targets": adapter.targets,
+                     "a_seed": adapter.a_seed},
+            slots=step.slots, task=task, label_ids=label_ids,
+            tokenizer_file=tmp / "tokenizer.json" if (tmp / "tokenizer.json").is_file() else None,
+            pad_token_id=tokenizer.pad_token_id,
+            model={"path": str(model_dir.resolve()), "id": model_dir.name,
+                   "model_type": step.body.backbone.config.model_type, "rewrites": rewrites,
+                   "weights_sha256": model_weights_hash(model_dir)},
+            defaults=defaults or {}, delegation=delegation,
+            export_seconds={**{k: round(v, 2) for k, v in timings.items()},
+                            "total_s": round(time.perf_counter() - began, 2)},
+        )
         write_manifest(tmp, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.replace(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

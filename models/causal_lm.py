@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from models.delegatable import register_attention, replace_rms_norms
 from models.adapters import DEFAULT_A_SEED, DEFAULT_ALPHA, DEFAULT_RANK, default_targets, inject_lora_fa
-from prge.step import DEFAULT_MICRO_BATCH, PRGEStep
+from models.delegatable import register_attention, replace_rms_norms
+from prge.pieces import DEFAULT_MICRO_BATCH
+from prge.step import PRGEStep
 
 # The Hub is never used: models come from local folders only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,8 +68,10 @@ def load_tokenizer(model_dir: str | Path):
     return tokenizer
 
 
-def load_causal_lm(model_dir: str | Path) -> nn.Module:
-    """A float32 causal LM from a local folder, in eval mode with a static-shape attention path."""
+def load_causal_lm(model_dir: str | Path, rewrites: bool = True) -> nn.Module:
+    """A float32 causal LM from a local folder, in eval mode with a static-shape attention path.
+    rewrites: prge's export-friendly RMSNorm and attention (models/delegatable.py); without
+    them Hugging Face's own layers stay (eager attention), as a baseline to compare against."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = Path(model_dir)
@@ -83,36 +86,21 @@ def load_causal_lm(model_dir: str | Path) -> nn.Module:
     # prge's grouped-query attention where the family supports pluggable attention (it lowers
     # to XNNPACK without splitting the graph), else HF's eager attention; both export cleanly.
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation=register_attention())
+        attention = register_attention() if rewrites else "eager"
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation=attention)
     except ValueError:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
-    replace_rms_norms(model)
+    if rewrites:
+        replace_rms_norms(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
-def label_token_ids(tokenizer, label_words: list[str]) -> list[int]:
-    """One token id per label word; a word that is not exactly one token is an error."""
-    ids = []
-    for word in label_words:
-        tokens = tokenizer.encode(word, add_special_tokens=False)
-        if len(tokens) != 1:
-            pieces = tokenizer.convert_ids_to_tokens(tokens)
-            raise ModelError(
-                f"label word {word!r} is {len(tokens)} tokens {pieces} for this tokenizer; "
-                "every label word must be a single token (try a leading space or another word)"
-            )
-        ids.append(tokens[0])
-    if len(set(ids)) != len(ids):
-        raise ModelError(f"label words {label_words!r} map to the same token")
-    return ids
-
-
-def build_step(model_dir: str | Path, adapter: AdapterConfig, label_ids: list[int]) -> PRGEStep:
+def build_step(model_dir: str | Path, adapter: AdapterConfig, label_ids: list[int], rewrites: bool = True) -> PRGEStep:
     """The PRGEStep both engines use: eager calls it, export traces it."""
-    model = load_causal_lm(model_dir)
+    model = load_causal_lm(model_dir, rewrites)
     targets = adapter.targets or default_targets(model.config.model_type)
     adapter.targets = list(targets) if isinstance(targets, list) else targets
     adapter.loss = adapter.loss or "classification"

@@ -1,8 +1,21 @@
-"""Where prge keeps downloaded and derived files (never inside the repository)."""
+"""Where prge keeps its files and how it writes them: the cache folder, sha256, atomic writes.
+
+Everything prge writes that a later run trusts (checkpoints, adapters, programs and their
+manifests, prepared models and data, run summaries, data files for the native driver) is
+written through the two writers here, the same way: into a temporary name beside the target,
+fsynced, then renamed into place. A kill at any moment leaves the old version or the new one,
+never a half-written file or folder.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 
 def cache_dir() -> Path:
@@ -13,10 +26,16 @@ def cache_dir() -> Path:
     return base / "prge"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (model files are hundreds of MB)."""
-    import hashlib
+def existing_folder(path: str | os.PathLike[str], what: str) -> Path:
+    """A folder the user named (~ expanded), or FileNotFoundError saying what was looked for."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: {what} not found")
+    return folder
 
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (model files are hundreds of MB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -24,9 +43,80 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def say(message: str) -> None:
-    """Progress and status messages go to stderr, so a command's stdout stays its result
-    (e.g. `prge eval > result.json` is valid JSON)."""
-    import sys
+def _fsync(path: Path) -> None:
+    """fsync a file or a folder (a folder's entry list: makes a rename in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    print(message, file=sys.stderr, flush=True)
+
+def write_file_atomic(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o644) -> Path:
+    """Write data (str as UTF-8) to path through a temp file beside it, fsynced, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # mkstemp makes it owner-only; prge's files are not secret
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
+    return write_file_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def moved_aside(target: Path) -> list[Path]:
+    """Complete old copies of target that a kill between the two renames of
+    replace_dir_atomically left beside it (oldest name first)."""
+    return sorted(target.parent.glob(f".{target.name}-old.*"))
+
+
+@contextmanager
+def replace_dir_atomically(
+    target: str | os.PathLike[str],
+    on_written: Callable[[], None] | None = None,
+    on_old_moved: Callable[[], None] | None = None,
+) -> Iterator[Path]:
+    """Yield a new empty temp folder beside target; when the block ends without an error, its
+    files are fsynced and it replaces target by two renames: target -> .NAME-old.PID, then
+    temp -> target. Never delete-then-rename: a kill between the renames leaves the complete
+    old copy (see moved_aside), never nothing. Afterwards the old copy and any temp or old
+    folder a killed writer left are removed. On an error the temp folder is removed and
+    target is untouched.
+
+    on_written, on_old_moved: called just before the first and just after it (the crash
+    tests' kill points: a kill from outside would almost never land there).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-new.", dir=target.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        _fsync(tmp)
+        if on_written:
+            on_written()
+        if target.exists():
+            os.replace(target, target.parent / f".{target.name}-old.{os.getpid()}")
+            if on_old_moved:
+                on_old_moved()
+        os.replace(tmp, target)
+        _fsync(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for stale in (*target.parent.glob(f".{target.name}-new.*"), *moved_aside(target)):
+        shutil.rmtree(stale, ignore_errors=True)

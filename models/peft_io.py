@@ -6,17 +6,15 @@ all a run needs to produce a standard PEFT adapter that `PeftModel.from_pretrain
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from prge.failpoints import reached
+from models.files import replace_dir_atomically
 from prge.lora import frozen_a
 from prge.step import AdapterSlot
 
@@ -26,6 +24,29 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 class AdapterFileError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class PeftAdapterConfig:
+    """What prge needs of a PEFT adapter_config.json to rebuild the adapter it describes."""
+
+    rank: int
+    alpha: float
+    targets: list[str] | str
+    a_seed: int  # prge's seed of the frozen A matrices
+
+
+def read_adapter_config(adapter_dir: str | Path) -> PeftAdapterConfig:
+    """The adapter_config.json of a PEFT adapter written by prge (LoRA-FA, with its a_seed)."""
+    path = Path(adapter_dir) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+        return PeftAdapterConfig(int(config["r"]), float(config["lora_alpha"]), config["target_modules"],
+                                 int(config["prge"]["a_seed"]))
+    except FileNotFoundError:
+        raise AdapterFileError(f"{path}: not found (is {adapter_dir} a PEFT adapter folder?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise AdapterFileError(f"{path}: not a prge PEFT adapter config ({type(e).__name__}: {e})") from None
 
 
 def _key(name: str, matrix: str) -> str:
@@ -52,8 +73,10 @@ def save_peft_adapter(
     targets: list[str] | str,
     base_model: str,
     fan_in_fan_out: bool = False,
+    on_written: Callable[[], None] | None = None,
 ) -> Path:
-    """Write out_dir/{adapter_config.json, adapter_model.safetensors} atomically (temp dir, rename)."""
+    """Write out_dir/{adapter_config.json, adapter_model.safetensors} atomically (temp dir,
+    renames; on_written: see replace_dir_atomically)."""
     out_dir = Path(out_dir)
     config = {
         "peft_type": "LORA",
@@ -69,25 +92,9 @@ def save_peft_adapter(
         # prge provenance: LoRA-FA trains only B; A is regenerated from this seed.
         "prge": {"method": "lora-fa", "a_seed": a_seed},
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with replace_dir_atomically(out_dir, on_written=on_written) as tmp:
         save_file(adapter_tensors(slots, flat_b, rank, a_seed), str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        reached("adapter-tmp-written")
-        # Swap by renames, never delete-then-rename: a kill in between must not lose both.
-        old = out_dir.parent / f".{out_dir.name}.old.{os.getpid()}"
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        for stale in out_dir.parent.glob(f".{out_dir.name}.*"):  # this swap's old copy, a killed run's temp
-            shutil.rmtree(stale, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -2,23 +2,21 @@
 
 A checkpoint is always taken with no pending update (the driver applies it first), so the
 adapter plus the step to run next is the whole training state: the data order and the noise
-seeds are pure functions of (run seed, step).
+seeds are pure functions of (run seed, step); the judge's divergence baseline is in the state.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
-from prge.failpoints import reached
+from models.files import moved_aside, replace_dir_atomically, write_file_atomic
+from runtime_driver.failpoints import reached
 
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "state.json"
@@ -35,17 +33,16 @@ class CheckpointError(ValueError):
 class Checkpoint:
     adapter: Tensor  # flat B, float32
     step: int  # the next step to run
-    state: dict[str, Any]  # everything else recorded (next seed, data position, fingerprint)
+    state: dict[str, Any]  # everything else recorded (next seed, data position, baseline, fingerprint)
+
+
+def flat_adapter_bytes(adapter: Tensor) -> bytes:
+    """The safetensors bytes of a flat-adapter file."""
+    return save({ADAPTER_KEY: adapter.detach().to(torch.float32).contiguous()})
 
 
 def write_flat_adapter(path: str | Path, adapter: Tensor) -> None:
-    """Write a flat-adapter file through a temp name, fsynced, then renamed into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({ADAPTER_KEY: adapter.detach().to(torch.float32).contiguous()}, str(tmp))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_file_atomic(path, flat_adapter_bytes(adapter))
 
 
 def read_flat_adapter(path: str | Path, what: str = "adapter file", numel: int | None = None) -> Tensor:
@@ -63,34 +60,14 @@ def read_flat_adapter(path: str | Path, what: str = "adapter file", numel: int |
     return flat
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(ckpt_dir: str | Path, adapter: Tensor, state: dict[str, Any]) -> None:
-    """Write into a fresh temp dir, fsync, then swap it in with renames: a reader (or a resumed
-    run after kill -9) sees either the old checkpoint or the new one, never a mix."""
-    ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".ckpt-new.", dir=ckpt_dir.parent))
-    write_flat_adapter(tmp / ADAPTER_FILE, adapter)
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    with open(tmp / STATE_FILE, "rb") as fh:
-        os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    reached("ckpt-tmp-written", state.get("step"))
-    if ckpt_dir.exists():
-        os.replace(ckpt_dir, ckpt_dir.parent / f".ckpt-old.{os.getpid()}")
-        reached("ckpt-old-moved", state.get("step"))
-    os.replace(tmp, ckpt_dir)
-    _fsync_dir(ckpt_dir.parent)
-    # The new checkpoint is in place: drop this swap's old copy and any a killed run left behind.
-    for stale in (*ckpt_dir.parent.glob(".ckpt-new.*"), *ckpt_dir.parent.glob(".ckpt-old.*")):
-        shutil.rmtree(stale, ignore_errors=True)
+    """A reader (or a resumed run after kill -9) sees either the old checkpoint or the new one,
+    never a mix (models/files.py replace_dir_atomically)."""
+    step = state.get("step")
+    with replace_dir_atomically(ckpt_dir, on_written=lambda: reached("ckpt-tmp-written", step),
+                                on_old_moved=lambda: reached("ckpt-old-moved", step)) as tmp:
+        (tmp / ADAPTER_FILE).write_bytes(flat_adapter_bytes(adapter))
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
 def find_checkpoint_dir(ckpt_dir: str | Path) -> Path | None:
@@ -99,8 +76,7 @@ def find_checkpoint_dir(ckpt_dir: str | Path) -> Path | None:
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / STATE_FILE).is_file():
         return ckpt_dir
-    olds = sorted(ckpt_dir.parent.glob(".ckpt-old.*"))
-    for old in olds:
+    for old in moved_aside(ckpt_dir):
         if (old / STATE_FILE).is_file():
             return old
     return None
@@ -119,4 +95,7 @@ def load_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
         raise CheckpointError(f"{found / STATE_FILE}: missing integer 'step'")
     if state["step"] < 0:
         raise CheckpointError(f"{found / STATE_FILE}: negative step {state['step']}")
+    baseline = state.get("baseline_losses", [])
+    if not isinstance(baseline, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in baseline):
+        raise CheckpointError(f"{found / STATE_FILE}: 'baseline_losses' must be a list of numbers")
     return Checkpoint(adapter=adapter, step=state["step"], state=state)

@@ -1,9 +1,9 @@
-"""`prge export-data`: the pre-tokenized data file a native driver trains from (no tokenizer,
-no Python on the device).
+"""The pre-tokenized data file a native driver trains from (no tokenizer, no Python on the
+device), written by `prge export-data`.
 
 The file binds itself to one exported program (the .pte's sha256, seq_len, number of labels,
 batch size) and to one run seed: Python's random.Random, which orders the training rows
-(runtime_driver/batches.py), cannot be reproduced in C++, so the row order of every step is
+(models/tasks/batches.py), cannot be reproduced in C++, so the row order of every step is
 written out instead of the shuffle being re-implemented.
 
 Format (all integers little-endian; android_harness/README.md documents it for readers):
@@ -26,25 +26,19 @@ Format (all integers little-endian; android_harness/README.md documents it for r
 """
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from export.manifest import read_manifest, verify_program_files
-from runtime_driver.batches import TokenizedSplit, batch_indices
+from models.tasks.batches import TokenizedSplit, batch_indices
 
 MAGIC = b"PRGEDATA"
 FORMAT_VERSION = 1
 HEADER_BYTES = 128
 _HEADER = struct.Struct("<8sIIIIIIIIII64s")  # up to the sha256; zero padding follows
 MAX_U32 = (1 << 32) - 1
-
-
 
 
 @dataclass
@@ -111,41 +105,3 @@ def decode(blob: bytes) -> DataFile:
     return DataFile(seq_len, num_labels, b, steps, seed, sha.decode("ascii"),
                     parts[0].reshape(n_train, seq_len), parts[1].reshape(n_train, seq_len), parts[2],
                     parts[3].reshape(n_val, seq_len), parts[4].reshape(n_val, seq_len), parts[5], parts[6])
-
-
-def export_data(program_dir: str | Path, data_dir: str | Path | None, out: str | Path, *, steps: int,
-                seed: int, eval_examples: int) -> Path:
-    """Tokenize the task with the program's own tokenizer and template; write `out` atomically."""
-    from runtime_driver.run import program_task
-    from runtime_driver.workspace import resolve_data_dir
-
-    if not 0 <= seed <= MAX_U32:
-        raise ValueError(f"--seed {seed}: the data file stores the run seed as u32 (0..{MAX_U32})")
-    if steps < 1:
-        raise ValueError(f"--steps {steps}: need at least one training step")
-    if eval_examples < 1:
-        raise ValueError(f"--eval-examples {eval_examples}: need at least one validation row")
-    program_dir = Path(program_dir)
-    manifest = read_manifest(program_dir)
-    verify_program_files(program_dir, manifest)
-    task = program_task(program_dir, manifest, resolve_data_dir(str(data_dir) if data_dir else None))
-    seq_len = int(manifest["shapes"]["seq_len"])
-    batch_size = int(manifest["shapes"]["batch_size"])
-    train = task.split("train", seq_len)
-    validation = task.split("validation", seq_len, limit=eval_examples)
-    blob = encode(train, validation, num_labels=len(manifest["task"]["labels"]), batch_size=batch_size,
-                  steps=steps, run_seed=seed, pte_sha256=manifest["program"]["pte"]["sha256"])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the file gets adb-pushed and shared
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out

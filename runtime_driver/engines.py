@@ -1,38 +1,87 @@
-"""Step executors: the one thing that differs between engines.
+"""The engines a run trains with, side by side behind one interface.
 
-The training loop only ever calls these five operations, with plain Python numbers for seeds,
-gradients, lr and eps. EagerPRGE runs the PRGEStep module in PyTorch; EagerSequential is the
-MeZO-style baseline (same estimator, 2q forwards); the ExecuTorch executor runs the exported
-program's methods of the same names.
+The training loop calls five operations, with plain Python numbers for seeds, g, lr and eps:
+train_step, apply_update, eval_logits, get_adapter, set_adapter. An engine also says what it
+trains (adapter layout and settings, base model, program), so a run writes the same files
+whichever engine produced them.
+  EagerPRGE        the PRGEStep module in PyTorch: the very module that export traces
+  EagerSequential  the MeZO-style baseline: the same estimator as 2q sequential forwards
+  ExecuTorchPRGE   an exported program through the ExecuTorch runtime alone; no nn.Module
+                   runs, torch tensors are only containers for inputs and outputs
+ExecuTorchProgram is the one way a program is loaded and called (the engine, the benchmark,
+its workers): manifest checked, files verified, methods loaded together, their signatures
+checked against the program contract, outputs that own their memory.
 """
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from prge.step import PRGEStep
+from export.contract.manifest import (MANIFEST_FILE, ManifestError, program_shapes, read_manifest, slots_from_json,
+                                      verify_program_files)
+from export.contract.methods import INPUTS, OUTPUTS, TRAINING_METHODS, step_scalars, update_scalars
+from models.causal_lm import AdapterConfig
+from models.console import runtime_logs_filtered
+from prge.step import AdapterSlot, PRGEStep
+
+EAGER_EVAL_BATCH = 16  # rows per eager eval forward (any batch size works eagerly)
+# ExecuTorch's ScalarType codes (TensorInfo.dtype()) of the dtypes the contract uses.
+_SCALAR_TYPES = {4: "int64", 6: "float32"}
 
 
-def step_scalars(prev_seed: int, new_seed: int, prev_g: list[float], lr: float, eps: float) -> tuple[Tensor, ...]:
-    """The scalar inputs of train_step as the tensors the exported program expects."""
-    return (
-        torch.tensor([prev_seed], dtype=torch.int64),
-        torch.tensor([new_seed], dtype=torch.int64),
-        torch.tensor(prev_g, dtype=torch.float32),
-        torch.tensor([lr], dtype=torch.float32),
-        torch.tensor([eps], dtype=torch.float32),
-    )
+class Engine(Protocol):
+    name: str  # "eager" | "executorch"
+    num_queries: int
+    seq_len: int  # prompt length the engine takes
+    eval_batch_size: int  # rows per eval_logits call
+    fixed_eval_batch: bool  # eval_logits takes exactly eval_batch_size rows (an exported program)
+    slots: tuple[AdapterSlot, ...]  # the flat adapter's layout
+    adapter: AdapterConfig  # rank, alpha, targets, a_seed as used
+    base_model: str  # the frozen model's folder
+    model_type: str
+    program_sha256: str | None  # the .pte's (checkpoints are tied to it), None for eager
+
+    def train_step(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, prev_seed: int, new_seed: int,
+                   prev_g: list[float], lr: float, eps: float) -> Tensor: ...
+
+    def apply_update(self, prev_seed: int, prev_g: list[float], lr: float) -> None: ...
+
+    def eval_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+
+    def get_adapter(self) -> Tensor: ...
+
+    def set_adapter(self, flat: Tensor) -> None: ...
 
 
+def set_runtime_threads(threads: int) -> None:
+    """ExecuTorch's own thread pool (torch.set_num_threads does not reach it)."""
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    with runtime_logs_filtered():
+        _unsafe_reset_threadpool(threads)
+
+
+# ---- eager ----------------------------------------------------------------------------------
 class EagerPRGE:
     """P-RGE in eager PyTorch: one batched forward over the 2q perturbed copies."""
 
-    engine = "eager"
+    name = "eager"
+    fixed_eval_batch = False
+    program_sha256 = None
 
-    def __init__(self, step: PRGEStep) -> None:
+    def __init__(self, step: PRGEStep, model_dir: Path, adapter: AdapterConfig, seq_len: int,
+                 eval_batch_size: int = EAGER_EVAL_BATCH) -> None:
         self.step = step
         self.num_queries = step.num_queries
-        self.eval_batch_size: int | None = None  # any batch size works
+        self.seq_len = seq_len
+        self.eval_batch_size = eval_batch_size
+        self.slots = step.slots
+        self.adapter = adapter
+        self.base_model = str(Path(model_dir).resolve())
+        self.model_type = step.body.backbone.config.model_type
 
     @torch.no_grad()
     def train_step(self, input_ids, attention_mask, labels, prev_seed, new_seed, prev_g, lr, eps) -> Tensor:
@@ -40,8 +89,7 @@ class EagerPRGE:
 
     @torch.no_grad()
     def apply_update(self, prev_seed: int, prev_g: list[float], lr: float) -> None:
-        seed, _, g, lr_t, _ = step_scalars(prev_seed, 0, prev_g, lr, 0.0)
-        self.step.apply_update(seed, g, lr_t)
+        self.step.apply_update(*update_scalars(prev_seed, prev_g, lr))
 
     @torch.no_grad()
     def eval_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -63,3 +111,124 @@ class EagerSequential(EagerPRGE):
         prev, new, g, lr_t, eps_t = step_scalars(prev_seed, new_seed, prev_g, lr, eps)
         self.step.apply_update(prev, g, lr_t)
         return self.step.sequential_losses(input_ids, attention_mask, labels, new, eps_t)
+
+
+# ---- ExecuTorch -----------------------------------------------------------------------------
+class ExecuTorchProgram:
+    """An exported program loaded for the named methods, checked against its manifest and the
+    program contract before anything runs."""
+
+    def __init__(self, program_dir: str | Path, methods: tuple[str, ...] = TRAINING_METHODS, etdump: bool = False) -> None:
+        """etdump: record an ExecuTorch profile of every call (write_etdump collects it)."""
+        from executorch.runtime import Runtime
+
+        self.program_dir = Path(program_dir)
+        self.manifest = read_manifest(self.program_dir)
+        verify_program_files(self.program_dir, self.manifest)
+        missing = [name for name in methods if name not in self.manifest["methods"]]
+        if missing:
+            raise ManifestError(f"{self.program_dir}: the program has no {', '.join(missing)} method "
+                                f"(it has {', '.join(self.manifest['methods'])})")
+        files = self.manifest["program"]
+        self.pte = self.program_dir / files["pte"]["file"]
+        ptd = self.program_dir / files["ptd"]["file"] if files.get("ptd") else None
+        try:
+            with runtime_logs_filtered():
+                # Keep the Program alive as long as its methods: a method of a dropped program crashes.
+                self._program = Runtime.get().load_program(self.pte, data_path=ptd, enable_etdump=etdump)
+                # Load every method before the first execute: they share the adapter buffers.
+                self._methods = {name: self._program.load_method(name) for name in methods}
+        except Exception as e:  # the runtime raises RuntimeError/ValueError with terse messages
+            raise ManifestError(f"{self.pte}: ExecuTorch could not load the program ({e})") from None
+        self._check_signatures()
+
+    def _check_signatures(self) -> None:
+        """Every input and the output of every loaded method has the dtype and shape the
+        contract gives for this manifest's shapes: a manifest edited, or paired with another
+        program, is refused here, before a mismatched tensor reaches the runtime."""
+        dims = program_shapes(self.manifest)
+        where = f"{self.program_dir / MANIFEST_FILE}: does not match {self.pte}"
+        for name, method in self._methods.items():
+            meta = method.metadata
+            if meta.num_inputs() != len(INPUTS[name]):
+                raise ManifestError(f"{where}: {name} takes {meta.num_inputs()} inputs, the contract {len(INPUTS[name])}")
+            expected = [(f"input {i} ({a.name})", meta.input_tensor_meta(i), a) for i, a in enumerate(INPUTS[name])]
+            expected.append(("output", meta.output_tensor_meta(0), OUTPUTS[name]))
+            for what, info, arg in expected:
+                actual = (_SCALAR_TYPES.get(info.dtype(), f"dtype {info.dtype()}"), list(info.sizes()))
+                wanted = (arg.dtype, dims.resolve(arg))
+                if actual != wanted:
+                    raise ManifestError(f"{where}: {name} {what} is {actual[0]} {actual[1]} in the program, "
+                                        f"{wanted[0]} {wanted[1]} by the manifest")
+
+    def write_etdump(self, path: Path) -> None:
+        """Write the calls profiled since the last write (or the load) to path, and start over."""
+        # The second path is for intermediate outputs, which only a debug buffer records (none here).
+        self._program.write_etdump_result_to_file(str(path), str(path.with_suffix(".debug")))
+
+    def run(self, name: str, inputs: list[Tensor]) -> Tensor:
+        """The method's output, in memory of its own. The runtime reuses its planned memory on
+        the next execute; the Python bindings copy every output out of it (Method.execute's
+        default clone_outputs=True; tests/runtime_driver/test_engines.py holds this), while the
+        C++ Module API returns views, so the native driver copies (android_harness/src/program.cpp)."""
+        return self._methods[name].execute(inputs)[0]
+
+
+def program_adapter_config(manifest: dict) -> AdapterConfig:
+    """The adapter settings a program was exported with (an eager twin is built from them)."""
+    a = manifest["adapter"]
+    return AdapterConfig(num_queries=int(manifest["num_queries"]), rank=a["rank"], alpha=a["alpha"], targets=a["targets"],
+                         loss=manifest["task"]["loss"], a_seed=a["a_seed"], adapted=[s["name"] for s in a["slots"]],
+                         micro_batch=manifest["shapes"].get("micro_batch"))
+
+
+class ExecuTorchPRGE:
+    """Train through the ExecuTorch runtime alone: the exported program's methods are the step."""
+
+    name = "executorch"
+    fixed_eval_batch = True
+
+    def __init__(self, program_dir: str | Path) -> None:
+        self.program = ExecuTorchProgram(program_dir)
+        m = self.manifest = self.program.manifest
+        self.program_dir = self.program.program_dir
+        shapes = m["shapes"]
+        self.num_queries = int(m["num_queries"])
+        self.batch_size = int(shapes["batch_size"])
+        self.seq_len = int(shapes["seq_len"])
+        self.eval_batch_size = int(shapes["eval_batch_size"])
+        self.adapter_numel = int(m["adapter"]["numel"])
+        self.slots = slots_from_json(m["adapter"]["slots"])
+        self.adapter = program_adapter_config(m)
+        self.base_model = m["model"]["path"]
+        self.model_type = m["model"]["model_type"]
+        self.program_sha256 = m["program"]["pte"]["sha256"]
+        # The runtime starts mutable buffers at zero; make the initial state explicit anyway.
+        self.set_adapter(torch.zeros(self.adapter_numel))
+
+    def _check_batch(self, input_ids: Tensor, rows: int, what: str) -> None:
+        if tuple(input_ids.shape) != (rows, self.seq_len):
+            raise ValueError(
+                f"{what} takes [{rows}, {self.seq_len}] token ids (fixed at export), got {list(input_ids.shape)}"
+            )
+
+    def train_step(self, input_ids, attention_mask, labels, prev_seed, new_seed, prev_g, lr, eps) -> Tensor:
+        self._check_batch(input_ids, self.batch_size, "train_step")
+        scalars = step_scalars(prev_seed, new_seed, prev_g, lr, eps)
+        return self.program.run("train_step", [input_ids, attention_mask, labels, *scalars])
+
+    def apply_update(self, prev_seed: int, prev_g: list[float], lr: float) -> None:
+        self.program.run("apply_update", list(update_scalars(prev_seed, prev_g, lr)))
+
+    def eval_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        self._check_batch(input_ids, self.eval_batch_size, "eval_logits")
+        return self.program.run("eval_logits", [input_ids, attention_mask])
+
+    def get_adapter(self) -> Tensor:
+        return self.program.run("get_adapter", [])
+
+    def set_adapter(self, flat: Tensor) -> None:
+        flat = flat.reshape(-1).to(torch.float32).contiguous()
+        if flat.numel() != self.adapter_numel:
+            raise ValueError(f"adapter has {flat.numel()} values, this program's has {self.adapter_numel}")
+        self.program.run("set_adapter", [flat])

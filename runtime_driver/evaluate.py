@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from runtime_driver.batches import TokenizedSplit
+from models.tasks.batches import TokenizedSplit
 
 EvalLogits = Callable[[Tensor, Tensor], Tensor]
 

@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prge.failpoints import armed, reached
+from models.files import write_file_atomic
+from runtime_driver.failpoints import armed, reached
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -46,12 +47,7 @@ class MetricsLog:
             # A fresh run (resume_step 0 or None) starts an empty log; a resumed one keeps what
             # the checkpoint covers. Either way the rewrite drops a torn last line.
             rows = [r for r in rows if resume_step and _logged_before(r, resume_step)]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write("".join(json.dumps(r) + "\n" for r in rows))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            write_file_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from export.manifest import slots_from_json
-from models.peft_io import CONFIG_FILE, load_peft_adapter
+from export.contract.manifest import slots_from_json
+from export.contract.methods import update_scalars
+from models.peft_io import CONFIG_FILE, AdapterFileError, load_peft_adapter, read_adapter_config
 from prge.estimators import updated_adapter
 from runtime_driver.checkpoint import load_checkpoint
-from runtime_driver.executors import step_scalars
 from runtime_driver.metrics import read_metrics
 
 # config.json["adapter_layout"]["initial"]: every run starts from LoRA-FA's B = 0.
@@ -45,8 +45,7 @@ class ReplayResult:
 def apply_logged_update(adapter: Tensor, seed: int, g: list[float], lr: float) -> Tensor:
     """One step's update exactly as train_step folds it in: the same scalar tensors (g and lr in
     float32, as the program receives them) through the same update function."""
-    seed_t, _, g_t, lr_t, _ = step_scalars(seed, 0, g, lr, 0.0)
-    return updated_adapter(adapter, seed_t, g_t, lr_t).to(torch.float32)
+    return updated_adapter(adapter, *update_scalars(seed, g, lr)).to(torch.float32)
 
 
 def _read_layout(run_dir: Path) -> dict[str, Any]:
@@ -84,14 +83,6 @@ def _train_rows(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _peft_rank_and_seed(path: Path) -> tuple[int, int]:
-    try:
-        peft = json.loads(path.read_text())
-        return int(peft["r"]), int(peft["prge"]["a_seed"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ReplayError(f"{path}: not a prge PEFT adapter config ({type(e).__name__}: {e})") from None
-
-
 def _compare(replayed: Tensor, saved: Tensor, step: int) -> dict[str, Any]:
     same_shape = replayed.shape == saved.shape
     return {
@@ -118,8 +109,11 @@ def replay_run(run_dir: str | Path) -> ReplayResult:
             compared["ckpt"] = _compare(adapter, ckpt.adapter, done)
     final_dir = run_dir / "adapter"
     if (final_dir / CONFIG_FILE).is_file():
-        rank, a_seed = _peft_rank_and_seed(final_dir / CONFIG_FILE)
-        saved = load_peft_adapter(final_dir, layout["slots"], rank, a_seed)
+        try:
+            peft = read_adapter_config(final_dir)
+        except AdapterFileError as e:
+            raise ReplayError(str(e)) from None
+        saved = load_peft_adapter(final_dir, layout["slots"], peft.rank, peft.a_seed)
         compared["adapter"] = _compare(adapter, saved, len(rows))
     if not compared:
         raise ReplayError(f"{run_dir}: nothing to compare with (no adapter/ and no ckpt/)")

@@ -1,31 +1,35 @@
-"""The training loops: zeroth-order (P-RGE, MeZO) over any executor, and first-order LoRA-FA.
+"""The training loops: zeroth-order (P-RGE, MeZO) over any engine, and first-order LoRA-FA.
 
 Zeroth-order step t (the update is folded into the next call):
-    losses_t = executor.train_step(batch_t, prev_seed=seed_{t-1}, new_seed=seed_t,
-                                   prev_g=g_{t-1}, lr=lr_{t-1}, eps)
-    g_t      = (L+ - L-) / (2 eps)
-Before an eval, a checkpoint or the end, the pending update is applied with apply_update, so
-the adapter evaluated or saved is the true current one.
+    losses_t = engine.train_step(batch_t, prev_seed=seed_{t-1}, new_seed=seed_t,
+                                 prev_g=g_{t-1}, lr=lr_{t-1}, eps)
+    g_t      = judge(losses_t): (L+ - L-) / (2 eps), or zeros on a fault   (judge.py)
+The update of the last step stays pending (PendingUpdate) until the next train_step applies
+it; before an eval, a checkpoint or the end it is flushed alone, so the adapter evaluated or
+saved is the true current one. The native driver runs the same loop in the same pieces
+(android_harness/src/train_loop.cpp).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
-from prge.estimators import projected_grads, step_seed
+from models.console import say
+from models.tasks.batches import TokenizedSplit, batch_indices
+from prge.estimators import step_seed
 from prge.noise import PRNG_VERSION
 from prge.schedules import learning_rate
 from prge.step import PRGEStep
-from runtime_driver.batches import TokenizedSplit, batch_indices
-from models.cache import say
-from prge.failpoints import reached
 from runtime_driver.checkpoint import CheckpointError, find_checkpoint_dir, load_checkpoint, save_checkpoint
+from runtime_driver.engines import Engine
+from runtime_driver.failpoints import reached
+from runtime_driver.judge import StepJudge
 from runtime_driver.metrics import MetricsLog
 
 METHODS = ("prge", "mezo", "fo")
@@ -44,8 +48,8 @@ class TrainConfig:
     eval_examples: int = 500  # validation examples used by periodic evals
     checkpoint_every: int = 0  # checkpoint every N steps into run/ckpt (0: never)
     optimizer: str = "sgd"  # first-order only: sgd | adam
-    max_bad_steps: int = 10  # consecutive faulty steps (non-finite or diverged loss) before training stops
-    diverge_factor: float = 10.0  # a step's mean loss above this x the first step's is a fault (0: off)
+    max_bad_steps: int = 10  # consecutive faulty steps (non-finite, degenerate or diverged losses) before training stops
+    diverge_factor: float = 10.0  # a step's mean loss above this x the baseline is a fault (0: off; judge.py)
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed by this configuration."""
@@ -60,6 +64,49 @@ class TrainingDiverged(RuntimeError):
 Evaluator = Callable[[], dict[str, float]]
 
 
+@dataclass(frozen=True)
+class Due:
+    """What happens after a step, when `done` steps are done."""
+
+    eval: bool
+    checkpoint: bool  # if the judge is not in a fault streak (the last checkpoint stays the last good state)
+
+    @property
+    def flush(self) -> bool:  # the pending update must be in the adapter before an eval or a checkpoint
+        return self.eval or self.checkpoint
+
+
+def due_after(done: int, cfg: TrainConfig) -> Due:
+    """Periodic evals and checkpoints, plus both at the end (when they are on at all: the final
+    eval always, a final checkpoint only when checkpointing)."""
+    last = done == cfg.steps
+    return Due(
+        eval=(cfg.eval_every > 0 and done % cfg.eval_every == 0) or last,
+        checkpoint=cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0 or last),
+    )
+
+
+@dataclass
+class PendingUpdate:
+    """The last step's update, not yet in the adapter: the next train_step folds it in, or
+    flush applies it alone."""
+
+    num_queries: int
+    seed: int = 0
+    g: list[float] = field(default_factory=list)
+    lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.g = self.g or [0.0] * self.num_queries
+
+    def set(self, seed: int, g: list[float], lr: float) -> None:
+        self.seed, self.g, self.lr = seed, g, lr
+
+    def flush(self, engine: Engine) -> None:
+        engine.apply_update(self.seed, self.g, self.lr)
+        self.g = [0.0] * self.num_queries  # applied: the next train_step must not apply it again
+
+
 class _Progress:
     """The tqdm bar, metrics log and periodic evals shared by both loops."""
 
@@ -70,6 +117,7 @@ class _Progress:
         self.bar = tqdm(total=cfg.steps, initial=start_step, desc=cfg.method, unit="step", disable=quiet, dynamic_ncols=True)
         self.started = time.perf_counter()
         self.last_accuracy: float | None = None
+        self.step_ms: list[float] = []
 
     def log_step(self, row: dict[str, Any], loss: float) -> None:
         row["time"] = round(time.perf_counter() - self.started, 4)
@@ -79,10 +127,6 @@ class _Progress:
             postfix["val_acc"] = f"{self.last_accuracy:.3f}"
         self.bar.set_postfix(postfix)
         self.bar.update(1)
-
-    def eval_due(self, done_steps: int) -> bool:
-        every = self.cfg.eval_every
-        return (every > 0 and done_steps % every == 0) or done_steps == self.cfg.steps
 
     def eval_at_start(self, start_step: int) -> None:
         """A fresh run with periodic evals starts with one at step 0: the zero-shot baseline on
@@ -96,130 +140,138 @@ class _Progress:
         self.metrics.write({"type": "eval", "step": done_steps, "split": "validation", **result})
         return result
 
+    def summary(self, steps_run: int) -> dict[str, Any]:
+        return {
+            "steps_run": steps_run,
+            "median_step_ms": float(torch.tensor(self.step_ms).median()) if self.step_ms else None,
+            "last_validation_accuracy": self.last_accuracy,
+            "wall_s": time.perf_counter() - self.started,
+        }
+
     def close(self) -> None:
         self.bar.close()
         self.metrics.close()
 
 
-def zero_order_fingerprint(cfg: TrainConfig, executor, extra: dict[str, Any] | None) -> dict[str, Any]:
+def zero_order_fingerprint(cfg: TrainConfig, engine: Engine, extra: dict[str, Any] | None) -> dict[str, Any]:
     """What a checkpoint of this run records and a resume must match."""
-    return {**cfg.fingerprint(), **(extra or {}), "num_queries": executor.num_queries, "prng": PRNG_VERSION}
+    return {**cfg.fingerprint(), **(extra or {}), "num_queries": engine.num_queries, "prng": PRNG_VERSION}
 
 
-def check_resumable(cfg: TrainConfig, run_dir: Path, fingerprint: dict[str, Any]) -> tuple[int, torch.Tensor | None, dict]:
+def check_resumable(run_dir: Path, fingerprint: dict[str, Any]) -> tuple[int, torch.Tensor | None, dict]:
     """(next step, adapter, state) from run_dir/ckpt; (0, None, {}) when no checkpoint was written
     yet (a run killed before its first one simply starts over: that is what resuming means)."""
     if find_checkpoint_dir(run_dir / "ckpt") is None:
         return 0, None, {}
     ckpt = load_checkpoint(run_dir / "ckpt")
-    expected = fingerprint
     recorded = ckpt.state.get("fingerprint", {})
     if not isinstance(recorded, dict):
         recorded = {}
-    if recorded != expected:
-        diff = sorted(k for k in set(expected) | set(recorded) if expected.get(k) != recorded.get(k))
+    if recorded != fingerprint:
+        diff = sorted(k for k in set(fingerprint) | set(recorded) if fingerprint.get(k) != recorded.get(k))
         raise CheckpointError(
             f"{run_dir / 'ckpt'}: checkpoint is from another configuration (differs in {', '.join(diff)})"
         )
     return ckpt.step, ckpt.adapter, ckpt.state
 
 
-def _loss_fault(losses: torch.Tensor, mean_loss: float, first_loss: float | None, diverge_factor: float) -> str | None:
-    """Why a step's losses (mean_loss: their float64 mean) must not update the adapter, or None
-    when they are fine."""
-    if not math.isfinite(mean_loss):
-        return "non-finite loss"
-    if bool((losses == losses[0]).all()):
-        # Measured: an exploded adapter (lr 1e30) saturates the model into identical finite
-        # losses, so g is exactly 0 forever and training would go on silently doing nothing.
-        return "degenerate loss (all 2q losses equal: the perturbations change nothing)"
-    if diverge_factor > 0 and first_loss is not None and mean_loss > diverge_factor * max(first_loss, 1e-8):
-        return f"diverged loss (mean {mean_loss:.4g} > {diverge_factor:g} x first step's {first_loss:.4g})"
-    return None
-
-
 def train_zero_order(
-    executor,
+    engine: Engine,
     train: TokenizedSplit,
     evaluator: Evaluator,
     cfg: TrainConfig,
     run_dir: Path,
+    num_labels: int,
     resume: bool = False,
     extra_fingerprint: dict[str, Any] | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Run cfg.steps zeroth-order steps with executor; returns a summary dict."""
-    fingerprint = zero_order_fingerprint(cfg, executor, extra_fingerprint)
-    start, adapter, state = check_resumable(cfg, run_dir, fingerprint) if resume else (0, None, {})
+    """Run cfg.steps zeroth-order steps with engine; returns a summary dict."""
+    fingerprint = zero_order_fingerprint(cfg, engine, extra_fingerprint)
+    start, adapter, state = check_resumable(run_dir, fingerprint) if resume else (0, None, {})
     if resume and adapter is None:
         say(f"{run_dir / 'ckpt'}: no checkpoint yet; starting from step 0")
     if adapter is not None:
-        executor.set_adapter(adapter)
-    # The divergence baseline is the first step's mean loss, kept in checkpoints so a resumed
-    # run judges divergence exactly as the uninterrupted one would.
-    first_loss: float | None = state.get("first_loss")
-    q = executor.num_queries
+        engine.set_adapter(adapter)
+    judge = StepJudge(cfg.eps, cfg.diverge_factor, num_labels, cfg.max_bad_steps,
+                      baseline_losses=list(state.get("baseline_losses", [])))
+    pending = PendingUpdate(engine.num_queries)
     progress = _Progress(cfg, run_dir, start, evaluator, quiet)
     progress.eval_at_start(start)
-    prev_seed, prev_g, prev_lr = 0, [0.0] * q, 0.0
-    bad_in_a_row, bad_total, step_ms = 0, 0, []
     try:
         for t in range(start, cfg.steps):
             seed = step_seed(cfg.seed, t)
             lr = learning_rate(cfg.schedule, cfg.lr, t, cfg.steps)
             ids, mask, labels = train.rows(batch_indices(len(train), cfg.batch_size, t, cfg.seed))
             began = time.perf_counter()
-            losses = executor.train_step(ids, mask, labels, prev_seed, seed, prev_g, prev_lr, cfg.eps)
-            step_ms.append((time.perf_counter() - began) * 1000)
+            losses = engine.train_step(ids, mask, labels, pending.seed, seed, pending.g, pending.lr, cfg.eps)
+            progress.step_ms.append((time.perf_counter() - began) * 1000)
+            verdict = judge.judge(losses)
             row: dict[str, Any] = {"type": "train", "step": t, "seed": seed, "lr": lr, "eps": cfg.eps}
-            mean_loss = float(losses.to(torch.float64).mean())
-            fault = _loss_fault(losses, mean_loss, first_loss, cfg.diverge_factor)
-            if first_loss is None and fault is None:
-                first_loss = mean_loss
-            if fault is None:
-                g = projected_grads(losses.to(torch.float64), cfg.eps).tolist()
-                bad_in_a_row = 0
-            else:  # a numerical fault: skip this step's update rather than poison B
-                g = [0.0] * q
-                bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
-                row["fault"] = fault
-            losses_list = [x if math.isfinite(x) else None for x in losses.tolist()]
-            row.update(g=g, losses=losses_list, step_ms=round(step_ms[-1], 3))
-            finite = [x for x in losses_list if x is not None]
-            progress.log_step(row, sum(finite) / len(finite) if finite else float("nan"))
-            if bad_in_a_row >= cfg.max_bad_steps:
+            if verdict.fault:
+                row["fault"] = verdict.fault
+            row.update(g=verdict.g, losses=verdict.losses, step_ms=round(progress.step_ms[-1], 3))
+            finite = [x for x in verdict.losses if x is not None]
+            progress.log_step(row, sum(finite) / len(finite) if finite else math.nan)
+            if judge.must_stop:
                 raise TrainingDiverged(
-                    f"{bad_in_a_row} steps in a row had a {fault} (last at step {t}); "
+                    f"{judge.bad_in_a_row} steps in a row had a {verdict.fault} (last at step {t}); "
                     f"lower --lr or --eps. The last checkpoint ({run_dir / 'ckpt'}) is intact."
                 )
             reached("after-step", t)
-            prev_seed, prev_g, prev_lr = seed, g, lr
+            pending.set(seed, verdict.g, lr)
             done = t + 1
-            ckpt_due = cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0
-            if progress.eval_due(done) or ckpt_due or done == cfg.steps:
-                executor.apply_update(prev_seed, prev_g, prev_lr)
-                prev_g = [0.0] * q
-            if progress.eval_due(done):
+            due = due_after(done, cfg)
+            if due.flush:
+                pending.flush(engine)
+            if due.eval:
                 progress.run_eval(done)
-            # No checkpoint during a fault streak: the last one stays the last good state.
-            if (ckpt_due or (cfg.checkpoint_every > 0 and done == cfg.steps)) and bad_in_a_row == 0:
-                state = {
-                    "step": done,
-                    "next_seed": step_seed(cfg.seed, done),
-                    "data_position": done * cfg.batch_size,
-                    "first_loss": first_loss,
-                    "fingerprint": fingerprint,
-                }
-                save_checkpoint(run_dir / "ckpt", executor.get_adapter(), state)
+            if due.checkpoint and judge.bad_in_a_row == 0:
+                state = {"step": done, "next_seed": step_seed(cfg.seed, done), "data_position": done * cfg.batch_size,
+                         **judge.state(), "fingerprint": fingerprint}
+                save_checkpoint(run_dir / "ckpt", engine.get_adapter(), state)
     finally:
         progress.close()
-    return {
-        "steps_run": cfg.steps - start,
-        "bad_steps": bad_total,
-        "median_step_ms": float(torch.tensor(step_ms).median()) if step_ms else None,
-        "last_validation_accuracy": progress.last_accuracy,
-        "wall_s": time.perf_counter() - progress.started,
-    }
+    return {**progress.summary(cfg.steps - start), "bad_steps": judge.bad_total}
+
+
+# ---- first order ---------------------------------------------------------------------------
+def first_order_step(step: PRGEStep, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor, labels: torch.Tensor, micro_batch: int | None = None) -> float:
+    """One optimizer step on B of the batch's mean loss, its gradient accumulated over pieces of
+    at most micro_batch rows (the memory-lean way a user would run backprop); returns the loss."""
+    rows = input_ids.shape[0]
+    size = micro_batch or rows
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for start in range(0, rows, size):
+        piece = slice(start, start + size)
+        loss = step.per_example_loss(input_ids[piece], attention_mask[piece], labels[piece]).sum() / rows
+        loss.backward()
+        total += loss.item()
+    optimizer.step()
+    return total
+
+
+def enable_activation_checkpointing(step: PRGEStep) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them
+    (Hugging Face's checkpointing; non-reentrant, so it needs no inputs that require grad). HF
+    checkpoints only modules in training mode; prge's layers have no dropout, so the numbers
+    are the same as in eval mode."""
+    step.body.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    step.train()
+
+
+def first_order_optimizer(step: PRGEStep, name: str, lr: float) -> torch.optim.Optimizer:
+    """SGD or Adam on every adapter's B, which it makes trainable (requires_grad)."""
+    params = [layer.lora_B for layer in step.adapter_layers]
+    for p in params:
+        p.requires_grad_(True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; expected sgd or adam")
 
 
 def train_first_order(
@@ -231,19 +283,10 @@ def train_first_order(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """First-order LoRA-FA (autograd on B only): the accuracy reference for the ZO methods."""
-    params = [layer.lora_B for layer in step.adapter_layers]
-    for p in params:
-        p.requires_grad_(True)
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=cfg.lr)
-    elif cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    else:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected sgd or adam")
+    optimizer = first_order_optimizer(step, cfg.optimizer, cfg.lr)
     progress = _Progress(cfg, run_dir, 0, evaluator, quiet)
     with torch.no_grad():
         progress.eval_at_start(0)
-    step_ms = []
     try:
         for t in range(cfg.steps):
             lr = learning_rate(cfg.schedule, cfg.lr, t, cfg.steps)
@@ -251,22 +294,14 @@ def train_first_order(
                 group["lr"] = lr
             ids, mask, labels = train.rows(batch_indices(len(train), cfg.batch_size, t, cfg.seed))
             began = time.perf_counter()
-            loss = step.per_example_loss(ids, mask, labels).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step_ms.append((time.perf_counter() - began) * 1000)
-            progress.log_step({"type": "train", "step": t, "lr": lr, "loss": loss.item(), "step_ms": round(step_ms[-1], 3)}, loss.item())
-            if progress.eval_due(t + 1):
+            loss = first_order_step(step, optimizer, ids, mask, labels)
+            progress.step_ms.append((time.perf_counter() - began) * 1000)
+            progress.log_step({"type": "train", "step": t, "lr": lr, "loss": loss, "step_ms": round(progress.step_ms[-1], 3)}, loss)
+            if due_after(t + 1, cfg).eval:
                 with torch.no_grad():
                     progress.run_eval(t + 1)
     finally:
-        for p in params:
-            p.requires_grad_(False)
+        for layer in step.adapter_layers:
+            layer.lora_B.requires_grad_(False)
         progress.close()
-    return {
-        "steps_run": cfg.steps,
-        "median_step_ms": float(torch.tensor(step_ms).median()) if step_ms else None,
-        "last_validation_accuracy": progress.last_accuracy,
-        "wall_s": time.perf_counter() - progress.started,
-    }
+    return progress.summary(cfg.steps)

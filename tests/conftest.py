@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingfac
 import pytest
 import torch
 
-from models.tiny import LABEL_WORDS, make_tiny_model_dir
+from models.sources.tiny import LABEL_WORDS, make_tiny_model_dir
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine a second
 # thread per op makes every forward 10-100x slower (oversubscription).
@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 
 SEQ_LEN = 16  # prompt length of tiny batches
 
-# Words the tiny tokenizer learned from its corpus (models/tiny.py), so prompts stay short.
+# Words the tiny tokenizer learned from its corpus (models/sources/tiny.py), so prompts stay short.
 _SUBJECTS = ["the movie", "the film", "this film", "the story", "the music", "the acting", "the plot", "the end"]
 _POSITIVE = ["great", "good", "fun", "funny", "wonderful", "beautiful", "nice", "fresh", "smart"]
 _NEGATIVE = ["bad", "boring", "terrible", "dull", "slow", "sad", "too long"]
@@ -62,7 +62,8 @@ def tiny_model_dir(tmp_path_factory) -> Callable[..., Path]:
 def tiny_data_dir(tmp_path_factory) -> Path:
     """A task folder: task.json (default sentiment task) + train (64) / validation (24) / test (24)
     .jsonl of short synthetic reviews whose label is given away by one word."""
-    from runtime_driver.data import DEFAULT_SENTIMENT_TASK, save_task_spec
+    from models.tasks.movie_reviews import DEFAULT_SENTIMENT_TASK
+    from models.tasks.spec import save_task_spec
 
     out = tmp_path_factory.mktemp("tiny-data")
     save_task_spec(DEFAULT_SENTIMENT_TASK, out / "task.json")
@@ -91,7 +92,8 @@ def tiny_tokenizer(tiny_model_dir) -> Callable[..., object]:
 def tiny_step(tiny_model_dir, tiny_tokenizer):
     """Factory: make(family="llama", q=2, rank=4, loss="classification", **adapter_kw) -> a fresh
     PRGEStep over the tiny model (B = 0) with the label words " negative", " positive"."""
-    from models.causal_lm import AdapterConfig, build_step, label_token_ids
+    from models.causal_lm import AdapterConfig, build_step
+    from models.tasks.labels import label_token_ids
 
     def make(family: str = "llama", q: int = 2, rank: int = 4, loss: str = "classification", **adapter_kw):
         label_ids = label_token_ids(tiny_tokenizer(family), list(LABEL_WORDS))
@@ -120,8 +122,8 @@ def tiny_batch(tiny_tokenizer) -> Callable[..., tuple[torch.Tensor, torch.Tensor
     """Factory: batch(b=4, family="llama", seed=0, seq_len=16) -> (input_ids, attention_mask,
     labels), left-padded prompts of the default sentiment template; labels are class indices
     (0 negative, 1 positive) matching the review."""
-    from models.prompts import encode_batch
-    from runtime_driver.data import DEFAULT_SENTIMENT_TASK
+    from models.tasks.movie_reviews import DEFAULT_SENTIMENT_TASK
+    from models.tasks.prompts import encode_batch
 
     def batch(b: int = 4, family: str = "llama", seed: int = 0, seq_len: int = SEQ_LEN):
         rows = tiny_examples(b, 1000 + seed)
@@ -141,11 +143,11 @@ def tiny_program(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Callable[..
     Exports are the slow part of the suite (tens of seconds each), so each configuration is
     exported once per session and shared by every test that only reads it.
     """
-    from export.exporter import ExportShapes
+    from export.contract.methods import ExportShapes
     from export.pipeline import export_model
     from models.causal_lm import AdapterConfig
-    from prge.step import DEFAULT_MICRO_BATCH
-    from runtime_driver.data import load_task_spec
+    from models.tasks.folder import load_folder_spec
+    from prge.pieces import DEFAULT_MICRO_BATCH
 
     cache: dict[tuple, Path] = {}
 
@@ -154,7 +156,7 @@ def tiny_program(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Callable[..
         key = (family, q, rank, batch, seq_len, external, micro_batch)
         if key not in cache:
             out = tmp_path_factory.mktemp(f"program-{family}") / "program"
-            task = load_task_spec(tiny_data_dir / "task.json")
+            task = load_folder_spec(tiny_data_dir)
             shapes = ExportShapes(batch, seq_len, 2 * q * batch)
             export_model(tiny_model_dir(family), task, AdapterConfig(num_queries=q, rank=rank, micro_batch=micro_batch), shapes, out,
                          external_weights=external, progress=lambda _: None)

@@ -1,4 +1,4 @@
-// The pre-tokenized data file written by `prge export-data` (format: runtime_driver/export_data.py
+// The pre-tokenized data file written by `prge export-data` (format: runtime_driver/data_file.py
 // and android_harness/README.md). Rows are int64 here because the program takes int64 ids.
 #pragma once
 

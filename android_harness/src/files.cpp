@@ -1,8 +1,10 @@
 #include "files.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <dirent.h>
 #include <fcntl.h>
 #include <ftw.h>
 #include <sys/stat.h>
@@ -94,6 +96,63 @@ void remove_tree(const std::string& path) {
 std::string join(const std::string& dir, const std::string& name) {
   if (dir.empty()) return name;
   return dir.back() == '/' ? dir + name : dir + "/" + name;
+}
+
+std::string parent_of(const std::string& path) {
+  auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+}
+
+static std::string base_name(const std::string& path) {
+  auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+// Entries of dir whose names start with prefix, sorted.
+static std::vector<std::string> list_prefixed(const std::string& dir, const std::string& prefix) {
+  std::vector<std::string> out;
+  if (DIR* d = ::opendir(dir.c_str())) {
+    while (dirent* ent = ::readdir(d)) {
+      std::string name = ent->d_name;
+      if (name.rfind(prefix, 0) == 0) out.push_back(join(dir, name));
+    }
+    ::closedir(d);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::vector<std::string> moved_aside(const std::string& target) {
+  return list_prefixed(parent_of(target), "." + base_name(target) + "-old.");
+}
+
+void replace_dir_atomically(const std::string& target, const std::function<void(const std::string&)>& write,
+                            const std::function<void()>& on_written, const std::function<void()>& on_old_moved) {
+  const std::string parent = parent_of(target), name = base_name(target);
+  make_dirs(parent);
+  std::string templ = join(parent, "." + name + "-new.XXXXXX");
+  std::vector<char> buf(templ.begin(), templ.end());
+  buf.push_back('\0');
+  if (!::mkdtemp(buf.data())) throw FileError(parent + ": cannot create a temporary folder (" + errno_text() + ")");
+  const std::string tmp(buf.data());
+  try {
+    write(tmp);  // its files are written with write_file_synced
+    ::chmod(tmp.c_str(), 0755);  // mkdtemp makes it owner-only
+    fsync_dir(tmp);
+    if (on_written) on_written();
+    if (is_dir(target)) {
+      std::string old = join(parent, "." + name + "-old." + std::to_string(::getpid()));
+      if (std::rename(target.c_str(), old.c_str()) != 0) throw FileError(target + ": cannot move the old copy aside");
+      if (on_old_moved) on_old_moved();
+    }
+    if (std::rename(tmp.c_str(), target.c_str()) != 0) throw FileError(target + ": cannot move the new copy in");
+    fsync_dir(parent);
+  } catch (...) {
+    remove_tree(tmp);
+    throw;
+  }
+  for (const auto& stale : list_prefixed(parent, "." + name + "-new.")) remove_tree(stale);
+  for (const auto& stale : moved_aside(target)) remove_tree(stale);
 }
 
 }  // namespace prge

@@ -28,7 +28,7 @@ const char* kUsage =
     "  --eval-every N         validation eval every N steps, 0: only at the end (default 50)\n"
     "  --checkpoint-every N   checkpoint every N steps into OUT/ckpt, 0: never (default 0)\n"
     "  --max-bad-steps N      consecutive faulty steps before stopping (default 10)\n"
-    "  --diverge-factor X     a mean loss above X times the first step's is a fault, 0: off (default 10)\n"
+    "  --diverge-factor X     a mean loss above X times the run's baseline is a fault, 0: off (default 10)\n"
     "  --threads N            ExecuTorch thread pool size (default: the runtime's)\n"
     "  --resume               continue from OUT/ckpt\n"
     "  --no-verify            skip the sha256 check of the program files (faster start)\n"

@@ -3,13 +3,11 @@
 #include <sys/stat.h>
 
 #include "checksums.hpp"
+#include "contract.hpp"
 #include "files.hpp"
 
 namespace prge {
 namespace {
-
-constexpr int kManifestVersion = 1;  // export/manifest.py MANIFEST_VERSION
-const char* kMethods[] = {"train_step", "apply_update", "eval_logits", "get_adapter", "set_adapter"};
 
 long long file_size(const std::string& path) {
   struct stat st;
@@ -40,7 +38,7 @@ int positive_int(const Json& j, const std::string& what) {
 }
 
 // The slots exactly as Python's json.dumps(slots_to_json(slots)) prints them (key order of
-// export/manifest.py::slots_to_json), hashed: checkpoints record it to tie B to its layout.
+// export/contract/manifest.py slots_to_json), hashed: checkpoints record it to tie B to its layout.
 std::string layout_hash(const Json& slots, long long numel) {
   long long tiled = 0;  // the slots must tile the flat adapter exactly
   std::string text = "[";
@@ -62,6 +60,48 @@ std::string layout_hash(const Json& slots, long long numel) {
   return sha256_hex(text + "]").substr(0, 16);
 }
 
+std::vector<int32_t> int_list(const Json& j, const std::string& what) {
+  std::vector<int32_t> out;
+  for (const Json& x : j.array(what)) out.push_back(static_cast<int32_t>(x.integer(what)));
+  return out;
+}
+
+std::string dims_text(const std::vector<int32_t>& sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+
+// The manifest's contract of one method: the same inputs (names, dtypes, order) and output as
+// contract.hpp, with the shapes its named dimensions give for this manifest.
+MethodShapes check_method(const Json& entry, const contract::Method& spec, const std::map<std::string, int>& dims) {
+  auto resolve = [&](const contract::Arg& arg) {
+    std::vector<int32_t> sizes;
+    for (const auto& d : arg.dims) sizes.push_back(dims.count(d) ? dims.at(d) : std::stoi(d));
+    return sizes;
+  };
+  auto check = [&](const Json& got, const contract::Arg& want, const std::string& where) {
+    std::vector<int32_t> shape = int_list(got.at("shape"), where + ".shape");
+    if (got.at("name").string(where + ".name") != want.name || got.at("dtype").string(where + ".dtype") != want.dtype ||
+        shape != resolve(want))
+      throw JsonError(where + ": " + got.dump() + ", but this driver's contract says " + want.name + " " + want.dtype + " " +
+                      dims_text(resolve(want)));
+    return shape;
+  };
+  const std::string where = "contract.methods." + spec.name;
+  const auto& inputs = entry.at("inputs").array(where + ".inputs");
+  if (inputs.size() != spec.inputs.size())
+    throw JsonError(where + ": " + std::to_string(inputs.size()) + " inputs, this driver's contract has " +
+                    std::to_string(spec.inputs.size()));
+  MethodShapes shapes;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    shapes.inputs.push_back(check(inputs[i], spec.inputs[i], where + ".inputs[" + std::to_string(i) + "]"));
+    shapes.dtypes.push_back(spec.inputs[i].dtype);
+  }
+  shapes.output = check(entry.at("output"), spec.output, where + ".output");
+  return shapes;
+}
+
 }  // namespace
 
 Manifest read_manifest(const std::string& program_dir, bool verify_files) {
@@ -72,9 +112,12 @@ Manifest read_manifest(const std::string& program_dir, bool verify_files) {
   try {
     m.raw = Json::parse(read_text(path));
     const Json& j = m.raw;
-    if (j.at("manifest_version").integer("manifest_version") != kManifestVersion)
+    if (j.at("manifest_version").integer("manifest_version") != contract::kManifestVersion)
       throw JsonError("manifest version " + j.at("manifest_version").dump() + ", this driver reads " +
-                      std::to_string(kManifestVersion));
+                      std::to_string(contract::kManifestVersion));
+    if (j.at("contract").at("version").integer("contract.version") != contract::kVersion)
+      throw JsonError("contract version " + j.at("contract").at("version").dump() + ": this driver runs programs of contract " +
+                      std::to_string(contract::kVersion) + "; re-export the program or rebuild the driver");
     const Json& program = j.at("program");
     const Json& pte = program.at("pte");
     m.pte_path = join(program_dir, file_name(pte, "program.pte.file"));
@@ -83,10 +126,10 @@ Manifest read_manifest(const std::string& program_dir, bool verify_files) {
       m.ptd_path = join(program_dir, file_name(program.at("ptd"), "program.ptd.file"));
     std::vector<std::string> methods;
     for (const Json& name : j.at("methods").array("methods")) methods.push_back(name.string("methods[]"));
-    for (const char* need : kMethods) {
+    for (const auto& spec : contract::training_methods()) {
       bool found = false;
-      for (const auto& have : methods) found = found || have == need;
-      if (!found) throw JsonError(std::string("methods: no '") + need + "'");
+      for (const auto& have : methods) found = found || have == spec.name;
+      if (!found) throw JsonError("methods: no '" + spec.name + "' (not a training program)");
     }
     const Json& shapes = j.at("shapes");
     m.batch_size = positive_int(shapes.at("batch_size"), "shapes.batch_size");
@@ -99,6 +142,11 @@ Manifest read_manifest(const std::string& program_dir, bool verify_files) {
     m.model_path = j.at("model").at("path").string("model.path");
     m.prng_version = j.at("prng_version").string("prng_version");
     m.adapter_layout = layout_hash(j.at("adapter").at("slots"), m.adapter_numel);
+    const std::map<std::string, int> dims = {
+        {"batch", m.batch_size}, {"seq_len", m.seq_len}, {"eval_batch", m.eval_batch_size}, {"num_queries", m.num_queries},
+        {"2q", 2 * m.num_queries}, {"adapter_numel", static_cast<int>(m.adapter_numel)}, {"num_labels", m.num_labels}};
+    for (const auto& spec : contract::training_methods())
+      m.methods[spec.name] = check_method(j.at("contract").at("methods").at(spec.name), spec, dims);
     const Json& defaults = j.at("defaults");
     if (defaults.has("lr")) m.default_lr = defaults.at("lr").number("defaults.lr");
     if (defaults.has("eps")) m.default_eps = defaults.at("eps").number("defaults.eps");

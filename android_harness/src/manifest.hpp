@@ -1,12 +1,22 @@
 // manifest.json as the native driver needs it, checked against the program files on disk.
 #pragma once
 
+#include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "json.hpp"
 
 namespace prge {
+
+// A method's input and output shapes, as the manifest's contract gives them (checked against
+// this driver's contract.hpp and the manifest's own shapes).
+struct MethodShapes {
+  std::vector<std::string> dtypes;  // of the inputs, in order
+  std::vector<std::vector<int32_t>> inputs;
+  std::vector<int32_t> output;
+};
 
 struct Manifest {
   std::string dir;
@@ -24,10 +34,12 @@ struct Manifest {
   double default_lr = 1e-3;  // TrainConfig's defaults unless the export recorded others
   double default_eps = 1e-2;
   std::string prng_version;
-  std::string adapter_layout;  // run.py::_layout_hash: sha256 of the slots as json.dumps writes them, 16 hex
+  std::string adapter_layout;  // export/contract/manifest.py layout_hash: sha256 of the slots as json.dumps writes them, 16 hex
+  std::map<std::string, MethodShapes> methods;  // the training methods, by name
 };
 
-// Reads DIR/manifest.json; verify_files also checks size and sha256 of the .pte/.ptd.
+// Reads DIR/manifest.json and checks its contract against contract.hpp; verify_files also checks
+// size and sha256 of the .pte/.ptd.
 // Throws std::runtime_error with a message naming the file.
 Manifest read_manifest(const std::string& program_dir, bool verify_files);
 

@@ -54,35 +54,37 @@ PrgeProgram::PrgeProgram(const Manifest& m) : m_(m) {
     module_ = std::make_unique<Module>(m.pte_path, m.ptd_path, Module::LoadMode::File, nullptr, nullptr, nullptr, true);
   Error err = module_->load(executorch::runtime::Program::Verification::InternalConsistency);
   if (err != Error::Ok) throw std::runtime_error(m.pte_path + ": ExecuTorch could not load the program: " + error_text(err));
-  for (const char* name : {"train_step", "apply_update", "eval_logits", "get_adapter", "set_adapter"}) {
+  for (const auto& [name, shapes] : m.methods) {
     err = module_->load_method(name);
     if (err != Error::Ok)
       throw std::runtime_error(m.pte_path + ": ExecuTorch could not load method " + name + ": " + error_text(err));
+    check_signature(name, shapes);
   }
-  // A manifest copied next to another export's .pte would pass its own checks: the shapes the
-  // program itself declares must agree with what the manifest says.
-  const int b = m.batch_size, t = m.seq_len, q = m.num_queries;
-  check_input("train_step", 0, {b, t});
-  check_input("train_step", 5, {q});
-  check_input("apply_update", 1, {q});
-  check_input("eval_logits", 0, {m.eval_batch_size, t});
-  check_input("set_adapter", 0, {static_cast<int32_t>(m.adapter_numel)});
 }
 
 PrgeProgram::~PrgeProgram() = default;
 
-void PrgeProgram::check_input(const std::string& method, size_t index, const std::vector<int32_t>& expected) {
+// A manifest copied next to another export's .pte would pass its own checks: every input and
+// the output the program itself declares must have the dtype and shape the manifest's contract gives.
+void PrgeProgram::check_signature(const std::string& method, const MethodShapes& expected) {
   auto meta = module_->method_meta(method);
   if (!meta.ok()) throw std::runtime_error(m_.pte_path + ": no metadata for " + method);
-  if (meta->num_inputs() <= index)
-    throw std::runtime_error(m_.pte_path + ": " + method + " has " + std::to_string(meta->num_inputs()) + " inputs, expected more than " + std::to_string(index));
-  auto info = meta->input_tensor_meta(index);
-  if (!info.ok()) throw std::runtime_error(m_.pte_path + ": " + method + " input " + std::to_string(index) + " is not a tensor");
-  auto span = info->sizes();
-  std::vector<int32_t> actual(span.begin(), span.end());
-  if (actual != expected)
-    throw std::runtime_error(m_.pte_path + ": " + method + " input " + std::to_string(index) + " has shape " + dims(actual) +
-                             " but manifest.json implies " + dims(expected) + " (manifest from another export?)");
+  if (meta->num_inputs() != expected.inputs.size())
+    throw std::runtime_error(m_.pte_path + ": " + method + " takes " + std::to_string(meta->num_inputs()) +
+                             " inputs, manifest.json's contract " + std::to_string(expected.inputs.size()));
+  auto check = [&](auto info, const std::string& what, const std::string& dtype, const std::vector<int32_t>& shape) {
+    if (!info.ok()) throw std::runtime_error(m_.pte_path + ": " + method + " " + what + " is not a tensor");
+    auto span = info->sizes();
+    std::vector<int32_t> actual(span.begin(), span.end());
+    std::string actual_dtype = info->scalar_type() == ScalarType::Long ? "int64"
+                               : info->scalar_type() == ScalarType::Float ? "float32" : "another dtype";
+    if (actual != shape || actual_dtype != dtype)
+      throw std::runtime_error(m_.pte_path + ": " + method + " " + what + " is " + actual_dtype + " " + dims(actual) +
+                               " in the program, " + dtype + " " + dims(shape) + " by manifest.json (manifest from another export?)");
+  };
+  for (size_t i = 0; i < expected.inputs.size(); ++i)
+    check(meta->input_tensor_meta(i), "input " + std::to_string(i), expected.dtypes[i], expected.inputs[i]);
+  check(meta->output_tensor_meta(0), "output", "float32", expected.output);
 }
 
 std::vector<float> PrgeProgram::run(const std::string& method, std::vector<void*> data,

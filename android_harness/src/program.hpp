@@ -1,5 +1,6 @@
-// The exported P-RGE program through the ExecuTorch C++ Module API: the same five methods the
-// Python driver calls (runtime_driver/executorch_engine.py), with the same input dtypes.
+// The exported P-RGE program through the ExecuTorch C++ Module API: the same methods the Python
+// driver calls (runtime_driver/engines.py ExecuTorchPRGE), checked against the program contract
+// (contract.hpp) and called with the inputs it defines.
 #pragma once
 
 #include <cstdint>
@@ -37,7 +38,7 @@ class PrgeProgram {
   std::unique_ptr<executorch::extension::module::Module> module_;
   std::vector<float> run(const std::string& method, std::vector<void*> data,
                          std::vector<std::vector<int32_t>> sizes, std::vector<int> dtypes, size_t expect_numel);
-  void check_input(const std::string& method, size_t index, const std::vector<int32_t>& sizes);
+  void check_signature(const std::string& method, const MethodShapes& expected);
 };
 
 // The size of ExecuTorch's CPU thread pool (the Python driver's --threads does the same).

@@ -1,37 +1,42 @@
-// The zeroth-order training loop of runtime_driver/train.py::train_zero_order, natively: the same
-// seeds, learning rates, batches, g, metrics rows, eval rows and checkpoints.
+// The zeroth-order training loop of runtime_driver/train.py train_zero_order, natively, in the
+// same pieces: the judge (judge.hpp), the pending update and its flush (below), the schedule of
+// seeds, learning rates, evals and checkpoints (schedule.hpp), checkpoints (checkpoint.hpp),
+// metrics (metrics.hpp), evaluation (evaluate.hpp); this file is the thin loop over them. It
+// produces the same seeds, batches, g, metrics rows, eval rows and checkpoints as the Python driver.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "data_file.hpp"
 #include "manifest.hpp"
 #include "program.hpp"
+#include "train_options.hpp"
 
 namespace prge {
 
-struct TrainOptions {
-  int steps = 0;             // optimizer steps (<= the steps the data file holds an order for)
-  double lr = 1e-3;          // learning rate (SGD step on B)
-  double eps = 1e-2;         // perturbation scale
-  std::string schedule = "constant";  // constant | linear
-  uint32_t seed = 0;         // run seed (must be the data file's: it fixed the row order)
-  int eval_every = 50;       // validation eval every N steps (0: only at the end)
-  int checkpoint_every = 0;  // checkpoint into OUT/ckpt every N steps (0: never)
-  int max_bad_steps = 10;    // consecutive faulty steps (non-finite or diverged loss) before training stops
-  double diverge_factor = 10.0;  // a step's mean loss above this x the first step's is a fault (0: off)
-  bool resume = false;       // continue from OUT/ckpt
-  bool quiet = false;        // no progress lines on stderr
-  std::string data_path;     // recorded in OUT/config.json
+// The last step's update, not yet in the adapter: the next train_step folds it in, or flush
+// applies it alone (before an eval, a checkpoint or the end).
+struct PendingUpdate {
+  int64_t seed = 0;
+  std::vector<double> g;
+  double lr = 0.0;
+
+  explicit PendingUpdate(int num_queries) : g(size_t(num_queries), 0.0) {}
+  void set(int64_t new_seed, const std::vector<double>& new_g, double new_lr) {
+    seed = new_seed;
+    g = new_g;
+    lr = new_lr;
+  }
+  void flush(PrgeProgram& program) {
+    program.apply_update(seed, g, lr);
+    std::fill(g.begin(), g.end(), 0.0);  // applied: the next train_step must not apply it again
+  }
 };
 
-// The Python driver's functions, ported exactly (prge/estimators.py, prge/schedules.py).
-int64_t step_seed(uint64_t run_seed, uint64_t step);
-double learning_rate(const std::string& schedule, double base_lr, int step, int total_steps);
-
-// Runs the loop, writes OUT/{metrics.jsonl, ckpt/, adapter.safetensors, summary.json}; returns
-// the summary JSON text. Throws std::runtime_error on bad input or divergence.
+// Runs the loop, writes OUT/{config.json, metrics.jsonl, ckpt/, adapter.safetensors, summary.json};
+// returns the summary JSON text. Throws std::runtime_error on bad input or divergence.
 std::string train(PrgeProgram& program, const Manifest& manifest, const DataFile& data, const TrainOptions& opt,
                   const std::string& out_dir);
 

@@ -1,31 +1,49 @@
-"""manifest.json: everything a driver needs to use an exported program without Python model code."""
+"""manifest.json: everything a driver needs to use an exported program without Python model
+code. `build_manifest` writes it and `read_manifest` checks it, field by field, so the two
+cannot disagree about the schema; `verify_program_files` ties it to the files on disk."""
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any
 
-from models.cache import sha256_file
+from export.contract.methods import CONTRACT_VERSION, ExportShapes, ProgramShapes, signatures_json
+from models.files import sha256_file, write_json_atomic
+from models.tasks.spec import TaskSpec
 from prge.noise import PRNG_VERSION
-from prge.step import AdapterSlot
+from prge.step import LOSS_KINDS, AdapterSlot
 
 MANIFEST_FILE = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 # Keys a driver relies on; a manifest missing any of them is rejected.
 REQUIRED_KEYS = (
-    "manifest_version", "program", "methods", "shapes", "num_queries", "adapter", "task",
-    "tokenizer", "prng_version", "model", "executorch_version", "defaults",
+    "manifest_version", "contract", "program", "methods", "shapes", "num_queries", "adapter", "task",
+    "tokenizer", "prng_version", "model", "versions", "defaults",
 )
-
+# Packages whose versions change what a program computes or how it was made.
+VERSIONED_PACKAGES = ("torch", "executorch", "torchao", "transformers", "peft")
 
 # Packages whose code is traced into a program: after any change to them an old export is stale.
 PROGRAM_SOURCES = ("prge", "models", "export")
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ManifestError(ValueError):
     pass
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of VERSIONED_PACKAGES (distribution metadata: executorch has no
+    __version__), recorded in manifests and benchmark results."""
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def program_code_version() -> str:
@@ -63,10 +81,79 @@ def slots_from_json(rows: list[dict[str, Any]]) -> tuple[AdapterSlot, ...]:
     )
 
 
+def layout_hash(slots: tuple[AdapterSlot, ...]) -> str:
+    """Identifies the adapter layout (modules, shapes, A streams): a checkpoint's flat B only
+    means something in the layout it was trained in. The native driver computes the same hash
+    from the same JSON text (json.dumps of slots_to_json)."""
+    return hashlib.sha256(json.dumps(slots_to_json(slots)).encode()).hexdigest()[:16]
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def build_manifest(
+    *,
+    pte: Path,
+    ptd: Path | None,
+    methods: tuple[str, ...],
+    shapes: ExportShapes,
+    micro_batch: int | None,
+    num_queries: int,
+    adapter: dict[str, Any],
+    slots: tuple[AdapterSlot, ...],
+    task: TaskSpec,
+    label_ids: list[int],
+    tokenizer_file: Path | None,
+    pad_token_id: int,
+    model: dict[str, Any],
+    defaults: dict[str, float],
+    delegation: dict[str, Any],
+    export_seconds: dict[str, float],
+) -> dict[str, Any]:
+    """The manifest of a program written to pte (+ ptd). adapter: kind, rank, alpha, targets,
+    a_seed; model: path, id, model_type, weights_sha256."""
+    numel = sum(s.numel for s in slots)
+    program_shapes = ProgramShapes.of(shapes, num_queries, numel, len(label_ids))
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "contract": signatures_json(methods, program_shapes),
+        "program": {"pte": file_entry(pte), "ptd": file_entry(ptd) if ptd else None},
+        "methods": list(methods),
+        "shapes": {"batch_size": shapes.batch_size, "seq_len": shapes.seq_len,
+                   "eval_batch_size": shapes.eval_batch_size, "micro_batch": micro_batch},
+        "num_queries": num_queries,
+        "adapter": {**adapter, "numel": numel, "slots": slots_to_json(slots)},
+        "task": {"template": task.template, "labels": task.label_names, "label_words": task.label_words,
+                 "label_token_ids": label_ids, "loss": task.loss, "padding": "left"},
+        "tokenizer": {"file": tokenizer_file.name if tokenizer_file else None,
+                      "sha256": sha256_file(tokenizer_file) if tokenizer_file else None,
+                      "pad_token_id": pad_token_id},
+        "prng_version": PRNG_VERSION,
+        "model": model,
+        "versions": package_versions(),
+        "code_version": program_code_version(),
+        "defaults": defaults,
+        "delegation": delegation,
+        "export_seconds": export_seconds,
+    }
+
+
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
-    path = out_dir / MANIFEST_FILE
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
+    return write_json_atomic(out_dir / MANIFEST_FILE, manifest)
+
+
+def program_shapes(manifest: dict[str, Any]) -> ProgramShapes:
+    """The named dimensions of a (checked) manifest's program."""
+    shapes = manifest["shapes"]
+    return ProgramShapes(shapes["batch_size"], shapes["seq_len"], shapes["eval_batch_size"], manifest["num_queries"],
+                         manifest["adapter"]["numel"], len(manifest["task"]["label_token_ids"]))
+
+
+def task_spec(manifest: dict[str, Any]) -> TaskSpec:
+    """The task exactly as the program was exported for (template, label words, loss)."""
+    t = manifest["task"]
+    return TaskSpec(t["template"], dict(zip(t["labels"], t["label_words"])), t["loss"])
 
 
 def read_manifest(program_dir: str | Path) -> dict[str, Any]:
@@ -100,7 +187,7 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
             raise fail(key, f"expected a positive integer, got {value!r}")
         return value
 
-    def file_entry(entry: Any, key: str) -> None:
+    def check_file_entry(entry: Any, key: str) -> None:
         if not isinstance(entry, dict):
             raise fail(key, "expected an object with file, bytes, sha256")
         name = entry.get("file")
@@ -114,10 +201,10 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
     program = m["program"]
     if not isinstance(program, dict):
         raise fail("program", "expected an object")
-    file_entry(program.get("pte"), "program.pte")
+    check_file_entry(program.get("pte"), "program.pte")
     positive_int(program["pte"].get("bytes"), "program.pte.bytes")
     if program.get("ptd") is not None:
-        file_entry(program["ptd"], "program.ptd")
+        check_file_entry(program["ptd"], "program.ptd")
         positive_int(program["ptd"].get("bytes"), "program.ptd.bytes")
     if not isinstance(m["methods"], list) or not all(isinstance(x, str) for x in m["methods"]):
         raise fail("methods", "expected a list of method names")
@@ -153,17 +240,30 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
     if not (isinstance(labels, list) and isinstance(words, list) and isinstance(ids, list)
             and len(labels) == len(words) == len(ids) >= 2 and all(isinstance(i, int) and i >= 0 for i in ids)):
         raise fail("task", "labels, label_words and label_token_ids must be lists of one entry per class (>= 2)")
-    if not isinstance(task.get("template"), str) or task.get("loss") not in ("classification", "lm"):
+    if not isinstance(task.get("template"), str) or task.get("loss") not in LOSS_KINDS:
         raise fail("task", "needs a template string and a loss (classification or lm)")
     if not isinstance(m["tokenizer"], dict):
         raise fail("tokenizer", "expected an object")
     if m["tokenizer"].get("file") is not None:  # None: a model without tokenizer.json (files copied as is)
-        file_entry(m["tokenizer"], "tokenizer")
+        check_file_entry(m["tokenizer"], "tokenizer")
     if m["prng_version"] != PRNG_VERSION:
         raise fail("prng_version", f"{m['prng_version']!r}: exported with another noise generator than this prge's "
                                    f"{PRNG_VERSION!r}; re-export the program")
     if not isinstance(m["model"], dict) or not isinstance(m["model"].get("path"), str):
         raise fail("model", "expected an object with the model's path")
+    if not isinstance(m["versions"], dict):
+        raise fail("versions", "expected an object")
+    contract = m["contract"]
+    if not isinstance(contract, dict) or contract.get("version") != CONTRACT_VERSION:
+        got = contract.get("version") if isinstance(contract, dict) else contract
+        raise fail("contract", f"version {got!r}: this prge drives programs of contract {CONTRACT_VERSION}; re-export the program")
+    try:
+        expected = signatures_json(m["methods"], program_shapes(m))
+    except KeyError as e:
+        raise fail("methods", f"unknown method {e}") from None
+    if contract != expected:
+        raise fail("contract", "the methods' inputs and outputs differ from what the manifest's shapes and this "
+                               "prge's program contract imply")
 
 
 def verify_program_files(program_dir: Path, manifest: dict[str, Any]) -> None:

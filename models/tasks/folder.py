@@ -1,37 +1,38 @@
-"""Resolve what a command works on: the model folder, the task and its tokenized splits."""
+"""A task folder (task.json + train/validation/test .jsonl or .csv) read with a tokenizer.
+
+`Task` is what training and evaluation need of a task: its spec, the label words' token ids
+and the tokenizer, and the splits tokenized to a sequence length.
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.cache import say
-from models.causal_lm import label_token_ids, load_tokenizer
-from models.default_model import prepare_default_model
-from runtime_driver.batches import TokenizedSplit, tokenize_examples
-from runtime_driver.data import DataError, TaskSpec, load_task_spec, read_examples
-from runtime_driver.movie_reviews import prepare_default_data
+from models.console import say
+from models.files import existing_folder
+from models.tasks.batches import TokenizedSplit, tokenize_examples
+from models.tasks.labels import label_token_ids
+from models.tasks.movie_reviews import prepare_default_data
+from models.tasks.readers import read_examples
+from models.tasks.spec import DataError, TaskSpec, load_task_spec
 
 SPLITS = ("train", "validation", "test")
-
-
-def resolve_model_dir(model: str | None, progress=say) -> Path:
-    """--model PATH as given, or the default model (prepared on first use)."""
-    if model:
-        path = Path(model).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: model folder not found")
-        return path
-    return prepare_default_model(progress=progress)
+TASK_FILE = "task.json"
 
 
 def resolve_data_dir(data: str | None, progress=say) -> Path:
     """--data DIR (train/validation/test .jsonl or .csv + task.json), or the default task."""
-    if data:
-        path = Path(data).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: data folder not found")
-        return path
-    return prepare_default_data(progress=progress)
+    return existing_folder(data, "data folder") if data else prepare_default_data(progress=progress)
+
+
+def load_folder_spec(data_dir: Path, loss: str | None = None) -> TaskSpec:
+    """The folder's task.json, with its loss replaced when one is given (--loss)."""
+    task_file = data_dir / TASK_FILE
+    if not task_file.is_file():
+        raise FileNotFoundError(f"{data_dir}: no {TASK_FILE} (prompt template and label words)")
+    spec = load_task_spec(task_file)
+    return dataclasses.replace(spec, loss=loss) if loss is not None else spec
 
 
 def split_file(data_dir: Path, split: str) -> Path:
@@ -57,12 +58,6 @@ class Task:
         return tokenize_examples(self.tokenizer, self.spec, examples, seq_len)
 
 
-def load_task(model_dir: Path, data_dir: Path, loss: str | None = None) -> Task:
-    task_file = data_dir / "task.json"
-    if not task_file.is_file():
-        raise FileNotFoundError(f"{data_dir}: no task.json (prompt template and label words)")
-    spec = load_task_spec(task_file)
-    if loss is not None and loss != spec.loss:
-        spec = TaskSpec(spec.template, spec.labels, loss)
-    tokenizer = load_tokenizer(model_dir)
+def load_task(spec: TaskSpec, tokenizer, data_dir: Path) -> Task:
+    """The task with its label words checked against the tokenizer (one token each)."""
     return Task(spec, label_token_ids(tokenizer, spec.label_words), tokenizer, data_dir)

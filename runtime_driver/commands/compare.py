@@ -16,14 +16,13 @@ from typing import Any
 
 import torch
 
-from export.manifest import ManifestError, model_weights_hash
+from export.contract.manifest import ManifestError, model_weights_hash
 from models.causal_lm import build_step
+from models.tasks.batches import batch_indices
 from prge.estimators import projected_grads, step_seed
-from runtime_driver.batches import batch_indices
+from runtime_driver.engines import EagerPRGE, ExecuTorchPRGE, program_adapter_config
 from runtime_driver.evaluate import evaluate
-from runtime_driver.executorch_engine import ExecuTorchPRGE
-from runtime_driver.executors import EagerPRGE
-from runtime_driver.run import EVAL_BATCH, program_adapter_config, program_task
+from runtime_driver.run import program_task
 
 TEACHER_FORCED_REL_TOL = 1e-5
 
@@ -41,8 +40,10 @@ def compare_engines(
     m = et.manifest
     if model_weights_hash(model_dir) != m["model"]["weights_sha256"]:
         raise ManifestError(f"{program_dir}: exported from other weights than {model_dir}")
-    eager = EagerPRGE(build_step(model_dir, program_adapter_config(m), m["task"]["label_token_ids"]))
-    task = program_task(program_dir, m, data_dir)
+    adapter = program_adapter_config(m)
+    step = build_step(model_dir, adapter, m["task"]["label_token_ids"], rewrites=m["model"].get("rewrites", True))
+    eager = EagerPRGE(step, model_dir, adapter, et.seq_len)
+    task = program_task(et.program_dir, m, data_dir)
     train = task.split("train", et.seq_len)
     held_out = task.split("validation", et.seq_len, limit=eval_examples)
     q = et.num_queries
@@ -79,7 +80,7 @@ def compare_engines(
 
     forced = run(feed_eager_g=True)
     free = run(feed_eager_g=False)
-    acc_eager = evaluate(eager.eval_logits, held_out, EVAL_BATCH, fixed_batch=False)["accuracy"]
+    acc_eager = evaluate(eager.eval_logits, held_out, eager.eval_batch_size, fixed_batch=False)["accuracy"]
     acc_et = evaluate(et.eval_logits, held_out, et.eval_batch_size, fixed_batch=True)["accuracy"]
     rel = _relative_diff(forced["adapter_eager"], forced["adapter_et"])
     return {

@@ -11,18 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.cache import say
-from export.exporter import ExportShapes
-from export.manifest import MANIFEST_FILE, ManifestError, model_weights_hash, program_code_version, read_manifest
+from export.contract.manifest import MANIFEST_FILE, ManifestError, model_weights_hash, program_code_version, read_manifest
+from export.contract.methods import ExportShapes
 from export.pipeline import delegation_table, export_model
 from models.causal_lm import AdapterConfig
+from models.console import say
+from models.files import write_json_atomic
+from models.sources.default_model import prepare_default_model
+from models.tasks.folder import load_folder_spec
+from models.tasks.movie_reviews import prepare_default_data
 from prge.noise import PRNG_VERSION
-from runtime_driver.data import load_task_spec
-from runtime_driver.movie_reviews import prepare_default_data
-from runtime_driver.plots import plot_run
-from runtime_driver.run import RunConfig, run_training, write_json_atomic
+from runtime_driver.commands.plots import plot_run
+from runtime_driver.run import RunConfig, run_training
 from runtime_driver.train import TrainConfig
-from models.default_model import prepare_default_model
 
 
 @dataclass
@@ -71,7 +72,7 @@ def run_demo(cfg: DemoConfig, progress=say) -> dict[str, Any]:
     else:
         progress("Exporting the P-RGE program to ExecuTorch (once; a few minutes) ...")
         shapes = ExportShapes(cfg.batch_size, cfg.seq_len, 2 * cfg.num_queries * cfg.batch_size)
-        manifest = export_model(model_dir, load_task_spec(data_dir / "task.json"), adapter, shapes, program_dir,
+        manifest = export_model(model_dir, load_folder_spec(data_dir), adapter, shapes, program_dir,
                                 defaults={"lr": cfg.lr, "eps": cfg.eps}, progress=progress)
         progress(delegation_table(manifest))
     export_s = time.perf_counter() - began

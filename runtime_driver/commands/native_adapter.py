@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export.manifest import read_manifest, slots_from_json
+from export.contract.manifest import read_manifest, slots_from_json
 from models.peft_io import save_peft_adapter
 from runtime_driver.checkpoint import read_flat_adapter
 

@@ -29,7 +29,7 @@ def program(tiny_program) -> Path:
 
 @pytest.fixture(scope="session")
 def data_file(program, tiny_data_dir, tmp_path_factory) -> Path:
-    from runtime_driver.export_data import export_data
+    from runtime_driver.commands.export_data import export_data
 
     return export_data(program, tiny_data_dir, tmp_path_factory.mktemp("native-data") / "data.bin",
                        steps=STEPS, seed=SEED, eval_examples=EVAL_EXAMPLES)

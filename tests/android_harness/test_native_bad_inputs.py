@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime_driver.cli import main
+from runtime_driver.commands.cli import main
 
 
 def _program_copy(program: Path, dest: Path) -> Path:
@@ -46,6 +46,15 @@ def _set(manifest: dict, keys: tuple, value) -> None:
     manifest[keys[-1]] = value
 
 
+def _consistent(manifest: dict, **changes) -> None:
+    """Change top-level fields and rewrite the manifest's contract to match them."""
+    from export.contract.manifest import program_shapes
+    from export.contract.methods import signatures_json
+
+    manifest.update(changes)
+    manifest["contract"] = signatures_json(manifest["methods"], program_shapes(manifest))
+
+
 # name -> (how to break a copy of the program dir and data file, extra args, expected message)
 CASES = {
     "program folder missing": (lambda p, d: shutil.rmtree(p), (), "manifest.json: not found"),
@@ -58,10 +67,19 @@ CASES = {
         "expected a file name inside the export folder"),
     "manifest of another program": (
         lambda p, d: _edit_manifest(p, lambda m: _set(m, ("program", "pte", "sha256"), "0" * 64)), (), "does not match manifest.json"),
-    # Unverified, a manifest whose shapes disagree with the program is still caught by the
-    # program's own method signatures.
+    # A manifest whose shapes disagree with its own contract, or (contract rewritten to match)
+    # with the program's own method signatures, is caught even unverified.
     "manifest with other num_queries": (
-        lambda p, d: _edit_manifest(p, lambda m: m.update(num_queries=3)), ("--no-verify",), "manifest from another export"),
+        lambda p, d: _edit_manifest(p, lambda m: m.update(num_queries=3)), ("--no-verify",),
+        "but this driver's contract says prev_g float32 [3]"),
+    "manifest and its contract with other num_queries": (
+        lambda p, d: _edit_manifest(p, lambda m: _consistent(m, num_queries=3)), ("--no-verify",),
+        "is float32 [2] in the program, float32 [3] by manifest.json (manifest from another export?)"),
+    "manifest of another contract version": (
+        lambda p, d: _edit_manifest(p, lambda m: _set(m, ("contract", "version"), 99)), (), "re-export the program"),
+    "manifest without a training method": (
+        lambda p, d: _edit_manifest(p, lambda m: _consistent(m, methods=["train_step", "eval_logits"])), ("--no-verify",),
+        "methods: no 'apply_update' (not a training program)"),
     "data file missing": (lambda p, d: d.unlink(), (), "data.bin: not found"),
     "data file truncated": (lambda p, d: _truncate(d, 0.9), (), "truncated"),
     "data file header only": (lambda p, d: _truncate(d, 0.0), (), "not a prge data file"),

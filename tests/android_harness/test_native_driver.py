@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from native_helpers import EPS, EVAL_EXAMPLES, LR, SEED, STEPS, deterministic, metrics
-from runtime_driver.cli import main
-from runtime_driver.export_data import decode
+from runtime_driver.commands.cli import main
+from runtime_driver.data_file import decode
 from runtime_driver.run import RunConfig, program_task, run_training
 from runtime_driver.train import TrainConfig
 
-from export.manifest import read_manifest
+from export.contract.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def python_run(program, tiny_data_dir, tmp_path_factory) -> Path:
 
 
 def test_data_file_holds_the_python_drivers_rows_and_order(program, tiny_data_dir, data_file):
-    from runtime_driver.batches import batch_indices
+    from models.tasks.batches import batch_indices
 
     d = decode(data_file.read_bytes())
     manifest = read_manifest(program)
@@ -63,7 +63,8 @@ def test_native_run_matches_python_executorch_driver(native_run, python_run):
     torch.testing.assert_close(native_b, python_ckpt, atol=1e-6, rtol=0)
     n_state = json.loads((native_run / "ckpt" / "state.json").read_text())
     p_state = json.loads((python_run / "ckpt" / "state.json").read_text())
-    assert n_state.pop("first_loss") == pytest.approx(p_state.pop("first_loss"), abs=1e-6)
+    # The judge's baseline: the same steps' mean losses (they agree to float32 rounding of the losses).
+    assert n_state.pop("baseline_losses") == pytest.approx(p_state.pop("baseline_losses"), abs=1e-6)
     assert n_state == p_state  # step, next seed, data position and the whole fingerprint
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from export.exporter import ExportShapes, export_step, write_program
+from export.contract.methods import ExportShapes
+from export.exporter import export_step, write_program
 
 
 def _inputs(batch, seed: int, eps: float):

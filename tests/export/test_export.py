@@ -8,15 +8,13 @@ import shutil
 import pytest
 import torch
 
-from export.manifest import REQUIRED_KEYS, ManifestError, program_code_version, read_manifest
-from models.causal_lm import build_step
+from export.contract.manifest import REQUIRED_KEYS, ManifestError, program_code_version, read_manifest, slots_from_json
 from models.peft_io import save_peft_adapter
-from models.tiny import TINY_FAMILIES
-from runtime_driver.cli import main
-from runtime_driver.compare import TEACHER_FORCED_REL_TOL, compare_engines
-from runtime_driver.executorch_engine import ExecuTorchPRGE
-from runtime_driver.executors import EagerPRGE
-from runtime_driver.run import program_adapter_config, program_task
+from models.sources.tiny import TINY_FAMILIES
+from runtime_driver.commands.cli import main
+from runtime_driver.commands.compare import TEACHER_FORCED_REL_TOL, compare_engines
+from runtime_driver.engines import ExecuTorchPRGE, program_adapter_config
+from runtime_driver.run import eager_engine, program_task
 from runtime_driver.train import TrainConfig, train_zero_order
 
 LOSS_TOL = 1e-5  # XNNPACK vs eager float32 rounding on per-copy mean losses
@@ -33,7 +31,8 @@ def test_family_exports_and_matches_eager(family, tiny_program, tiny_model_dir, 
 
 def _eager_twin(program, model_dir):
     manifest = read_manifest(program)
-    return EagerPRGE(build_step(model_dir, program_adapter_config(manifest), manifest["task"]["label_token_ids"]))
+    return eager_engine(model_dir, program_adapter_config(manifest), manifest["task"]["label_token_ids"],
+                        manifest["shapes"]["seq_len"])
 
 
 def test_methods_share_one_adapter_state(tiny_program, tiny_model_dir, tiny_batch):
@@ -63,8 +62,8 @@ class _Crash(Exception):
     pass
 
 
-class _CrashingExecutor:
-    """Delegates to an executor and raises at a given step (a killed app)."""
+class _CrashingEngine:
+    """Delegates to an engine and raises at a given step (a killed app)."""
 
     def __init__(self, inner, crash_at: int):
         self.inner, self.crash_at, self.calls = inner, crash_at, 0
@@ -88,12 +87,13 @@ def test_resume_equals_uninterrupted_run(tiny_program, tiny_data_dir, tmp_path):
     no_eval = lambda: {"accuracy": 0.0, "loss": 0.0}  # noqa: E731
 
     whole = ExecuTorchPRGE(program)
-    train_zero_order(whole, train, no_eval, cfg, tmp_path / "a", quiet=True)
+    train_zero_order(whole, train, no_eval, cfg, tmp_path / "a", num_labels=2, quiet=True)
 
     with pytest.raises(_Crash):
-        train_zero_order(_CrashingExecutor(ExecuTorchPRGE(program), crash_at=5), train, no_eval, cfg, tmp_path / "b", quiet=True)
+        train_zero_order(_CrashingEngine(ExecuTorchPRGE(program), crash_at=5), train, no_eval, cfg, tmp_path / "b",
+                         num_labels=2, quiet=True)
     resumed = ExecuTorchPRGE(program)  # a fresh process would load the program anew
-    train_zero_order(resumed, train, no_eval, cfg, tmp_path / "b", resume=True, quiet=True)
+    train_zero_order(resumed, train, no_eval, cfg, tmp_path / "b", num_labels=2, resume=True, quiet=True)
     assert torch.equal(whole.get_adapter(), resumed.get_adapter())
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["type"] == "train"] == list(range(7))
@@ -108,10 +108,9 @@ def test_peft_adapter_predicts_like_the_program(tiny_program, tiny_model_dir, ti
     et = ExecuTorchPRGE(program)
     task = program_task(program, manifest, tiny_data_dir)
     cfg = TrainConfig(steps=6, batch_size=2, lr=0.2, eps=1e-2, eval_every=0)
-    train_zero_order(et, task.split("train", 16), lambda: {"accuracy": 0.0, "loss": 0.0}, cfg, tmp_path / "run", quiet=True)
+    train_zero_order(et, task.split("train", 16), lambda: {"accuracy": 0.0, "loss": 0.0}, cfg, tmp_path / "run",
+                     num_labels=2, quiet=True)
     adapter = program_adapter_config(manifest)
-    from export.manifest import slots_from_json
-
     save_peft_adapter(tmp_path / "adapter", slots_from_json(manifest["adapter"]["slots"]), et.get_adapter(),
                       rank=adapter.rank, alpha=adapter.alpha, a_seed=adapter.a_seed, targets=adapter.targets,
                       base_model=str(tiny_model_dir("llama")))
@@ -145,12 +144,13 @@ def test_manifest_has_what_a_driver_needs(tiny_program):
     assert manifest["delegation"]["train_step"]["delegated_nodes"] > 0
     assert manifest["adapter"]["numel"] == sum(s["shape"][0] * s["shape"][1] for s in manifest["adapter"]["slots"])
     assert manifest["tokenizer"]["file"] == "tokenizer.json" and len(manifest["tokenizer"]["sha256"]) == 64
-    assert manifest["executorch_version"] == "1.5.1"
+    assert manifest["versions"]["executorch"] == "1.5.1" and manifest["versions"]["torch"].startswith("2.13.0")
+    assert set(manifest["versions"]) >= {"transformers", "peft", "torchao"}
     assert manifest["code_version"] == program_code_version()  # what the demo checks before reusing it
 
 
 def test_code_version_changes_with_the_traced_code(tmp_path, monkeypatch):
-    import export.manifest as manifest_module
+    import export.contract.manifest as manifest_module
 
     for package in manifest_module.PROGRAM_SOURCES:
         (tmp_path / package).mkdir()

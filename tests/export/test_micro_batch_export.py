@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from export.exporter import ExportShapes, export_step
-from runtime_driver.compare import TEACHER_FORCED_REL_TOL, compare_engines
-from export.manifest import read_manifest
+from export.contract.manifest import read_manifest
+from export.contract.methods import ExportShapes
+from export.exporter import export_step
+from runtime_driver.commands.compare import TEACHER_FORCED_REL_TOL, compare_engines
 
 LOSS_TOL = 1e-5  # XNNPACK vs eager float32 rounding on per-copy mean losses
 

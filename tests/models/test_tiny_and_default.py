@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.default_model import (
+from models.sources.default_model import (
     DEFAULT_MODEL_NAME,
     default_model_dir,
     find_source_package,
     is_default_model_prepared,
     prepare_default_model,
 )
-from models.tiny import LABEL_WORDS, TINY_FAMILIES, make_tiny_model_dir
+from models.sources.tiny import LABEL_WORDS, TINY_FAMILIES, make_tiny_model_dir
 
 TEXTS = [
     "Review: the movie was great and I loved it.\nSentiment:",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prge.step import Pieces, piece_layout
+from prge.pieces import Pieces, piece_layout
 
 
 @pytest.mark.parametrize("copies,batch,max_rows", [(4, 2, None), (4, 2, 8), (4, 2, 3), (4, 2, 2), (4, 5, 2), (6, 3, 7), (2, 1, 1), (8, 64, 64), (8, 7, 64)])

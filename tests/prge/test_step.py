@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from models.tiny import TINY_FAMILIES
+from models.sources.tiny import TINY_FAMILIES
 from prge.estimators import projected_grads
 from prge.lora import perturbed_mode
 from prge.noise import gaussian

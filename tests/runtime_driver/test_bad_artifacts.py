@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime_driver.cli import main
+from export.contract.manifest import program_shapes
+from export.contract.methods import signatures_json
+from runtime_driver.commands.cli import main
 
 
 def _train(program: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -49,11 +51,16 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def _set(keys: tuple, value):
+def _set(keys: tuple, value, consistent: bool = False):
+    """Set one manifest field; consistent: also rewrite the manifest's contract to match, as a
+    careful forger would, so only the program itself can tell."""
     def edit(obj):
+        manifest = obj
         for k in keys[:-1]:
             obj = obj[k]
         obj[keys[-1]] = value
+        if consistent:
+            manifest["contract"] = signatures_json(manifest["methods"], program_shapes(manifest))
     return edit
 
 
@@ -65,14 +72,20 @@ PROGRAM_DAMAGE = [
     ("tokenizer.json", _flip_byte, "not the tokenizer this program was exported with"),
     ("manifest.json", _truncate, "not valid JSON"),
     ("manifest.json", lambda p: p.write_bytes(b"\xff\xfe\x00garbage"), "not valid JSON"),
-    ("manifest.json", lambda p: _edit_json(p, _set(("num_queries",), 3)), "train_step input 5 is [2] in the program, [3] by the manifest"),
-    ("manifest.json", lambda p: _edit_json(p, _set(("shapes", "seq_len"), 32)), "train_step input 0 is [2, 16] in the program"),
+    ("manifest.json", lambda p: _edit_json(p, _set(("num_queries",), 3)), "contract: the methods' inputs and outputs differ"),
+    ("manifest.json", lambda p: _edit_json(p, _set(("num_queries",), 3, consistent=True)),
+     "train_step input 5 (prev_g) is float32 [2] in the program, float32 [3] by the manifest"),
+    ("manifest.json", lambda p: _edit_json(p, _set(("shapes", "seq_len"), 32)), "contract: the methods' inputs"),
+    ("manifest.json", lambda p: _edit_json(p, _set(("shapes", "seq_len"), 32, consistent=True)),
+     "train_step input 0 (input_ids) is int64 [2, 16] in the program"),
+    ("manifest.json", lambda p: _edit_json(p, _set(("contract", "version"), 0)), "re-export the program"),
     ("manifest.json", lambda p: _edit_json(p, _set(("adapter", "numel"), 7)), "adapter.numel"),
     ("manifest.json", lambda p: _edit_json(p, _set(("prng_version",), "other-v0")), "another noise generator"),
     ("manifest.json", lambda p: _edit_json(p, _set(("program", "pte", "file"), "../model.pte")), "inside the export folder"),
     ("manifest.json", lambda p: _edit_json(p, _set(("shapes",), None)), "shapes: expected an object"),
     ("manifest.json", lambda p: _edit_json(p, lambda m: m.pop("tokenizer")), "missing keys tokenizer"),
-    ("manifest.json", lambda p: _edit_json(p, _set(("methods",), ["train_step"])), "not a training program"),
+    ("manifest.json", lambda p: _edit_json(p, _set(("methods",), ["train_step"], consistent=True)),
+     "the program has no apply_update, eval_logits, get_adapter, set_adapter method"),
 ]
 
 

@@ -2,7 +2,7 @@
 
 Every run here is a real `prge train --engine executorch` process. It is killed either by a
 SIGKILL from this test at a random moment, or by itself at a named kill point (PRGE_FAILPOINT,
-prge/failpoints.py) inside a checkpoint swap, mid-way through a metrics line or the final
+runtime_driver/failpoints.py) inside a checkpoint swap, mid-way through a metrics line or the final
 adapter write, where a kill from outside would almost never land.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ STEPS = 10
 
 def _command(program: Path, data: Path, out: Path, resume: bool) -> list[str]:
     return [
-        sys.executable, "-m", "runtime_driver.cli", "train", "--engine", "executorch", "--program", str(program),
+        sys.executable, "-m", "runtime_driver.commands.cli", "train", "--engine", "executorch", "--program", str(program),
         "--data", str(data), "--out", str(out), "--steps", str(STEPS), "--batch", "2", "--lr", "0.05",
         "--eps", "1e-2", "--seed", "4", "--checkpoint-every", "2", "--eval-every", "5", "--eval-examples", "8",
         "--test-examples", "0", "--threads", "1", *(["--resume"] if resume else []),

@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from export.manifest import ManifestError, read_manifest
+from export.contract.manifest import ManifestError, read_manifest
 from runtime_driver.checkpoint import CheckpointError, load_checkpoint
-from runtime_driver.data import DataError, TaskSpec, load_task_spec, read_examples
+from models.tasks.readers import read_examples
+from models.tasks.spec import DataError, TaskSpec, load_task_spec
 from runtime_driver.metrics import read_metrics
 
 # 150 examples per reader in CI; PRGE_FUZZ_EXAMPLES=5000 for a longer hunt (BENCHMARKS.md).
@@ -76,8 +77,12 @@ def test_task_spec_reader_never_crashes(spec) -> None:
 
 
 def _valid_manifest() -> dict:
+    from export.contract.methods import TRAINING_METHODS, ProgramShapes, signatures_json
+
     return {
-        "manifest_version": 1,
+        "manifest_version": 2,
+        "contract": signatures_json(TRAINING_METHODS, ProgramShapes(batch=2, seq_len=16, eval_batch=8, num_queries=2,
+                                                                    adapter_numel=12, num_labels=2)),
         "program": {"pte": {"file": "model.pte", "bytes": 10, "sha256": "a" * 64}, "ptd": None},
         "methods": ["train_step", "apply_update", "eval_logits", "get_adapter", "set_adapter"],
         "shapes": {"batch_size": 2, "seq_len": 16, "eval_batch_size": 8},
@@ -89,7 +94,7 @@ def _valid_manifest() -> dict:
         "tokenizer": {"file": "tokenizer.json", "sha256": "b" * 64, "pad_token_id": 0},
         "prng_version": __import__("prge.noise", fromlist=["PRNG_VERSION"]).PRNG_VERSION,
         "model": {"path": "/m", "id": "m", "model_type": "llama", "weights_sha256": "c" * 64},
-        "executorch_version": "1.5.1",
+        "versions": {"executorch": "1.5.1"},
         "defaults": {},
     }
 

@@ -4,7 +4,7 @@ intact and still replays from the log."""
 from __future__ import annotations
 
 from runtime_driver.checkpoint import load_checkpoint
-from runtime_driver.cli import main
+from runtime_driver.commands.cli import main
 from runtime_driver.metrics import read_metrics
 from runtime_driver.replay import replay_run
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from models.causal_lm import AdapterConfig
-from runtime_driver.cli import main
+from runtime_driver.commands.cli import main
 from runtime_driver.run import RunConfig, run_training
 from runtime_driver.train import TrainConfig
 

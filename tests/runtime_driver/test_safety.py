@@ -36,7 +36,7 @@ def refuse(event, args):
     if event in ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "urllib.Request"):
         raise PermissionError(f"network access attempted at run time: {event} {args!r:.200}")
 sys.addaudithook(refuse)
-from runtime_driver.cli import main
+from runtime_driver.commands.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

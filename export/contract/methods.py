@@ -1,0 +1,142 @@
+"""The methods of an exported P-RGE program: names, inputs in order (name, dtype, shape),
+outputs, and how a driver's Python numbers become those inputs.
+
+This is the single definition both sides of the program boundary derive from: the exporter
+traces these inputs, the Python engines build their calls and check a loaded program's own
+signatures against them, the manifest records them for drivers without Python, and the native
+driver (android_harness/src/contract.hpp, checked against this module by a test) refuses a
+manifest whose contract differs from the one it was built for.
+
+Shapes are written with named dimensions, resolved by a program's `ProgramShapes`:
+  batch (b, examples per perturbed copy), seq_len, eval_batch, num_queries (q), adapter_numel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# Bump when a method, an input, its order, dtype or shape changes: recorded in manifests, and
+# a driver built for another version refuses the program.
+CONTRACT_VERSION = 1
+
+DTYPES = {"int64": torch.int64, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    dtype: str  # a key of DTYPES
+    shape: tuple[str | int, ...]  # named dimensions (see the module docstring) or sizes
+
+
+def _tokens(prefix: str = "") -> tuple[Arg, Arg]:
+    rows = "eval_batch" if prefix else "batch"
+    return Arg("input_ids", "int64", (rows, "seq_len")), Arg("attention_mask", "int64", (rows, "seq_len"))
+
+
+_SEED = Arg("seed", "int64", (1,))
+_LABELS = Arg("labels", "int64", ("batch",))
+
+# Inputs in call order. The PRGEStep methods of the same names take exactly these parameters
+# (a test checks the names), and each returns one tensor, OUTPUTS[name].
+INPUTS: dict[str, tuple[Arg, ...]] = {
+    "train_step": (*_tokens(), _LABELS, Arg("prev_seed", "int64", (1,)), Arg("new_seed", "int64", (1,)),
+                   Arg("prev_g", "float32", ("num_queries",)), Arg("lr", "float32", (1,)), Arg("eps", "float32", (1,))),
+    "apply_update": (Arg("prev_seed", "int64", (1,)), Arg("prev_g", "float32", ("num_queries",)), Arg("lr", "float32", (1,))),
+    "eval_logits": _tokens("eval"),
+    "get_adapter": (),
+    "set_adapter": (Arg("flat", "float32", ("adapter_numel",)),),
+    # The MeZO-style single forward at B + eps z (eps may be negative), for the benchmark's
+    # sequential baseline on the same runtime.
+    "perturbed_loss": (*_tokens(), _LABELS, _SEED, Arg("eps", "float32", (1,))),
+}
+OUTPUTS: dict[str, Arg] = {
+    "train_step": Arg("losses", "float32", ("2q",)),  # + copies first, then - copies
+    "apply_update": Arg("adapter", "float32", ("adapter_numel",)),
+    "eval_logits": Arg("logits", "float32", ("eval_batch", "num_labels")),
+    "get_adapter": Arg("adapter", "float32", ("adapter_numel",)),
+    "set_adapter": Arg("adapter", "float32", ("adapter_numel",)),
+    "perturbed_loss": Arg("loss", "float32", (1,)),
+}
+# What a training driver calls; all of them share one adapter state inside the program.
+TRAINING_METHODS = ("train_step", "apply_update", "eval_logits", "get_adapter", "set_adapter")
+# Exported only on request.
+OPTIONAL_METHODS = ("perturbed_loss",)
+
+
+@dataclass(frozen=True)
+class ExportShapes:
+    """The static shapes a user chooses at export."""
+
+    batch_size: int  # b: examples per perturbed copy; train_step takes [b, seq_len]
+    seq_len: int  # prompt length in tokens
+    eval_batch_size: int  # rows per eval_logits call
+
+
+@dataclass(frozen=True)
+class ProgramShapes:
+    """Every named dimension of a program: the export's shapes plus what the model fixes."""
+
+    batch: int
+    seq_len: int
+    eval_batch: int
+    num_queries: int
+    adapter_numel: int
+    num_labels: int
+
+    @classmethod
+    def of(cls, shapes: ExportShapes, num_queries: int, adapter_numel: int, num_labels: int) -> "ProgramShapes":
+        return cls(shapes.batch_size, shapes.seq_len, shapes.eval_batch_size, num_queries, adapter_numel, num_labels)
+
+    def size(self, dim: str | int) -> int:
+        if isinstance(dim, int):
+            return dim
+        if dim == "2q":
+            return 2 * self.num_queries
+        return getattr(self, dim)
+
+    def resolve(self, arg: Arg) -> list[int]:
+        return [self.size(d) for d in arg.shape]
+
+
+def example_inputs(method: str, shapes: ProgramShapes) -> tuple[Tensor, ...]:
+    """Tensors of the method's inputs for tracing: masks all ones, everything else zeros. Every
+    input is its own tensor object (one object passed twice, say lr and eps, makes export treat
+    the two as one aliased input, silently)."""
+    make = {"attention_mask": torch.ones}
+    return tuple(make.get(a.name, torch.zeros)(*shapes.resolve(a), dtype=DTYPES[a.dtype]) for a in INPUTS[method])
+
+
+def step_scalars(prev_seed: int, new_seed: int, prev_g: list[float], lr: float, eps: float) -> tuple[Tensor, ...]:
+    """train_step's scalar inputs (after the batch) from a driver's Python numbers: seeds as
+    int64 [1], g as float32 [q], lr and eps as float32 [1]. The float32 rounding of g and lr
+    happens here, the same for every engine and for replay."""
+    return (
+        torch.tensor([prev_seed], dtype=torch.int64),
+        torch.tensor([new_seed], dtype=torch.int64),
+        torch.tensor(prev_g, dtype=torch.float32),
+        torch.tensor([lr], dtype=torch.float32),
+        torch.tensor([eps], dtype=torch.float32),
+    )
+
+
+def update_scalars(prev_seed: int, prev_g: list[float], lr: float) -> tuple[Tensor, ...]:
+    """apply_update's inputs, encoded exactly as train_step's update part."""
+    seed, _, g, lr_t, _ = step_scalars(prev_seed, 0, prev_g, lr, 0.0)
+    return seed, g, lr_t
+
+
+def signatures_json(methods: tuple[str, ...] | list[str], shapes: ProgramShapes) -> dict[str, Any]:
+    """The manifest's "contract": the version and every method's inputs and output with
+    resolved shapes, for drivers that check a program without this module."""
+
+    def arg(a: Arg) -> dict[str, Any]:
+        return {"name": a.name, "dtype": a.dtype, "shape": shapes.resolve(a)}
+
+    return {
+        "version": CONTRACT_VERSION,
+        "methods": {m: {"inputs": [arg(a) for a in INPUTS[m]], "output": arg(OUTPUTS[m])} for m in methods},
+    }

@@ -1,0 +1,84 @@
+"""`prge summarize`: the accuracy table (markdown) of finished runs, as BENCHMARKS.md shows it.
+
+Each argument is a run directory of `prge train` (config.json, summary.json, metrics.jsonl) or
+the JSON that `prge eval` prints (a zero-shot row). Every figure comes from those files; the
+versions the runs recorded are printed under the table.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from runtime_driver.metrics import read_metrics
+
+COLUMNS = ("run", "method", "q", "b", "steps", "lr", "eps", "test acc", "test loss", "median ms/step", "train wall s")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found (is {path.parent} a finished `prge train` run?)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _method(train: dict[str, Any], q: int) -> str:
+    if train["method"] == "prge":
+        return f"P-RGE (q={q}, +/- in one batch)"
+    if train["method"] == "mezo":
+        return f"MeZO-style (q={q}, sequential)"
+    return f"first-order LoRA-FA ({train['optimizer'].capitalize()})"
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """One table row (and validation curve) from a run directory or a `prge eval` JSON file."""
+    path = Path(path)
+    if path.is_file():
+        result = _read_json(path)
+        if result.get("adapter") is not None:
+            raise ValueError(f"{path}: an evaluation of an adapter; give its run directory instead")
+        return {"run": path.stem, "method": "zero-shot (B = 0)", "test acc": result["accuracy"],
+                "test loss": result["loss"], "curve": [], "versions": None}
+    config, summary = _read_json(path / "config.json"), _read_json(path / "summary.json")
+    train, q = config["train"], config["adapter"]["num_queries"]
+    if "test" not in summary:
+        raise ValueError(f"{path}: the run evaluated no test split (--test-examples 0)")
+    zeroth = train["method"] != "fo"
+    curve = [(r["step"], r["accuracy"], r["loss"]) for r in read_metrics(path / "metrics.jsonl") if r.get("type") == "eval"]
+    return {
+        "run": path.name, "method": _method(train, q), "q": q if zeroth else "-", "b": train["batch_size"],
+        "steps": train["steps"], "lr": train["lr"], "eps": train["eps"] if zeroth else "-",
+        "test acc": summary["test"]["accuracy"], "test loss": summary["test"]["loss"],
+        "median ms/step": summary["median_step_ms"], "train wall s": summary["wall_s"],
+        "curve": curve, "versions": summary.get("versions"),
+    }
+
+
+_FORMATS = {"test acc": "{:.3f}", "test loss": "{:.3f}", "median ms/step": "{:.0f}", "train wall s": "{:.0f}", "lr": "{:g}",
+            "eps": "{:g}"}
+
+
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (int, float)) and column in _FORMATS:
+        return _FORMATS[column].format(value)
+    return str(value)
+
+
+def summarize(paths: list[str]) -> str:
+    rows = [describe(p) for p in paths]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(c, row.get(c, "-")) for c in COLUMNS) + " |")
+    lines.append("")
+    lines.append("Validation (step: accuracy / loss):")
+    for row in rows:
+        if row["curve"]:
+            lines.append(f"- `{row['run']}`: " + ", ".join(f"{s}: {a:.3f} / {loss:.3f}" for s, a, loss in row["curve"]))
+    versions = {json.dumps(r["versions"], sort_keys=True) for r in rows if r["versions"]}
+    lines.append("")
+    lines.append("Versions: " + ("; ".join(sorted(versions)) if versions else "not recorded by these runs"))
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""`prge summarize`: the accuracy table comes from the runs' own files, row by row."""
+from __future__ import annotations
+
+import json
+
+from models.causal_lm import AdapterConfig
+from runtime_driver.commands.cli import main
+from runtime_driver.run import RunConfig, run_training
+from runtime_driver.train import TrainConfig
+
+
+def test_table_rows_are_the_runs_files(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    model = str(tiny_model_dir("llama"))
+    runs = {}
+    for method, lr in (("prge", 0.05), ("fo", 1e-2)):
+        train = TrainConfig(method=method, steps=3, batch_size=2, lr=lr, eval_every=3, eval_examples=8, optimizer="adam")
+        runs[method] = tmp_path / f"bench-{method}"
+        run_training(RunConfig(model=model, data=str(tiny_data_dir), out=str(runs[method]), seq_len=16, test_examples=8,
+                               adapter=AdapterConfig(num_queries=2, rank=4), train=train), quiet=True, progress=lambda _: None)
+    assert main(["eval", "--model", model, "--data", str(tiny_data_dir), "--seq-len", "16", "--limit", "8"]) == 0
+    zero_shot = tmp_path / "zero-shot-test.json"
+    zero_shot.write_text(capsys.readouterr().out)
+
+    assert main(["summarize", str(zero_shot), str(runs["prge"]), str(runs["fo"])]) == 0
+    table = capsys.readouterr().out.splitlines()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"run", "zero-shot-test", "bench-prge", "bench-fo"}
+    zs = json.loads(zero_shot.read_text())
+    assert f"| {zs['accuracy']:.3f} | {zs['loss']:.3f} |" in rows["zero-shot-test"]
+    for method, run in runs.items():
+        summary = json.loads((run / "summary.json").read_text())
+        assert f"| {summary['test']['accuracy']:.3f} | {summary['test']['loss']:.3f} |" in rows[run.name]
+    assert "P-RGE (q=2" in rows["bench-prge"] and "| 0.05 | 0.01 |" in rows["bench-prge"]
+    assert "first-order LoRA-FA (Adam)" in rows["bench-fo"] and "| 0.01 | - |" in rows["bench-fo"]
+    curves = [line for line in table if line.startswith("- `bench-")]
+    assert len(curves) == 2 and all("0: " in line and "3: " in line for line in curves)
+    assert "transformers" in table[-1] and "peft" in table[-1]  # the versions the runs recorded
+
+
+def test_a_run_without_a_test_split_is_refused(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "tuning"
+    train = TrainConfig(steps=1, batch_size=2, eval_every=0, eval_examples=4)
+    run_training(RunConfig(model=str(tiny_model_dir("llama")), data=str(tiny_data_dir), out=str(run), seq_len=16,
+                           test_examples=0, adapter=AdapterConfig(num_queries=2, rank=4), train=train), quiet=True,
+                 progress=lambda _: None)
+    assert main(["summarize", str(run)]) == 2
+    assert "evaluated no test split" in capsys.readouterr().err
