@@ -9,12 +9,24 @@
 #include <exception>
 #include <string>
 
+#include <executorch/runtime/platform/platform.h>
+
 #include "data_file.hpp"
 #include "manifest.hpp"
 #include "program.hpp"
 #include "train_loop.hpp"
 
 namespace {
+
+bool show_runtime_info = false;  // --verbose
+
+// The runtime's log lines on stderr, as its default does, but its Info and Debug lines (the
+// cpuinfo probing, the thread pool size: nothing a user can act on) only with --verbose.
+void emit_runtime_log(et_timestamp_t, et_pal_log_level_t level, const char* filename, const char*, size_t line,
+                      const char* message, size_t length) {
+  if (!show_runtime_info && (level == kInfo || level == kDebug)) return;
+  std::fprintf(stderr, "%c executorch:%s:%zu] %.*s\n", static_cast<char>(level), filename, line, static_cast<int>(length), message);
+}
 
 const char* kUsage =
     "usage: prge-native --program DIR --data FILE --out DIR [options]\n"
@@ -32,7 +44,8 @@ const char* kUsage =
     "  --threads N            ExecuTorch thread pool size (default: the runtime's)\n"
     "  --resume               continue from OUT/ckpt\n"
     "  --no-verify            skip the sha256 check of the program files (faster start)\n"
-    "  --quiet                no progress lines on stderr\n";
+    "  --quiet                no progress lines on stderr\n"
+    "  --verbose              also the ExecuTorch runtime's informational log lines\n";
 
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -88,10 +101,12 @@ int main(int argc, char** argv) {
       else if (flag == "--resume") opt.resume = true;
       else if (flag == "--no-verify") verify = false;
       else if (flag == "--quiet") opt.quiet = true;
+      else if (flag == "--verbose") show_runtime_info = true;
       else if (flag == "--help" || flag == "-h") { std::fputs(kUsage, stdout); return 0; }
       else throw UsageError("unknown option '" + flag + "'");
     }
     if (program_dir.empty() || data_path.empty() || out_dir.empty()) throw UsageError("--program, --data and --out are required");
+    executorch::runtime::register_pal(executorch::runtime::PalImpl::create(emit_runtime_log, __FILE__));
 
     prge::Manifest manifest = prge::read_manifest(program_dir, verify);
     prge::DataFile data = prge::read_data_file(data_path, manifest);

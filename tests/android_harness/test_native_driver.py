@@ -128,3 +128,10 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(run_native, progra
     done = run_native(program, data_file, run, "--resume", "--lr", "0.1")
     assert done.returncode == 2
     assert "checkpoint is from another configuration (differs in lr)" in done.stderr
+
+
+def test_runtime_info_lines_only_with_verbose(run_native, program, data_file, tmp_path):
+    quiet = run_native(program, data_file, tmp_path / "quiet", "--threads", "1")
+    assert quiet.returncode == 0 and "executorch:" not in quiet.stderr, quiet.stderr
+    verbose = run_native(program, data_file, tmp_path / "verbose", "--threads", "1", "--verbose")
+    assert verbose.returncode == 0 and "Resetting threadpool to 1 threads" in verbose.stderr, verbose.stderr
