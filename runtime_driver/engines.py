@@ -33,7 +33,6 @@ _SCALAR_TYPES = {4: "int64", 6: "float32"}
 
 
 class Engine(Protocol):
-    name: str  # "eager" | "executorch"
     num_queries: int
     seq_len: int  # prompt length the engine takes
     eval_batch_size: int  # rows per eval_logits call
@@ -68,7 +67,6 @@ def set_runtime_threads(threads: int) -> None:
 class EagerPRGE:
     """P-RGE in eager PyTorch: one batched forward over the 2q perturbed copies."""
 
-    name = "eager"
     fixed_eval_batch = False
     program_sha256 = None
 
@@ -185,7 +183,6 @@ def program_adapter_config(manifest: dict) -> AdapterConfig:
 class ExecuTorchPRGE:
     """Train through the ExecuTorch runtime alone: the exported program's methods are the step."""
 
-    name = "executorch"
     fixed_eval_batch = True
 
     def __init__(self, program_dir: str | Path) -> None:

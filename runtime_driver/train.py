@@ -93,11 +93,11 @@ class PendingUpdate:
 
     num_queries: int
     seed: int = 0
-    g: list[float] = field(default_factory=list)
     lr: float = 0.0
+    g: list[float] = field(init=False)  # zeros: nothing pending
 
     def __post_init__(self) -> None:
-        self.g = self.g or [0.0] * self.num_queries
+        self.g = [0.0] * self.num_queries
 
     def set(self, seed: int, g: list[float], lr: float) -> None:
         self.seed, self.g, self.lr = seed, g, lr

@@ -7,7 +7,7 @@ from export.contract.methods import step_scalars
 from runtime_driver.engines import EagerPRGE, EagerSequential, ExecuTorchPRGE, ExecuTorchProgram
 
 INTERFACE = ("train_step", "apply_update", "eval_logits", "get_adapter", "set_adapter")
-DESCRIPTION = ("name", "num_queries", "seq_len", "eval_batch_size", "fixed_eval_batch", "slots", "adapter", "base_model",
+DESCRIPTION = ("num_queries", "seq_len", "eval_batch_size", "fixed_eval_batch", "slots", "adapter", "base_model",
                "model_type", "program_sha256")
 
 
