@@ -420,5 +420,5 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
         calls[f"{path}:train_step"] = _train_step_call(program, q, shapes["batch_size"], shapes["seq_len"], vocab)
         calls[f"{path}:eval_logits"] = lambda p=program, i=ids, m=mask: p.run("eval_logits", [i, m])
     ms = interleaved_ms(calls, reps, warmup)
-    return {path: {"train_step_ms": round(ms[f"{path}:train_step"], 1), "eval_logits_ms": round(ms[f"{path}:eval_logits"], 1),
+    return {path: {"train_step_ms": round(ms[f"{path}:train_step"], 3), "eval_logits_ms": round(ms[f"{path}:eval_logits"], 3),
                    "step_overhead": round(ms[f"{path}:train_step"] / ms[f"{path}:eval_logits"], 3)} for path in program_dirs}

@@ -104,7 +104,17 @@ def _set_threads(threads: int) -> None:
 
 
 def cmd_bench(args) -> None:
-    from runtime_driver.commands.bench import BenchConfig, format_table, run_bench
+    from runtime_driver.commands.bench import BenchConfig, compare_programs, format_table, machine_info, run_bench
+
+    if args.programs:  # exports of the same shapes against each other, nothing else
+        result = {"machine": machine_info(), "threads": args.threads, "reps": args.reps,
+                  "programs": compare_programs(args.programs, reps=args.reps, threads=args.threads)}
+        _print(result)
+        if args.json:
+            from models.files import write_json_atomic
+
+            write_json_atomic(args.json, result)
+        return
 
     def ints(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -317,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH,
                    help=f"rows per forward pass in the P-RGE programs (default {DEFAULT_MICRO_BATCH}; 0: one pass)")
     p.add_argument("--export-only", action="store_true", help="export (or find) every program, then stop without timing")
+    p.add_argument("--programs", nargs="+", metavar="DIR",
+                   help="only time these export folders (same shapes) against each other, interleaved: train_step and "
+                        "eval_logits medians, e.g. a program with and one without the export-friendly rewrites")
     p.add_argument("--profile", action="store_true",
                    help="also profile one train_step of the --demo configuration with ExecuTorch's ETDump: time per operator")
     p.add_argument("--quick", action="store_true", help="smallest grid, 2 reps: a smoke run")

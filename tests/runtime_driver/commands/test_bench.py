@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from runtime_driver.commands.bench import TARGETS
 from runtime_driver.commands.cli import main
 
@@ -53,3 +55,16 @@ def test_bench_emits_every_key_and_reuses_cached_programs(tiny_model_dir, tmp_pa
     again = json.loads(out.read_text())
     assert again["export_seconds"] == {}  # every program came from the cache
     assert again["peak_rss_mb"] == {} and again["profile"] is None
+
+
+def test_programs_are_timed_against_each_other(tiny_program, tmp_path, capsys):
+    embedded, external = tiny_program("llama"), tiny_program("llama", external=True)
+    out = tmp_path / "programs.json"
+    assert main(["bench", "--programs", str(embedded), str(external), "--reps", "2", "--threads", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    assert set(result["programs"]) == {str(embedded), str(external)}
+    for row in result["programs"].values():
+        assert _positive(row["train_step_ms"]) and _positive(row["eval_logits_ms"])
+        assert row["step_overhead"] == pytest.approx(row["train_step_ms"] / row["eval_logits_ms"], rel=0.02)
+    assert result["machine"]["cpu"] and result["threads"] == 1
