@@ -2,8 +2,6 @@
 that of one piece as the batch grows (the point of streaming the 2q*b rows)."""
 from __future__ import annotations
 
-import torch
-
 from export.contract.manifest import read_manifest
 from export.contract.methods import ExportShapes
 from export.exporter import export_step
