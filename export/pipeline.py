@@ -49,7 +49,7 @@ def export_model(
     programs with more delegate islands, for comparison."""
     check_shapes(model_dir, shapes, adapter.num_queries)
     tokenizer = load_tokenizer(model_dir)
-    label_ids = label_token_ids(tokenizer, task.label_words)
+    label_ids = label_token_ids(tokenizer, task)
     adapter.loss = task.loss
     progress(f"Building {model_dir.name} with LoRA-FA (q={adapter.num_queries}, r={adapter.rank}) ...")
     step = build_step(model_dir, adapter, label_ids, rewrites=rewrites)
@@ -71,6 +71,7 @@ def export_model(
             pad_token_id=tokenizer.pad_token_id,
             model={"path": str(model_dir.resolve()), "id": model_dir.name,
                    "model_type": step.body.backbone.config.model_type, "rewrites": rewrites,
+                   "rewritten": step.rewrites.as_json(),
                    "weights_sha256": model_weights_hash(model_dir)},
             defaults=defaults or {}, delegation=delegation,
             export_seconds={**{k: round(v, 2) for k, v in timings.items()},

@@ -8,7 +8,8 @@ from transformers.pytorch_utils import Conv1D
 
 from prge.lora import LoRAFALinear
 
-# peft's defaults for the families we test; anything else must name its targets.
+# peft's defaults for the families we test (phi3 has none in peft); other families take peft's
+# own table, and a family in neither must name its targets.
 DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
@@ -17,6 +18,8 @@ DEFAULT_TARGETS = {
     "mistral": ["q_proj", "v_proj"],
     "opt": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "smollm3": ["q_proj", "v_proj"],
 }
 DEFAULT_RANK = 8
 DEFAULT_ALPHA = 16.0
@@ -28,13 +31,16 @@ class AdapterError(ValueError):
     """A target that matches nothing, or matches a module we cannot adapt."""
 
 
-def default_targets(model_type: str) -> list[str]:
-    if model_type not in DEFAULT_TARGETS:
+def default_targets(model_type: str) -> list[str] | str:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    targets = DEFAULT_TARGETS.get(model_type, PEFT_TARGETS.get(model_type))
+    if targets is None:
         raise AdapterError(
             f"no default LoRA targets for model type {model_type!r}; pass --targets "
-            f"(known defaults: {', '.join(sorted(DEFAULT_TARGETS))})"
+            f"(prge's defaults: {', '.join(sorted(DEFAULT_TARGETS))}; and peft's)"
         )
-    return list(DEFAULT_TARGETS[model_type])
+    return list(targets) if isinstance(targets, list) else targets
 
 
 def _matches(name: str, targets: list[str] | str) -> bool:

@@ -9,15 +9,27 @@ import torch
 from torch import Tensor, nn
 
 from models.adapters import DEFAULT_A_SEED, DEFAULT_ALPHA, DEFAULT_RANK, default_targets, inject_lora_fa
-from models.delegatable import register_attention, replace_rms_norms
+from models.delegatable import (
+    ATTENTION_NAME,
+    RewriteReport,
+    register_attention,
+    relative_difference,
+    replace_rms_norms,
+)
 from prge.pieces import DEFAULT_MICRO_BATCH
 from prge.step import PRGEStep
 
 # The Hub is never used: models come from local folders only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Families whose backbones take explicit position_ids (needed for left padding) and were tested.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "opt", "gpt2")
+# Families the tests cover with a tiny config each (models/sources/tiny.py): prge's rewrites are
+# tried on these. Any other model_type loads with Hugging Face's own layers and trains if its
+# forward passes the parity check below.
+TESTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "opt", "gpt2", "gemma3_text", "smollm3")
+# prge's forward (rewrites, LoRA-FA with B = 0, answer position) must give Hugging Face's
+# next-token logits to this relative difference (in norm) on a probe batch with left padding.
+PARITY_REL_TOL = 1e-5
+PROBE_LEN, PROBE_PADDING = 12, 4
 
 
 class ModelError(ValueError):
@@ -68,50 +80,147 @@ def load_tokenizer(model_dir: str | Path):
     return tokenizer
 
 
-def load_causal_lm(model_dir: str | Path, rewrites: bool = True) -> nn.Module:
+@dataclass
+class ParityProbe:
+    """A small left-padded batch and Hugging Face's own next-token logits for it, taken from the
+    unmodified model before prge touches it: what prge's forward must reproduce."""
+
+    input_ids: Tensor  # [2, PROBE_LEN]; row 1 left-padded
+    attention_mask: Tensor
+    logits: Tensor  # [2, vocab] at the last position
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    rewrites: RewriteReport
+    probe: ParityProbe
+
+
+def _probe_batch(vocab_size: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (2, PROBE_LEN), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :PROBE_PADDING] = 0
+    return ids, mask
+
+
+def _position_ids(mask: Tensor) -> Tensor:
+    # What Hugging Face's generate() derives for a left-padded batch, and what AnswerHidden uses.
+    return torch.clamp(torch.cumsum(mask, dim=1) - 1, min=0)
+
+
+def _hf_answer_logits(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False)
+    return out.logits[:, -1, :].float()
+
+
+def _load_hf(model_dir: Path, model_type: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    except Exception as e:  # any failure of an unknown architecture: one line, with its cause
+        raise ModelError(f"{model_dir}: Hugging Face could not load this {model_type!r} model: {e}") from e
+
+
+def _use_prge_attention(model: nn.Module, probe: ParityProbe, report: RewriteReport) -> None:
+    """Switch to prge's grouped-query attention if the model's logits stay the same, else keep HF's."""
+    if not model._can_set_attn_implementation():
+        report.kept["attention"] = "the family does not take a pluggable attention"
+        return
+    model.set_attn_implementation(register_attention())
+    try:
+        gap = relative_difference(_hf_answer_logits(model, probe.input_ids, probe.attention_mask), probe.logits)
+    except Exception as e:  # noqa: BLE001 - whatever breaks, HF's own attention is the answer
+        gap, why = None, f"prge's attention failed: {type(e).__name__}: {e}"
+    else:
+        why = f"prge's attention changes the logits by {gap:.1e} (relative)"
+    if gap is not None and gap <= PARITY_REL_TOL:
+        report.attention = ATTENTION_NAME
+    else:
+        model.set_attn_implementation("eager")
+        report.kept["attention"] = why
+
+
+def load_causal_lm(model_dir: str | Path, rewrites: bool = True) -> LoadedModel:
     """A float32 causal LM from a local folder, in eval mode with a static-shape attention path.
-    rewrites: prge's export-friendly RMSNorm and attention (models/delegatable.py); without
-    them Hugging Face's own layers stay (eager attention), as a baseline to compare against."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+
+    rewrites: prge's export-friendly RMSNorm and attention (models/delegatable.py) where each is
+    shown equal to the layer it replaces; tried on the families the tests cover, and never on
+    others (they run Hugging Face's own layers with eager attention). Without rewrites HF's own
+    layers stay everywhere, as a baseline to compare against.
+    """
+    from transformers import AutoConfig
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
-    config = AutoConfig.from_pretrained(str(model_dir))
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(
-            f"{model_dir}: model type {config.model_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
-    # prge's grouped-query attention where the family supports pluggable attention (it lowers
-    # to XNNPACK without splitting the graph), else HF's eager attention; both export cleanly.
     try:
-        attention = register_attention() if rewrites else "eager"
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation=attention)
-    except ValueError:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
-    if rewrites:
-        replace_rms_norms(model)
+        model_type = AutoConfig.from_pretrained(str(model_dir)).model_type
+    except Exception as e:  # transformers does not know the architecture, or config.json is bad
+        raise ModelError(f"{model_dir}: unreadable model config: {e}") from e
+    model = _load_hf(model_dir, model_type)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    ids, mask = _probe_batch(model.get_input_embeddings().num_embeddings)
+    try:
+        probe = ParityProbe(ids, mask, _hf_answer_logits(model, ids, mask))
+    except Exception as e:
+        raise ModelError(
+            f"{model_dir}: a {model_type!r} model must take input_ids, attention_mask and position_ids "
+            f"(left padding needs them); its forward failed: {type(e).__name__}: {e}"
+        ) from e
+    report = RewriteReport()
+    if not rewrites:
+        report.kept["all"] = "rewrites turned off (--no-rewrites)"
+    elif model_type not in TESTED_MODEL_TYPES:
+        report.kept["all"] = f"model type {model_type!r} is not among the tested families: Hugging Face's own layers"
+    else:
+        replace_rms_norms(model, report)
+        _use_prge_attention(model, probe, report)
+    return LoadedModel(model, report, probe)
+
+
+def _check_parity(step: PRGEStep, probe: ParityProbe, model_dir: Path, model_type: str) -> float:
+    """prge's answer logits (B = 0) against Hugging Face's own on the probe batch."""
+    try:
+        with torch.no_grad():
+            logits = step.answer_logits(probe.input_ids, probe.attention_mask, full_vocab=True)
+    except Exception as e:
+        raise ModelError(f"{model_dir}: prge's forward of this {model_type!r} model failed: {type(e).__name__}: {e}") from e
+    gap = relative_difference(logits, probe.logits)
+    if not gap <= PARITY_REL_TOL:
+        raise ModelError(
+            f"{model_dir}: prge's forward of this {model_type!r} model gives other next-token logits than "
+            f"Hugging Face's (relative difference {gap:.2e} > {PARITY_REL_TOL:g}); prge cannot train it as is"
+        )
+    return gap
 
 
 def build_step(model_dir: str | Path, adapter: AdapterConfig, label_ids: list[int], rewrites: bool = True) -> PRGEStep:
-    """The PRGEStep both engines use: eager calls it, export traces it."""
-    model = load_causal_lm(model_dir, rewrites)
-    targets = adapter.targets or default_targets(model.config.model_type)
+    """The PRGEStep both engines use: eager calls it, export traces it. Checked against Hugging
+    Face's own forward on a probe batch before it is returned."""
+    loaded = load_causal_lm(model_dir, rewrites)
+    model = loaded.model
+    model_type = model.config.model_type
+    targets = adapter.targets or default_targets(model_type)
     adapter.targets = list(targets) if isinstance(targets, list) else targets
     adapter.loss = adapter.loss or "classification"
     adapter.adapted = inject_lora_fa(
         model, targets, adapter.rank, adapter.alpha, 2 * adapter.num_queries, adapter.a_seed
     )
-    backbone = getattr(model, model.base_model_prefix)
-    head = model.get_output_embeddings()
+    backbone = getattr(model, model.base_model_prefix, None)
+    if backbone is None:
+        raise ModelError(f"{model_dir}: no backbone at {type(model).__name__}.{model.base_model_prefix}")
     step = PRGEStep(
-        AnswerHidden(backbone), head, label_ids, adapter.num_queries, adapter.loss, adapter_names=adapter.adapted,
-        micro_batch=adapter.micro_batch,
+        AnswerHidden(backbone), model.get_output_embeddings(), label_ids, adapter.num_queries, adapter.loss,
+        adapter_names=adapter.adapted, micro_batch=adapter.micro_batch,
+        logit_softcap=getattr(model.config, "final_logit_softcapping", None),
     )
     step.eval()
+    loaded.rewrites.parity = _check_parity(step, loaded.probe, Path(model_dir), model_type)
+    step.rewrites = loaded.rewrites
     return step

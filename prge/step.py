@@ -63,6 +63,7 @@ class PRGEStep(nn.Module):
           "lm" = full-vocabulary next-token cross-entropy of the label word at the answer position.
     micro_batch: most rows one forward pass runs at a time (train_step's tiled batch and
           eval_logits' batch are streamed in pieces); None = every row in one pass.
+    logit_softcap: the family's final logit soft-capping (Gemma 2), c * tanh(logits / c); None = none.
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class PRGEStep(nn.Module):
         loss: str = "classification",
         adapter_names: list[str] | None = None,
         micro_batch: int | None = None,
+        logit_softcap: float | None = None,
     ) -> None:
         super().__init__()
         check_micro_batch(micro_batch)
@@ -84,6 +86,7 @@ class PRGEStep(nn.Module):
         self.num_queries = num_queries
         self.loss = loss
         self.micro_batch = micro_batch
+        self.logit_softcap = logit_softcap
         self.register_buffer("label_token_ids", torch.tensor(label_token_ids, dtype=torch.int64))
         self.adapter_layers: list[LoRAFALinear] = [m for _, m in adapters_of(body)]
         if not self.adapter_layers:
@@ -125,12 +128,15 @@ class PRGEStep(nn.Module):
 
     def _head_logits(self, hidden: Tensor, full_vocab: bool) -> Tensor:
         if full_vocab:
-            return self.head(hidden)
-        # Only the label-word rows of the output embedding: never a [B, vocab] tensor.
-        weight = self.head.weight.index_select(0, self.label_token_ids)
-        logits = hidden @ weight.t()
-        if self.head.bias is not None:
-            logits = logits + self.head.bias.index_select(0, self.label_token_ids)
+            logits = self.head(hidden)
+        else:
+            # Only the label-word rows of the output embedding: never a [B, vocab] tensor.
+            weight = self.head.weight.index_select(0, self.label_token_ids)
+            logits = hidden @ weight.t()
+            if self.head.bias is not None:
+                logits = logits + self.head.bias.index_select(0, self.label_token_ids)
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
 
     def per_example_loss(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:

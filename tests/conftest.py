@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingfac
 import pytest
 import torch
 
-from models.sources.tiny import LABEL_WORDS, make_tiny_model_dir
+from models.sources.tiny import make_tiny_model_dir
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine a second
 # thread per op makes every forward 10-100x slower (oversubscription).
@@ -94,9 +94,10 @@ def tiny_step(tiny_model_dir, tiny_tokenizer):
     PRGEStep over the tiny model (B = 0) with the label words " negative", " positive"."""
     from models.causal_lm import AdapterConfig, build_step
     from models.tasks.labels import label_token_ids
+    from models.tasks.movie_reviews import DEFAULT_SENTIMENT_TASK
 
     def make(family: str = "llama", q: int = 2, rank: int = 4, loss: str = "classification", **adapter_kw):
-        label_ids = label_token_ids(tiny_tokenizer(family), list(LABEL_WORDS))
+        label_ids = label_token_ids(tiny_tokenizer(family), DEFAULT_SENTIMENT_TASK)
         config = AdapterConfig(num_queries=q, rank=rank, loss=loss, **adapter_kw)
         return build_step(tiny_model_dir(family), config, label_ids)
 
@@ -128,7 +129,7 @@ def tiny_batch(tiny_tokenizer) -> Callable[..., tuple[torch.Tensor, torch.Tensor
     def batch(b: int = 4, family: str = "llama", seed: int = 0, seq_len: int = SEQ_LEN):
         rows = tiny_examples(b, 1000 + seed)
         ids, mask, _ = encode_batch(
-            tiny_tokenizer(family), DEFAULT_SENTIMENT_TASK.template, [r["text"] for r in rows], seq_len
+            tiny_tokenizer(family), DEFAULT_SENTIMENT_TASK, [r["text"] for r in rows], seq_len
         )
         labels = torch.tensor([DEFAULT_SENTIMENT_TASK.label_names.index(r["label"]) for r in rows])
         return ids, mask, labels

@@ -125,7 +125,8 @@ def build_manifest(
         "num_queries": num_queries,
         "adapter": {**adapter, "numel": numel, "slots": slots_to_json(slots)},
         "task": {"template": task.template, "labels": task.label_names, "label_words": task.label_words,
-                 "label_token_ids": label_ids, "loss": task.loss, "padding": "left"},
+                 "label_token_ids": label_ids, "loss": task.loss, "padding": "left",
+                 "chat_template": task.chat_template},
         "tokenizer": {"file": tokenizer_file.name if tokenizer_file else None,
                       "sha256": sha256_file(tokenizer_file) if tokenizer_file else None,
                       "pad_token_id": pad_token_id},
@@ -153,7 +154,7 @@ def program_shapes(manifest: dict[str, Any]) -> ProgramShapes:
 def task_spec(manifest: dict[str, Any]) -> TaskSpec:
     """The task exactly as the program was exported for (template, label words, loss)."""
     t = manifest["task"]
-    return TaskSpec(t["template"], dict(zip(t["labels"], t["label_words"])), t["loss"])
+    return TaskSpec(t["template"], dict(zip(t["labels"], t["label_words"])), t["loss"], t.get("chat_template", False))
 
 
 def read_manifest(program_dir: str | Path) -> dict[str, Any]:
@@ -242,6 +243,8 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
         raise fail("task", "labels, label_words and label_token_ids must be lists of one entry per class (>= 2)")
     if not isinstance(task.get("template"), str) or task.get("loss") not in LOSS_KINDS:
         raise fail("task", "needs a template string and a loss (classification or lm)")
+    if not isinstance(task.get("chat_template", False), bool):
+        raise fail("task", "chat_template must be true or false")
     if not isinstance(m["tokenizer"], dict):
         raise fail("tokenizer", "expected an object")
     if m["tokenizer"].get("file") is not None:  # None: a model without tokenizer.json (files copied as is)

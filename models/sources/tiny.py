@@ -12,7 +12,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-TINY_FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral", "phi3", "opt", "gpt2")
+TINY_FAMILIES: tuple[str, ...] = (
+    "llama", "qwen2", "qwen3", "mistral", "phi3", "opt", "gpt2", "gemma3_text", "smollm3",
+)
+# Sliding-window attention in the tiny configs that have it: shorter than the test prompts, so
+# the window really cuts.
+SLIDING_WINDOW = 4
 
 # Sizes shared by every family.
 HIDDEN = 64
@@ -138,6 +143,11 @@ def make_tiny_config(family: str, vocab_size: int, **overrides: Any):
             kw["head_dim"] = HIDDEN // HEADS
         if family in ("mistral", "qwen2", "qwen3"):
             kw["sliding_window"] = None
+        if family == "gemma3_text":  # one sliding-window and one global layer, as Gemma 3 alternates them
+            kw.update(head_dim=HIDDEN // HEADS, query_pre_attn_scalar=HIDDEN // HEADS,
+                      sliding_window=SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention"])
+        if family == "smollm3":  # its NoPE layers: the second layer has no rotary embedding
+            kw.update(no_rope_layers=[1, 0])
     kw.update(common)
     kw.update(overrides)
     return AutoConfig.for_model(family, **kw)

@@ -33,7 +33,7 @@ class TokenizedSplit:
 
 
 def tokenize_examples(tokenizer, task: TaskSpec, examples: list[Example], seq_len: int) -> TokenizedSplit:
-    ids, mask, truncated = encode_batch(tokenizer, task.template, [e.text for e in examples], seq_len)
+    ids, mask, truncated = encode_batch(tokenizer, task, [e.text for e in examples], seq_len)
     labels = torch.tensor([e.label for e in examples], dtype=torch.int64)
     return TokenizedSplit(ids, mask, labels, truncated)
 

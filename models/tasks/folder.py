@@ -60,4 +60,4 @@ class Task:
 
 def load_task(spec: TaskSpec, tokenizer, data_dir: Path) -> Task:
     """The task with its label words checked against the tokenizer (one token each)."""
-    return Task(spec, label_token_ids(tokenizer, spec.label_words), tokenizer, data_dir)
+    return Task(spec, label_token_ids(tokenizer, spec), tokenizer, data_dir)

@@ -28,10 +28,10 @@ class DataError(ValueError):
 # "classification": loss over the label words only; "lm": next-token loss on the label word.
 LOSSES: tuple[str, ...] = LOSS_KINDS
 _PLACEHOLDER = "{text}"
-_TASK_KEYS = ("template", "labels", "loss")
+_TASK_KEYS = ("template", "labels", "loss", "chat_template")
 
 
-def _check_task(template: Any, labels: Any, loss: Any, where: str) -> None:
+def _check_task(template: Any, labels: Any, loss: Any, where: str, chat_template: Any = False) -> None:
     """Raise DataError naming `where` and the JSON key for the first problem in a task spec."""
 
     def fail(key: str, msg: str) -> DataError:
@@ -62,6 +62,8 @@ def _check_task(template: Any, labels: Any, loss: Any, where: str) -> None:
         seen[word] = name
     if loss not in LOSSES:
         raise fail('"loss"', f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
+    if not isinstance(chat_template, bool):
+        raise fail('"chat_template"', f"must be true or false, got {chat_template!r}")
 
 
 @dataclass(frozen=True)
@@ -69,14 +71,17 @@ class TaskSpec:
     """How examples become prompts: `template` with one `{text}`, ordered label words, loss.
 
     Label order matters: an example's `label` is an index into `list(labels)`.
+    chat_template: the rendered template becomes a user turn inside the tokenizer's chat
+    template, followed by the assistant's cue; the label word is the reply's first token.
     """
 
     template: str
     labels: dict[str, str]
     loss: str = "classification"
+    chat_template: bool = False
 
     def __post_init__(self) -> None:
-        _check_task(self.template, self.labels, self.loss, "TaskSpec")
+        _check_task(self.template, self.labels, self.loss, "TaskSpec", self.chat_template)
         # Own copy, so mutating the caller's dict cannot change a frozen spec.
         object.__setattr__(self, "labels", dict(self.labels))
 
@@ -93,7 +98,8 @@ class TaskSpec:
         return self.template.replace(_PLACEHOLDER, text)
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {"template": self.template, "labels": dict(self.labels), "loss": self.loss}
+        return {"template": self.template, "labels": dict(self.labels), "loss": self.loss,
+                "chat_template": self.chat_template}
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -131,9 +137,9 @@ def load_task_spec(path: str | os.PathLike[str]) -> TaskSpec:
     for key in ("template", "labels"):
         if key not in obj:
             raise DataError(f'{p}: missing key "{key}"', path=p)
-    loss = obj.get("loss", "classification")
-    _check_task(obj["template"], obj["labels"], loss, str(p))
-    return TaskSpec(obj["template"], obj["labels"], loss)
+    loss, chat = obj.get("loss", "classification"), obj.get("chat_template", False)
+    _check_task(obj["template"], obj["labels"], loss, str(p), chat)
+    return TaskSpec(obj["template"], obj["labels"], loss, chat)
 
 
 def save_task_spec(spec: TaskSpec, path: str | os.PathLike[str]) -> None:

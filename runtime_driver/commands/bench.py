@@ -232,7 +232,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     model_dir = resolve_model_dir(cfg.model)
     vocab = AutoConfig.from_pretrained(str(model_dir)).vocab_size
-    label_ids = label_token_ids(load_tokenizer(model_dir), DEFAULT_SENTIMENT_TASK.label_words)
+    label_ids = label_token_ids(load_tokenizer(model_dir), DEFAULT_SENTIMENT_TASK)
     torch.set_num_threads(cfg.threads)
     set_runtime_threads(cfg.threads)
     cache = ProgramCache(model_dir, cfg)

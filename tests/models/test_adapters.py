@@ -11,7 +11,7 @@ from prge.lora import LoRAFALinear, adapters_of
 
 @pytest.fixture
 def model(tiny_model_dir):
-    return load_causal_lm(tiny_model_dir("llama"))
+    return load_causal_lm(tiny_model_dir("llama")).model
 
 
 def test_unknown_target_lists_available_layers(model):
@@ -56,13 +56,14 @@ def test_list_targets_match_name_suffixes(model):
 
 def test_default_targets_unknown_family():
     assert default_targets("llama") == ["q_proj", "v_proj"]
+    assert default_targets("gpt_neox") == ["query_key_value"]  # not prge's: peft's table
     with pytest.raises(AdapterError, match="--targets"):
-        default_targets("bert")
+        default_targets("no-such-family")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_adapted_layer_computes_lora(tiny_model_dir, family):
-    model = load_causal_lm(tiny_model_dir(family))
+    model = load_causal_lm(tiny_model_dir(family)).model
     target = "c_attn" if family == "gpt2" else "q_proj"
     inject_lora_fa(model, [target], 4, 16.0, 2)
     layer = adapters_of(model)[0][1]
