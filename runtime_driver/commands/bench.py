@@ -226,7 +226,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from models.causal_lm import load_tokenizer
-    from models.sources.default_model import resolve_model_dir
+    from models.sources.packaged import resolve_model_dir
     from models.tasks.labels import label_token_ids
     from models.tasks.movie_reviews import DEFAULT_SENTIMENT_TASK
 

