@@ -63,9 +63,9 @@ class AnswerHidden(nn.Module):
         self.backbone = backbone
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        position_ids = torch.clamp(torch.cumsum(attention_mask, dim=1) - 1, min=0)
         out = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask),
+            use_cache=False,
         )
         return out.last_hidden_state[:, -1, :]
 
