@@ -17,6 +17,7 @@ console.configure(verbose="--verbose" in sys.argv[1:])
 from models.adapters import DEFAULT_ALPHA, DEFAULT_RANK  # noqa: E402
 from models.causal_lm import AdapterConfig  # noqa: E402
 from models.sources.packaged import DEFAULT_MODEL_NAME, PACKAGED_MODELS  # noqa: E402
+from models.sources.tiny import TINY_FAMILIES  # noqa: E402
 from prge.pieces import DEFAULT_MICRO_BATCH  # noqa: E402
 from runtime_driver.train import METHODS, TrainConfig  # noqa: E402
 
@@ -64,6 +65,14 @@ def _print(obj) -> None:
     print(json.dumps(obj, indent=2))
 
 
+def _save_json(path: str | None, obj) -> None:
+    """--json FILE: the full result, written atomically (nothing when no file was asked for)."""
+    if path:
+        from models.files import write_json_atomic
+
+        write_json_atomic(path, obj)
+
+
 def cmd_prepare_model(args) -> None:
     from models.sources.packaged import prepare_model
 
@@ -108,18 +117,24 @@ def _set_threads(threads: int) -> None:
 def cmd_bench(args) -> None:
     from runtime_driver.commands.bench import BenchConfig, compare_programs, format_table, machine_info, run_bench
 
+    def ints(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+
+    if args.families is not None:  # export time and delegate islands per family, nothing else
+        from runtime_driver.commands.bench_families import bench_families, format_families
+
+        q, b = ints(args.demo) if args.demo else (4, 4)
+        result = {"machine": machine_info(),
+                  **bench_families(args.families, cache=args.cache, q=q, b=b, seq_len=args.seq_len)}
+        print(format_families(result))
+        _save_json(args.json, result)
+        return
     if args.programs:  # exports of the same shapes against each other, nothing else
         result = {"machine": machine_info(), "threads": args.threads, "reps": args.reps,
                   "programs": compare_programs(args.programs, reps=args.reps, threads=args.threads)}
         _print(result)
-        if args.json:
-            from models.files import write_json_atomic
-
-            write_json_atomic(args.json, result)
+        _save_json(args.json, result)
         return
-
-    def ints(text: str) -> tuple[int, ...]:
-        return tuple(int(x) for x in text.split(",") if x.strip())
 
     cfg = BenchConfig(model=args.model, seq_len=args.seq_len, threads=args.threads, reps=args.reps,
                       cache=args.cache, skip_rss=args.no_rss, micro_batch=_micro_batch(args),
@@ -137,10 +152,7 @@ def cmd_bench(args) -> None:
         print(f"Programs are in {result['programs']['cache']} (exported now: {result['export_seconds'] or 'none'})")
         return
     print(format_table(result))
-    if args.json:
-        from models.files import write_json_atomic
-
-        write_json_atomic(args.json, result)
+    _save_json(args.json, result)
 
 
 def cmd_export(args) -> None:
@@ -335,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--programs", nargs="+", metavar="DIR",
                    help="only time these export folders (same shapes) against each other, interleaved: train_step and "
                         "eval_logits medians, e.g. a program with and one without the export-friendly rewrites")
+    p.add_argument("--families", nargs="?", const=list(TINY_FAMILIES), type=_targets, metavar="LIST",
+                   help="only export a tiny random-weight model of each family (default: all "
+                        f"{len(TINY_FAMILIES)}: {','.join(TINY_FAMILIES)}) with --demo q,b and --seq-len: "
+                        "export time and delegate islands per family")
     p.add_argument("--profile", action="store_true",
                    help="also profile one train_step of the --demo configuration with ExecuTorch's ETDump: time per operator")
     p.add_argument("--quick", action="store_true", help="smallest grid, 2 reps: a smoke run")

@@ -68,3 +68,29 @@ def test_programs_are_timed_against_each_other(tiny_program, tmp_path, capsys):
         assert _positive(row["train_step_ms"]) and _positive(row["eval_logits_ms"])
         assert row["step_overhead"] == pytest.approx(row["train_step_ms"] / row["eval_logits_ms"], rel=0.02)
     assert result["machine"]["cpu"] and result["threads"] == 1
+
+
+def test_families_report_export_time_and_islands_from_their_manifests(tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "families.json"
+    assert main(["bench", "--families", "gpt2,gemma3_text", "--demo", "1,1", "--seq-len", "16",
+                 "--cache", str(cache), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"] == {"q": 1, "b": 1, "seq_len": 16, "tiny": "2 layers, width 64, random weights"}
+    rows = {r["family"]: r for r in result["families"]}
+    assert list(rows) == ["gpt2", "gemma3_text"]
+    for family, row in rows.items():
+        manifest = json.loads((cache / "families" / family / "program" / "manifest.json").read_text())
+        assert row["export_s"] == manifest["export_seconds"]["total_s"] > 0
+        for method in ("train_step", "eval_logits"):
+            assert row[method]["delegated_subgraphs"] == manifest["delegation"][method]["delegated_subgraphs"] >= 1
+            assert row[method]["portable_nodes"] == manifest["delegation"][method]["portable_nodes"]
+        assert manifest["model"]["model_type"] == row["model_type"] == family
+    assert rows["gpt2"]["rms_norms_rewritten"] == {}  # LayerNorm family: nothing to rewrite
+    assert rows["gemma3_text"]["rms_norms_rewritten"] == {"1 + weight": 2 * 6 + 1}  # 4 + q/k norms per layer, final
+    table = capsys.readouterr().out
+    assert "| gpt2 | gpt2 |" in table and "| gemma3_text | gemma3_text |" in table
+
+
+def test_families_refuse_an_unknown_family(tmp_path, capsys):
+    assert main(["bench", "--families", "llama,nosuch", "--cache", str(tmp_path)]) == 2
+    assert "unknown tiny family 'nosuch'" in capsys.readouterr().err
