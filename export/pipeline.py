@@ -32,6 +32,24 @@ def check_shapes(model_dir: Path, shapes: ExportShapes, num_queries: int) -> Non
         raise ModelError("--batch, --eval-batch and --q must be >= 1")
 
 
+def check_quantized_in_one_pass(adapter: AdapterConfig, shapes: ExportShapes) -> None:
+    """A quantized program runs each forward in one pass. XNNPACK packs quantized weights when the
+    program loads, so they must be constants of the graph that calls them; a micro-batched
+    forward is a loop whose body receives the weights as loop inputs, which XNNPACK then treats
+    as dynamic, and it has no integer kernels for dynamic weights."""
+    if adapter.quantize == "none" or adapter.micro_batch is None:
+        return
+    rows = {"train_step": 2 * adapter.num_queries * shapes.batch_size, "eval_logits": shapes.eval_batch_size}
+    over = {name: n for name, n in rows.items() if n > adapter.micro_batch}
+    if over:
+        name, n = next(iter(over.items()))
+        raise ModelError(
+            f"--quantize {adapter.quantize}: quantized programs run every forward in one pass, but {name} has {n} rows "
+            f"and --micro-batch is {adapter.micro_batch}; pass --micro-batch 0 (or at least {max(over.values())}), "
+            f"or fewer rows (--q, --batch, --eval-batch)"
+        )
+
+
 def export_model(
     model_dir: Path,
     task: TaskSpec,
@@ -48,6 +66,7 @@ def export_model(
     rewrites=False keeps Hugging Face's own layers (no export-friendly rewrites): slower
     programs with more delegate islands, for comparison."""
     check_shapes(model_dir, shapes, adapter.num_queries)
+    check_quantized_in_one_pass(adapter, shapes)
     tokenizer = load_tokenizer(model_dir)
     label_ids = label_token_ids(tokenizer, task)
     adapter.loss = task.loss
@@ -71,7 +90,7 @@ def export_model(
             pad_token_id=tokenizer.pad_token_id,
             model={"path": str(model_dir.resolve()), "id": model_dir.name,
                    "model_type": step.body.backbone.config.model_type, "rewrites": rewrites,
-                   "rewritten": step.rewrites.as_json(),
+                   "rewritten": step.rewrites.as_json(), "quantization": step.quantization,
                    "weights_sha256": model_weights_hash(model_dir)},
             defaults=defaults or {}, delegation=delegation,
             export_seconds={**{k: round(v, 2) for k, v in timings.items()},

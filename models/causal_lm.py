@@ -16,6 +16,7 @@ from models.delegatable import (
     relative_difference,
     replace_rms_norms,
 )
+from models.quantize import DEFAULT_GROUP_SIZE, check_scheme, quantize_frozen_linears
 from prge.pieces import DEFAULT_MICRO_BATCH
 from prge.step import PRGEStep
 
@@ -38,7 +39,7 @@ class ModelError(ValueError):
 
 @dataclass
 class AdapterConfig:
-    """How the model is adapted and estimated; fixed at export time."""
+    """How the model is adapted, estimated and stored; fixed at export time."""
 
     num_queries: int = 4  # q: perturbation directions per step (2q copies in one forward)
     rank: int = DEFAULT_RANK  # LoRA rank r
@@ -47,6 +48,8 @@ class AdapterConfig:
     loss: str | None = None  # "classification" (label words) or "lm" (full vocabulary); None: the task's, else classification
     a_seed: int = DEFAULT_A_SEED  # seed of the frozen A matrices
     micro_batch: int | None = DEFAULT_MICRO_BATCH  # most rows per forward pass; None = all at once
+    quantize: str = "none"  # the frozen base linears: none | 8da8w | 8da4w (models/quantize.py)
+    group_size: int = DEFAULT_GROUP_SIZE  # input columns per int4 weight scale (8da4w)
     adapted: list[str] = field(default_factory=list)  # filled in: the adapted module names
 
 
@@ -215,6 +218,7 @@ def build_step(model_dir: str | Path, adapter: AdapterConfig, label_ids: list[in
     backbone = getattr(model, model.base_model_prefix, None)
     if backbone is None:
         raise ModelError(f"{model_dir}: no backbone at {type(model).__name__}.{model.base_model_prefix}")
+    check_scheme(adapter.quantize, adapter.group_size, backbone)  # before the parity check and any export work
     step = PRGEStep(
         AnswerHidden(backbone), model.get_output_embeddings(), label_ids, adapter.num_queries, adapter.loss,
         adapter_names=adapter.adapted, micro_batch=adapter.micro_batch,
@@ -223,4 +227,20 @@ def build_step(model_dir: str | Path, adapter: AdapterConfig, label_ids: list[in
     step.eval()
     loaded.rewrites.parity = _check_parity(step, loaded.probe, Path(model_dir), model_type)
     step.rewrites = loaded.rewrites
+    step.quantization = _quantize(step, adapter, loaded.probe)
     return step
+
+
+def _quantize(step: PRGEStep, adapter: AdapterConfig, probe: ParityProbe) -> dict:
+    """Quantize the frozen base after the float32 forward has been proven equal to Hugging
+    Face's, and record how far quantization moves the answer logits (a measurement, not a gate:
+    that is the price of the scheme, judged by accuracy)."""
+    linears = quantize_frozen_linears(step.body, adapter.quantize, adapter.group_size)
+    report = {"scheme": adapter.quantize, "linears": linears}
+    if adapter.quantize == "none":
+        return report
+    with torch.no_grad():
+        logits = step.answer_logits(probe.input_ids, probe.attention_mask, full_vocab=True)
+    report.update(group_size=adapter.group_size if adapter.quantize == "8da4w" else None,
+                  answer_logits_rel_diff=relative_difference(logits, probe.logits))
+    return report

@@ -25,6 +25,7 @@ from export.contract.manifest import (MANIFEST_FILE, ManifestError, program_shap
 from export.contract.methods import INPUTS, OUTPUTS, TRAINING_METHODS, step_scalars, update_scalars
 from models.causal_lm import AdapterConfig
 from models.console import runtime_logs_filtered
+from models.quantize import DEFAULT_GROUP_SIZE
 from prge.step import AdapterSlot, PRGEStep
 
 EAGER_EVAL_BATCH = 16  # rows per eager eval forward (any batch size works eagerly)
@@ -175,9 +176,11 @@ class ExecuTorchProgram:
 def program_adapter_config(manifest: dict) -> AdapterConfig:
     """The adapter settings a program was exported with (an eager twin is built from them)."""
     a = manifest["adapter"]
+    quantization = manifest["model"].get("quantization") or {"scheme": "none"}  # older programs: float32
     return AdapterConfig(num_queries=int(manifest["num_queries"]), rank=a["rank"], alpha=a["alpha"], targets=a["targets"],
                          loss=manifest["task"]["loss"], a_seed=a["a_seed"], adapted=[s["name"] for s in a["slots"]],
-                         micro_batch=manifest["shapes"].get("micro_batch"))
+                         micro_batch=manifest["shapes"].get("micro_batch"), quantize=quantization["scheme"],
+                         group_size=quantization.get("group_size") or DEFAULT_GROUP_SIZE)
 
 
 class ExecuTorchPRGE:

@@ -9,7 +9,8 @@ plain `from_pretrained(folder)`.
 
 The packages are never imported (some `__init__`s import unrelated packages or write to the
 home folder); their folders are found with `importlib.util.find_spec`. The Hugging Face Hub is
-never contacted.
+never contacted. `prepare_model` also builds the random-weight models of published shapes
+(models/sources/published_shapes.py) by name, so every named model comes from one place.
 """
 from __future__ import annotations
 
@@ -26,8 +27,7 @@ from typing import Callable
 
 from models.console import say
 from models.files import cache_dir, existing_folder, replace_dir_atomically, sha256_file
-
-SOURCE_MARKER = "prge_source.json"
+from models.sources.published_shapes import PUBLISHED_SHAPES, SOURCE_MARKER, make_random_model_dir
 
 
 @dataclass(frozen=True)
@@ -89,12 +89,17 @@ def _packaged(name: str) -> PackagedModel:
     return PACKAGED_MODELS[name]
 
 
+# Every name `prge prepare-model --name` (and --model) takes: the real packaged models and the
+# random-weight models of published shapes (models/sources/published_shapes.py).
+MODEL_NAMES: tuple[str, ...] = (*PACKAGED_MODELS, *PUBLISHED_SHAPES)
+
+
 def resolve_model_dir(model: str | None, progress: Callable[[str], object] = say) -> Path:
-    """--model as given: a folder, or the name of a packaged model (prepared on first use);
+    """--model as given: a folder, or the name of a model prge prepares (on first use);
     none means the default model."""
     if model is None:
         return prepare_model(DEFAULT_MODEL_NAME, progress=progress)
-    if model in PACKAGED_MODELS and not Path(model).exists():
+    if model in MODEL_NAMES and not Path(model).exists():
         return prepare_model(model, progress=progress)
     return existing_folder(model, "model folder")
 
@@ -161,6 +166,11 @@ def prepare_model(name: str = DEFAULT_MODEL_NAME, force: bool = False,
     folder), checks its sha256, dequantizes it with transformers, saves model (safetensors) and
     tokenizer, checks the folder reloads, and renames it into place.
     """
+    if name in PUBLISHED_SHAPES:  # random weights of a published shape: built, nothing downloaded
+        target = cache_dir() / "models" / name
+        if (target / SOURCE_MARKER).is_file() and not force:
+            return target
+        return make_random_model_dir(name, target, progress=progress)
     model = _packaged(name)
     target = model_dir(name)
     if (target / SOURCE_MARKER).is_file() and not force:

@@ -403,10 +403,12 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, threads: int = 2) -> dict[str, dict[str, float]]:
-    """train_step and eval_logits medians (ms) of several exports of the same shapes, interleaved
-    in one process: a before/after measurement of a change to the exported code (e.g. an old
-    `prge export` folder against a new one)."""
+def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, threads: int = 2,
+                     rss: bool = True) -> dict[str, dict[str, Any]]:
+    """Several exports of the same shapes side by side: train_step and eval_logits medians (ms),
+    interleaved in one process, then each program's peak RSS over two train_steps in a process
+    of its own, and its size. A before/after measurement of a change to the exported code, or
+    of one model stored several ways (float32 and quantized bases): ratios are to the first."""
     torch.set_num_threads(threads)
     set_runtime_threads(threads)
     calls: dict[str, Callable[[], Any]] = {}
@@ -420,5 +422,33 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
         calls[f"{path}:train_step"] = _train_step_call(program, q, shapes["batch_size"], shapes["seq_len"], vocab)
         calls[f"{path}:eval_logits"] = lambda p=program, i=ids, m=mask: p.run("eval_logits", [i, m])
     ms = interleaved_ms(calls, reps, warmup)
-    return {path: {"train_step_ms": round(ms[f"{path}:train_step"], 3), "eval_logits_ms": round(ms[f"{path}:eval_logits"], 3),
-                   "step_overhead": round(ms[f"{path}:train_step"] / ms[f"{path}:eval_logits"], 3)} for path in program_dirs}
+    manifests = {path: program.manifest for path, program in zip(program_dirs, keep)}
+    del keep, calls  # the RSS workers measure one program each; nothing here should crowd them
+    rows: dict[str, dict[str, Any]] = {}
+    for path in program_dirs:
+        files = manifests[path]["program"]
+        rows[path] = {
+            "quantization": (manifests[path]["model"].get("quantization") or {"scheme": "none"})["scheme"],
+            "program_mb": round((files["pte"]["bytes"] + (files["ptd"]["bytes"] if files["ptd"] else 0)) / 1e6, 1),
+            "train_step_ms": round(ms[f"{path}:train_step"], 3), "eval_logits_ms": round(ms[f"{path}:eval_logits"], 3),
+            "step_overhead": round(ms[f"{path}:train_step"] / ms[f"{path}:eval_logits"], 3),
+            "peak_rss_train_step_mb": run_worker(["executorch-prge", "--program", str(path), "--steps", "2",
+                                                  "--threads", str(threads)])["vm_hwm_mb"] if rss else None,
+        }
+    first = rows[program_dirs[0]]
+    for row in rows.values():
+        row["train_step_vs_first"] = round(row["train_step_ms"] / first["train_step_ms"], 3)
+        row["rss_vs_first"] = round(row["peak_rss_train_step_mb"] / first["peak_rss_train_step_mb"], 3) if rss else None
+    return rows
+
+
+def format_programs(rows: dict[str, dict[str, Any]]) -> str:
+    """The side-by-side table of `prge bench --programs` (markdown)."""
+    lines = ["| program | base | program MB | peak RSS train_step MB | train_step ms | eval_logits ms | "
+             "step vs first | RSS vs first |", "|" + "---|" * 8]
+    for path, r in rows.items():
+        rss = "-" if r["peak_rss_train_step_mb"] is None else f"{r['peak_rss_train_step_mb']:,.0f}"
+        ratio = "-" if r["rss_vs_first"] is None else f"{r['rss_vs_first']:.2f}"
+        lines.append(f"| {path} | {r['quantization']} | {r['program_mb']:,.1f} | {rss} | {r['train_step_ms']:,.0f} | "
+                     f"{r['eval_logits_ms']:,.0f} | {r['train_step_vs_first']:.2f} | {ratio} |")
+    return "\n".join(lines)

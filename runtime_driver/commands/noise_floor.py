@@ -1,0 +1,96 @@
+"""`prge bench --noise-floor`: how far a quantized base bends zeroth-order estimates, per eps.
+
+A projected gradient g = (L(B + eps z) - L(B - eps z)) / (2 eps) subtracts two nearby losses.
+With a quantized base, activations are rounded to int8 on the fly at every call, so the loss
+is a slightly jagged function of B: below some eps the difference is rounding, not slope. For
+each program (exports of one model and shapes, float32 first) and each eps, this runs the
+same train_step calls (same batch, same seeds, B = 0, no update folded in) and compares g with
+the float32 program's g for the same direction:
+
+- deviation: median over directions of |g - g_float32| / median |g_float32|; float32 itself is
+  0 by definition. Where it is smallest is the eps at which the quantized estimate is closest
+  to the float32 one (at large eps both measure a secant, not the slope, alike);
+- repeat spread: the largest difference between two identical calls (the same inputs twice),
+  i.e. whether the runtime is deterministic; nonzero would be noise no eps could average away.
+
+Only ExecuTorch programs are measured: this is what training on the device sees.
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.console import say
+from prge.estimators import projected_grads, step_seed
+
+DEFAULT_EPS_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+def _g(engine, batch, seed: int, eps: float) -> torch.Tensor:
+    """The q projected gradients of one train_step at B = 0 (no pending update: g = 0, lr = 0)."""
+    q = engine.num_queries
+    losses = engine.train_step(*batch, 0, seed, [0.0] * q, 0.0, eps)
+    return projected_grads(losses.to(torch.float64), eps)
+
+
+def noise_floor(program_dirs: list[str], data: str | None = None, eps_grid: tuple[float, ...] = DEFAULT_EPS_GRID,
+                directions: int = 16, threads: int = 2) -> dict[str, Any]:
+    from models.tasks.batches import batch_indices
+    from models.tasks.folder import resolve_data_dir
+    from runtime_driver.engines import ExecuTorchPRGE, set_runtime_threads
+    from runtime_driver.run import program_task
+
+    set_runtime_threads(threads)
+    engines = [ExecuTorchPRGE(p) for p in program_dirs]
+    first = engines[0]
+    shapes = {(e.num_queries, e.batch_size, e.seq_len) for e in engines}
+    if len(shapes) != 1:
+        raise ValueError(f"--noise-floor: the programs must share q, b and seq-len; they have {sorted(shapes)}")
+    if len({e.manifest["model"]["weights_sha256"] for e in engines}) != 1:
+        raise ValueError("--noise-floor: the programs must be exports of the same model weights")
+    task = program_task(first.program_dir, first.manifest, resolve_data_dir(data))
+    train = task.split("train", first.seq_len)
+    batch = train.rows(batch_indices(len(train), first.batch_size, 0, 0))
+    calls = -(-directions // first.num_queries)  # each call gives q directions
+    seeds = [step_seed(0, t) for t in range(calls)]  # each engine starts at B = 0 (ExecuTorchPRGE sets it)
+
+    rows: dict[str, dict[str, Any]] = {}
+    reference: dict[float, torch.Tensor] = {}
+    for path, engine in zip(program_dirs, engines):
+        scheme = (engine.manifest["model"].get("quantization") or {"scheme": "none"})["scheme"]
+        say(f"Noise floor of {path} ({scheme}) over {len(eps_grid)} eps x {calls * engine.num_queries} directions ...")
+        again = _g(engine, batch, seeds[0], eps_grid[0])
+        repeat = float((again - _g(engine, batch, seeds[0], eps_grid[0])).abs().max())
+        per_eps = {}
+        for eps in eps_grid:
+            g = torch.cat([_g(engine, batch, s, eps) for s in seeds])
+            if path == program_dirs[0]:
+                reference[eps] = g
+            ref = reference[eps]
+            scale = statistics.median(ref.abs().tolist())
+            per_eps[f"{eps:g}"] = {
+                "median_abs_g": round(statistics.median(g.abs().tolist()), 6),
+                "deviation": round(statistics.median((g - ref).abs().tolist()) / scale, 6) if scale > 0 else None,
+            }
+        rows[path] = {"scheme": scheme, "repeat_spread": repeat, "eps": per_eps}
+    for path, row in rows.items():
+        candidates = {eps: v["deviation"] for eps, v in row["eps"].items() if v["deviation"] is not None}
+        row["closest_eps"] = min(candidates, key=candidates.get) if path != program_dirs[0] else None
+    return {"directions": calls * first.num_queries, "batch_rows": first.batch_size, "eps_grid": list(eps_grid),
+            "programs": rows}
+
+
+def format_noise_floor(result: dict[str, Any]) -> str:
+    eps = [f"{e:g}" for e in result["eps_grid"]]
+    lines = ["| program | base | repeat spread | " + " | ".join(f"eps {e}" for e in eps) + " | closest eps |",
+             "|" + "---|" * (len(eps) + 4)]
+    for path, row in result["programs"].items():
+        cells = [f"{row['eps'][e]['deviation']:.3f}" if row["eps"][e]["deviation"] is not None else "-" for e in eps]
+        lines.append(f"| {Path(path).name} | {row['scheme']} | {row['repeat_spread']:.1e} | " + " | ".join(cells)
+                     + f" | {row['closest_eps'] or '-'} |")
+    lines.append("")
+    lines.append("Cells: median |g - g_float32| / median |g_float32| over the same directions (first program = float32).")
+    return "\n".join(lines)
