@@ -95,11 +95,12 @@ def test_noise_floor_compares_each_programs_g_with_float32s(tiny_program, tiny_d
     assert result["directions"] == 4 and result["eps_grid"][0] == 1e-4
     reference, row = result["programs"][str(float32)], result["programs"][str(quantized)]
     assert (reference["scheme"], row["scheme"]) == ("none", "8da4w")
-    assert all(v["deviation"] == 0 for v in reference["eps"].values())  # float32 against itself
+    assert reference["eps"]["0.0001"]["deviation"] == 0  # the slope is float32's g at the smallest eps
     assert reference["repeat_spread"] == row["repeat_spread"] == 0  # the runtime is deterministic
     deviations = [v["deviation"] for v in row["eps"].values()]
     assert all(d > 0 for d in deviations)  # int4 weights change g at every eps
-    assert row["closest_eps"] == min(row["eps"], key=lambda e: row["eps"][e]["deviation"])
+    for r in (reference, row):
+        assert f"{r['best_eps']:g}" == min(r["eps"], key=lambda e: r["eps"][e]["deviation"])
     assert "| program | base | repeat spread |" in capsys.readouterr().out
 
 
