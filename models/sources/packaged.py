@@ -83,12 +83,6 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
-def _packaged(name: str) -> PackagedModel:
-    if name not in PACKAGED_MODELS:
-        raise ValueError(f"unknown model {name!r}; prge prepares: {', '.join(PACKAGED_MODELS)}")
-    return PACKAGED_MODELS[name]
-
-
 # Every name `prge prepare-model --name` (and --model) takes: the real packaged models and the
 # random-weight models of published shapes (models/sources/published_shapes.py).
 MODEL_NAMES: tuple[str, ...] = (*PACKAGED_MODELS, *PUBLISHED_SHAPES)
@@ -105,8 +99,10 @@ def resolve_model_dir(model: str | None, progress: Callable[[str], object] = say
 
 
 def model_dir(name: str = DEFAULT_MODEL_NAME) -> Path:
-    """Folder holding a prepared model: ``cache_dir()/models/NAME``."""
-    return cache_dir() / "models" / _packaged(name).name
+    """Folder holding a prepared model, packaged or of a published shape: ``cache_dir()/models/NAME``."""
+    if name not in PACKAGED_MODELS and name not in PUBLISHED_SHAPES:  # not MODEL_NAMES: tests add packaged models
+        raise ValueError(f"unknown model {name!r}; prge prepares: {', '.join((*PACKAGED_MODELS, *PUBLISHED_SHAPES))}")
+    return cache_dir() / "models" / name
 
 
 def is_prepared(name: str = DEFAULT_MODEL_NAME) -> bool:
@@ -166,15 +162,12 @@ def prepare_model(name: str = DEFAULT_MODEL_NAME, force: bool = False,
     folder), checks its sha256, dequantizes it with transformers, saves model (safetensors) and
     tokenizer, checks the folder reloads, and renames it into place.
     """
-    if name in PUBLISHED_SHAPES:  # random weights of a published shape: built, nothing downloaded
-        target = cache_dir() / "models" / name
-        if (target / SOURCE_MARKER).is_file() and not force:
-            return target
-        return make_random_model_dir(name, target, progress=progress)
-    model = _packaged(name)
     target = model_dir(name)
     if (target / SOURCE_MARKER).is_file() and not force:
         return target
+    if name in PUBLISHED_SHAPES:  # random weights of a published shape: built, nothing downloaded
+        return make_random_model_dir(name, target, progress=progress)
+    model = PACKAGED_MODELS[name]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.monotonic()
     files = _installed_parts(model, progress)

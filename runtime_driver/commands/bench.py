@@ -31,7 +31,7 @@ from export.contract.methods import step_scalars
 from models.console import say
 from models.files import cache_dir, write_json_atomic
 from prge.pieces import DEFAULT_MICRO_BATCH
-from runtime_driver.engines import ExecuTorchProgram, set_runtime_threads
+from runtime_driver.engines import ExecuTorchProgram, program_adapter_config, set_runtime_threads
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_METHODS = ("train_step",)
@@ -428,7 +428,7 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
     for path in program_dirs:
         files = manifests[path]["program"]
         rows[path] = {
-            "quantization": (manifests[path]["model"].get("quantization") or {"scheme": "none"})["scheme"],
+            "quantization": program_adapter_config(manifests[path]).quantize,
             "program_mb": round((files["pte"]["bytes"] + (files["ptd"]["bytes"] if files["ptd"] else 0)) / 1e6, 1),
             "train_step_ms": round(ms[f"{path}:train_step"], 3), "eval_logits_ms": round(ms[f"{path}:eval_logits"], 3),
             "step_overhead": round(ms[f"{path}:train_step"] / ms[f"{path}:eval_logits"], 3),
