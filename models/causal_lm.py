@@ -16,7 +16,7 @@ from models.delegatable import (
     relative_difference,
     replace_rms_norms,
 )
-from models.quantize import DEFAULT_GROUP_SIZE, check_scheme, quantize_frozen_linears
+from models.quantize import DEFAULT_GROUP_SIZE, check_scheme, quantize_frozen_linears, quantize_input_embedding
 from prge.pieces import DEFAULT_MICRO_BATCH
 from prge.step import PRGEStep
 
@@ -239,8 +239,15 @@ def _quantize(step: PRGEStep, adapter: AdapterConfig, probe: ParityProbe) -> dic
     report = {"scheme": adapter.quantize, "linears": linears}
     if adapter.quantize == "none":
         return report
+    quantize_input_embedding(step.body.backbone, probe.input_ids)
+    if step.loss != "classification":  # the full-vocabulary loss needs every row of the head
+        # (in a container: torchao's quantize_ visits a module's children, not the module itself)
+        quantize_frozen_linears(nn.ModuleList([step.head]), adapter.quantize, adapter.group_size)
     with torch.no_grad():
         logits = step.answer_logits(probe.input_ids, probe.attention_mask, full_vocab=True)
+    if step.loss == "classification":
+        step.drop_full_head()  # after the measurement above, which reads the whole (float32) head
     report.update(group_size=adapter.group_size if adapter.quantize == "8da4w" else None,
+                  embedding="int8 per row", head="label rows, float32" if step.head is None else adapter.quantize,
                   answer_logits_rel_diff=relative_difference(logits, probe.logits))
     return report

@@ -88,6 +88,14 @@ class PRGEStep(nn.Module):
         self.micro_batch = micro_batch
         self.logit_softcap = logit_softcap
         self.register_buffer("label_token_ids", torch.tensor(label_token_ids, dtype=torch.int64))
+        self.vocab_size = head.weight.shape[0]
+        # The label words' rows of the head, copied: the classification loss and eval_logits read
+        # only these, never a [B, vocab] tensor, and a program may then leave the full head out
+        # (drop_full_head).
+        with torch.no_grad():
+            self.register_buffer("label_rows", head.weight.index_select(0, self.label_token_ids).to(torch.float32).clone())
+            bias = None if head.bias is None else head.bias.index_select(0, self.label_token_ids).to(torch.float32).clone()
+        self.register_buffer("label_bias", bias)
         self.adapter_layers: list[LoRAFALinear] = [m for _, m in adapters_of(body)]
         if not self.adapter_layers:
             raise ValueError("the model has no LoRA-FA adapters")
@@ -126,15 +134,23 @@ class PRGEStep(nn.Module):
     def answer_logits(self, input_ids: Tensor, attention_mask: Tensor, full_vocab: bool) -> Tensor:
         return self._head_logits(self.body(input_ids, attention_mask), full_vocab)
 
+    def drop_full_head(self) -> None:
+        """Forget the full output head: a classification step reads only label_rows. For a
+        quantized program whose head is tied to the (now int8) input embedding, this is what
+        keeps the float32 vocabulary table out of the program."""
+        if self.loss != "classification":
+            raise ValueError(f"the {self.loss!r} loss reads the full head; only a classification step can drop it")
+        self.head = None
+
     def _head_logits(self, hidden: Tensor, full_vocab: bool) -> Tensor:
         if full_vocab:
+            if self.head is None:
+                raise ValueError("this step dropped its full output head; it has label-word logits only")
             logits = self.head(hidden)
         else:
-            # Only the label-word rows of the output embedding: never a [B, vocab] tensor.
-            weight = self.head.weight.index_select(0, self.label_token_ids)
-            logits = hidden @ weight.t()
-            if self.head.bias is not None:
-                logits = logits + self.head.bias.index_select(0, self.label_token_ids)
+            logits = hidden @ self.label_rows.t()
+            if self.label_bias is not None:
+                logits = logits + self.label_bias
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits

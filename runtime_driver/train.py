@@ -35,13 +35,19 @@ from runtime_driver.metrics import MetricsLog
 METHODS = ("prge", "mezo", "fo")
 
 
+# Quantized bases train with a larger eps by default: rounding activations per token adds a
+# jitter to every loss difference, and its share of g grows as 1/eps; the noise-floor study
+# (BENCHMARKS.md, "A quantized frozen base") found g closest to float32's slope at 1e-1.
+QUANTIZED_EPS = 1e-1
+
+
 @dataclass
 class TrainConfig:
     method: str = "prge"  # prge: 2q copies in one forward; mezo: 2q sequential forwards; fo: backprop
     steps: int = 200  # optimizer steps
     batch_size: int = 4  # b: examples per perturbed copy (a P-RGE forward runs 2q*b sequences)
     lr: float = 1e-3  # learning rate (SGD step on B)
-    eps: float = 1e-2  # perturbation scale (zeroth-order only)
+    eps: float = 1e-2  # perturbation scale (zeroth-order only); default_eps() for a quantized base
     schedule: str = "constant"  # lr schedule: constant | linear
     seed: int = 0  # run seed: data order and all noise seeds derive from it
     eval_every: int = 50  # validation eval every N steps (0: only at the end)
@@ -55,6 +61,11 @@ class TrainConfig:
         """What a checkpoint must agree on to be resumed by this configuration."""
         keep = ("method", "steps", "batch_size", "lr", "eps", "schedule", "seed", "optimizer")
         return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+def default_eps(scheme: str) -> float:
+    """The eps a base quantized with `scheme` (models/quantize.py) trains with by default."""
+    return TrainConfig.eps if scheme == "none" else QUANTIZED_EPS
 
 
 class TrainingDiverged(RuntimeError):

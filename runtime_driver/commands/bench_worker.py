@@ -79,7 +79,7 @@ def _run_eager(args) -> None:
     label_ids = [int(x) for x in args.label_ids.split(",")]
     engine = eager_engine(Path(args.model), AdapterConfig(num_queries=args.q, micro_batch=args.micro_batch or None),
                           label_ids, args.seq_len)
-    vocab = engine.step.head.weight.shape[0]
+    vocab = engine.step.vocab_size
     ids, mask, labels = random_batch(args.b, args.seq_len, vocab, len(label_ids))
     if args.mode == "eager-prge":
         for i in range(args.steps):

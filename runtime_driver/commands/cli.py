@@ -20,7 +20,7 @@ from models.quantize import DEFAULT_GROUP_SIZE, SCHEMES  # noqa: E402
 from models.sources.packaged import DEFAULT_MODEL_NAME, MODEL_NAMES  # noqa: E402
 from models.sources.tiny import TINY_FAMILIES  # noqa: E402
 from prge.pieces import DEFAULT_MICRO_BATCH  # noqa: E402
-from runtime_driver.train import METHODS, TrainConfig  # noqa: E402
+from runtime_driver.train import METHODS, QUANTIZED_EPS, TrainConfig, default_eps  # noqa: E402
 
 # Errors a user can fix: printed as one line, exit code 2, no traceback (PRGE_DEBUG=1 shows it).
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
@@ -97,7 +97,7 @@ def cmd_train(args) -> None:
     if args.threads:
         _set_threads(args.threads)
     train = TrainConfig(
-        method=args.method, steps=args.steps, batch_size=args.batch, lr=args.lr, eps=args.eps,
+        method=args.method, steps=args.steps, batch_size=args.batch, lr=args.lr, eps=_train_eps(args),
         schedule=args.schedule, seed=args.seed, eval_every=args.eval_every, eval_examples=args.eval_examples,
         checkpoint_every=args.checkpoint_every, optimizer=args.optimizer,
         max_bad_steps=args.max_bad_steps, diverge_factor=args.diverge_factor,
@@ -108,6 +108,19 @@ def cmd_train(args) -> None:
                     adapter=adapter, train=train)
     summary = run_training(cfg, resume=args.resume)
     _print(summary)
+
+
+def _train_eps(args) -> float:
+    """--eps, else the program's recorded default (ExecuTorch engine) or the base's (eager)."""
+    if args.eps is not None:
+        return args.eps
+    if args.engine == "executorch" and args.program:
+        from pathlib import Path
+
+        from export.contract.manifest import read_manifest
+
+        return float(read_manifest(Path(args.program))["defaults"].get("eps", TrainConfig.eps))
+    return default_eps(args.quantize)
 
 
 def _set_threads(threads: int) -> None:
@@ -184,7 +197,8 @@ def cmd_export(args) -> None:
     task = load_folder_spec(resolve_data_dir(args.data), args.loss)
     shapes = ExportShapes(args.batch, args.seq_len, args.eval_batch or 2 * args.q * args.batch)
     manifest = export_model(model_dir, task, _adapter_config(args), shapes, Path(args.out), args.external_weights,
-                            defaults={"lr": args.lr, "eps": args.eps}, rewrites=not args.no_rewrites)
+                            defaults={"lr": args.lr, "eps": args.eps if args.eps is not None else default_eps(args.quantize)},
+                            rewrites=not args.no_rewrites)
     print(delegation_table(manifest))
     files = manifest["program"]
     size = files["pte"]["bytes"] + (files["ptd"]["bytes"] if files["ptd"] else 0)
@@ -294,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--batch", type=int, default=TrainConfig.batch_size, help="examples per perturbed copy (b)")
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--eps", type=float, default=TrainConfig.eps)
+    p.add_argument("--eps", type=float, help=f"perturbation scale (default: the program's recorded eps with --engine "
+                                              f"executorch, else {TrainConfig.eps:g}, or {QUANTIZED_EPS:g} for a quantized base)")
     p.add_argument("--schedule", choices=("constant", "linear"), default=TrainConfig.schedule)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default=TrainConfig.optimizer, help="first-order only")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -321,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep Hugging Face's own RMSNorm and attention instead of prge's export-friendly rewrites "
                         "(slower, many more delegate islands; for comparison)")
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="default lr recorded in the manifest")
-    p.add_argument("--eps", type=float, default=TrainConfig.eps, help="default eps recorded in the manifest")
+    p.add_argument("--eps", type=float, help=f"default eps recorded in the manifest (default {TrainConfig.eps:g}, "
+                                              f"{QUANTIZED_EPS:g} with --quantize)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_export)
 

@@ -41,6 +41,11 @@ def compare_engines(
     if model_weights_hash(model_dir) != m["model"]["weights_sha256"]:
         raise ManifestError(f"{program_dir}: exported from other weights than {model_dir}")
     adapter = program_adapter_config(m)
+    quantization = m["model"].get("quantization") or {}
+    if adapter.quantize != "none" and "embedding" not in quantization:
+        # Quantized programs from before int8 embeddings: today's eager twin would not match them.
+        raise ManifestError(f"{program_dir}: a {adapter.quantize} program exported by an older prge (float32 "
+                            "embedding); export it again to compare it")
     step = build_step(model_dir, adapter, m["task"]["label_token_ids"], rewrites=m["model"].get("rewrites", True))
     eager = EagerPRGE(step, model_dir, adapter, et.seq_len)
     task = program_task(et.program_dir, m, data_dir)

@@ -109,3 +109,20 @@ def test_noise_floor_refuses_programs_of_other_shapes(tiny_program, tiny_data_di
     with pytest.raises(ValueError, match="must share q, b and seq-len"):
         noise_floor([str(tiny_program("llama")), str(tiny_program("llama", q=2, batch=4, micro_batch=3))],
                     data=str(tiny_data_dir))
+
+
+def test_quantized_bases_default_to_the_noise_floors_eps(tiny_program, tmp_path):
+    from runtime_driver.commands.cli import _train_eps, build_parser
+    from runtime_driver.train import QUANTIZED_EPS, TrainConfig
+
+    parse = build_parser().parse_args
+    assert _train_eps(parse(["train"])) == TrainConfig.eps
+    assert _train_eps(parse(["train", "--quantize", "8da4w"])) == QUANTIZED_EPS
+    assert _train_eps(parse(["train", "--quantize", "8da4w", "--eps", "0.02"])) == 0.02
+    # Through ExecuTorch the program's recorded eps is the default (what `prge export` wrote).
+    program = tmp_path / "program"
+    program.mkdir()
+    manifest = json.loads((tiny_program("llama") / "manifest.json").read_text())
+    manifest["defaults"]["eps"] = 0.07
+    (program / "manifest.json").write_text(json.dumps(manifest))
+    assert _train_eps(parse(["train", "--engine", "executorch", "--program", str(program)])) == 0.07
