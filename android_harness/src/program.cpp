@@ -4,6 +4,8 @@
 
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
+#include <executorch/runtime/backend/interface.h>
+#include <executorch/runtime/backend/options.h>
 
 // The wheel ships libexecutorch_threadpool.so but not its header; these two declarations match
 // the exported symbols (executorch/extension/threadpool/threadpool.h upstream). Non-virtual
@@ -45,7 +47,19 @@ void set_runtime_threads(unsigned threads) {
     throw std::runtime_error("could not set the ExecuTorch thread pool to " + std::to_string(threads) + " threads");
 }
 
+// XNNPACK packs a delegate's weights into its own layout when a method loads; without its
+// weight cache every method that runs the body (train_step, eval_logits) holds its own packed
+// copy. With it, methods share one copy, keyed by the weights' names in the program. The key
+// strings are XNNPACKBackend.h's (the wheel ships the library, not that header).
+void enable_xnnpack_weight_cache() {
+  executorch::runtime::BackendOptions<1> options;
+  options.set_option("weight_cache_enabled", true);
+  Error err = executorch::runtime::set_option("XnnpackBackend", options.view());
+  if (err != Error::Ok) throw std::runtime_error("could not enable XNNPACK's weight cache: " + error_text(err));
+}
+
 PrgeProgram::PrgeProgram(const Manifest& m) : m_(m) {
+  enable_xnnpack_weight_cache();
   // share_memory_arenas: the program was exported with share_mutable_buffers=True, so every
   // method must see the same adapter buffers (executorch-notes.md).
   // LoadMode::Mmap: the weights are mapped from the file instead of read into heap buffers; on

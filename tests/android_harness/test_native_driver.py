@@ -135,3 +135,26 @@ def test_runtime_info_lines_only_with_verbose(run_native, program, data_file, tm
     assert quiet.returncode == 0 and "executorch:" not in quiet.stderr, quiet.stderr
     verbose = run_native(program, data_file, tmp_path / "verbose", "--threads", "1", "--verbose")
     assert verbose.returncode == 0 and "Resetting threadpool to 1 threads" in verbose.stderr, verbose.stderr
+
+
+def test_native_run_of_a_quantized_program_matches_python(run_native, tiny_program, tiny_data_dir, tmp_path):
+    # Integer weights are packed by XNNPACK at load (float32 ones are delegate inputs, never
+    # packed), and the native driver shares the packed copy between methods through XNNPACK's
+    # weight cache: the numbers must be the Python runtime's, which has no such cache.
+    from runtime_driver.commands.export_data import export_data
+
+    program = tiny_program("llama", quantize="8da8w")
+    data = export_data(program, tiny_data_dir, tmp_path / "data.bin", steps=STEPS, seed=SEED, eval_examples=EVAL_EXAMPLES)
+    done = run_native(program, data, tmp_path / "native")
+    assert done.returncode == 0, done.stderr
+    train = TrainConfig(steps=STEPS, batch_size=2, lr=LR, eps=EPS, seed=SEED, eval_every=3,
+                        eval_examples=EVAL_EXAMPLES, checkpoint_every=3)
+    run_training(RunConfig(engine="executorch", program=str(program), data=str(tiny_data_dir), out=str(tmp_path / "python"),
+                           test_examples=0, train=train), quiet=True, progress=lambda _: None)
+    native, python = metrics(tmp_path / "native"), metrics(tmp_path / "python")
+    assert [(r["type"], r["step"]) for r in native] == [(r["type"], r["step"]) for r in python]
+    for n, p in zip(native, python):
+        if n["type"] == "train":
+            assert max(abs(a - b) for a, b in zip(n["losses"], p["losses"])) <= 1e-6
+        else:
+            assert n["accuracy"] == p["accuracy"]
