@@ -2,6 +2,7 @@
 movie-review data set (movie_reviews.py)."""
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import subprocess
@@ -215,12 +216,17 @@ def test_long_texts_are_kept(tmp_path: Path) -> None:
 # --- default data pipeline on a synthetic sdist ---------------------------------------------
 
 def _tar_gz(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+    """The same bytes for the same files: gzip's header would otherwise carry the current time,
+    and two sdists built in different seconds would differ in their sha256 (info.json's source)."""
+    tar_bytes = io.BytesIO()
+    with tarfile.open(fileobj=tar_bytes, mode="w") as tar:
         for name, content in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(content)
             tar.addfile(info, io.BytesIO(content))
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
+        gz.write(tar_bytes.getvalue())
     return buf.getvalue()
 
 
