@@ -14,6 +14,7 @@ from models.console import say
 from models.files import replace_dir_atomically
 from models.tasks.labels import label_token_ids
 from models.tasks.spec import TaskSpec
+from prge.estimators import estimator_named
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MIN_SEQ_LEN = 3  # the answer cue needs at least a few tokens; export also rejects smaller dims
@@ -92,7 +93,7 @@ def export_model(
                    "model_type": step.body.backbone.config.model_type, "rewrites": rewrites,
                    "rewritten": step.rewrites.as_json(), "quantization": step.quantization,
                    "weights_sha256": model_weights_hash(model_dir)},
-            defaults=defaults or {}, delegation=delegation,
+            defaults=defaults or {}, delegation=delegation, estimator=estimator_named(adapter.estimator),
             export_seconds={**{k: round(v, 2) for k, v in timings.items()},
                             "total_s": round(time.perf_counter() - began, 2)},
         )

@@ -17,6 +17,7 @@ from models.delegatable import (
     replace_rms_norms,
 )
 from models.quantize import DEFAULT_GROUP_SIZE, check_scheme, quantize_frozen_linears, quantize_input_embedding
+from prge.estimators import DEFAULT_ESTIMATOR, estimator_named
 from prge.pieces import DEFAULT_MICRO_BATCH
 from prge.step import PRGEStep
 
@@ -50,6 +51,7 @@ class AdapterConfig:
     micro_batch: int | None = DEFAULT_MICRO_BATCH  # most rows per forward pass; None = all at once
     quantize: str = "none"  # the frozen base linears: none | 8da8w | 8da4w (models/quantize.py)
     group_size: int = DEFAULT_GROUP_SIZE  # input columns per int4 weight scale (8da4w)
+    estimator: str = DEFAULT_ESTIMATOR  # prge/estimators.py ESTIMATORS: the step draws its noise
     adapted: list[str] = field(default_factory=list)  # filled in: the adapted module names
 
 
@@ -223,6 +225,7 @@ def build_step(model_dir: str | Path, adapter: AdapterConfig, label_ids: list[in
         AnswerHidden(backbone), model.get_output_embeddings(), label_ids, adapter.num_queries, adapter.loss,
         adapter_names=adapter.adapted, micro_batch=adapter.micro_batch,
         logit_softcap=getattr(model.config, "final_logit_softcapping", None),
+        noise=estimator_named(adapter.estimator).noise,
     )
     step.eval()
     loaded.rewrites.parity = _check_parity(step, loaded.probe, Path(model_dir), model_type)

@@ -2,13 +2,55 @@
 
 Every engine and every tool (eager trainer, runtime driver, replay) updates the adapter with
 `updated_adapter`, so there is exactly one definition of a P-RGE update.
+
+An estimator is two choices, both made once per program and recorded in its manifest:
+  noise      the distribution of the directions z (prge/noise.py): Gaussian (SPSA, MeZO) or
+             Rademacher signs (FZOO). The program draws z, so this is fixed at export.
+  normalize  how the 2q losses of a step become the q projected gradients g (the drivers do
+             this, `projected_grads`): plain finite differences (L+ - L-) / (2 eps), or divided
+             by the spread of the step's losses instead (FZOO's normalized step, two-sided here).
+The update B <- B - lr (1/q) sum_i g_i z_i is the same for every estimator, so the program's
+contract, checkpoints and replay (which reads the logged g) do not depend on the estimator
+beyond the noise it draws.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from prge.noise import gaussian
+from prge.noise import PRNG_VERSIONS, directions
+
+
+@dataclass(frozen=True)
+class Estimator:
+    name: str
+    noise: str  # NOISE_KINDS
+    normalize: bool  # g = (L+ - L-) / (2 sigma), sigma the spread of the step's 2q losses
+
+    @property
+    def prng_version(self) -> str:
+        return PRNG_VERSIONS[self.noise]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "noise": self.noise, "normalize": self.normalize}
+
+
+ESTIMATORS = {e.name: e for e in (
+    Estimator("spsa", "gaussian", normalize=False),  # two-point SPSA with Gaussian directions (the P-RGE paper, MeZO)
+    Estimator("rademacher", "rademacher", normalize=False),
+    Estimator("normalized", "gaussian", normalize=True),
+    Estimator("fzoo", "rademacher", normalize=True),  # FZOO's directions and normalization
+)}
+DEFAULT_ESTIMATOR = "spsa"
+
+
+def estimator_named(name: str) -> Estimator:
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; expected one of {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[name]
 
 SEED_MODULUS = 1 << 31  # seeds are non-negative int32 so every runtime can hold them
 
@@ -21,20 +63,45 @@ def step_seed(run_seed: int, step: int) -> int:
     return (x ^ (x >> 31)) % SEED_MODULUS
 
 
-def projected_grads(losses: Tensor, eps: float) -> Tensor:
-    """g_i = (L_i+ - L_i-) / (2 eps) from the 2q losses of a step (+ copies first)."""
-    q = losses.numel() // 2
-    return (losses[:q] - losses[q:]) / (2.0 * eps)
+def loss_spread(losses: list[float]) -> float:
+    """The population standard deviation of a step's 2q losses, in float64 summed in order
+    (the native driver computes it the same way, so both give the same bits)."""
+    mean = 0.0
+    for x in losses:
+        mean += x
+    mean /= len(losses)
+    total = 0.0
+    for x in losses:
+        total += (x - mean) * (x - mean)
+    return math.sqrt(total / len(losses))
 
 
-def updated_adapter(adapter: Tensor, seed: Tensor, g: Tensor, lr: Tensor) -> Tensor:
+def projected_grads(losses: list[float], eps: float, normalize: bool = False) -> list[float]:
+    """The q projected gradients of a step from its 2q losses (+ copies first), float64.
+
+    plain:      g_i = (L_i+ - L_i-) / (2 eps), the slope of the loss along z_i.
+    normalized: g_i = (L_i+ - L_i-) / (2 sigma), sigma = loss_spread(losses). The spread of
+                the losses is about eps times the gradient's size along the directions, so this
+                is the slope divided by the gradient's size: a step of about lr along each z_i
+                whatever the loss's scale (normalized SGD; FZOO). It is bounded, |g_i| <=
+                sqrt(q) (two of 2q values differ by at most 2 sqrt(q) sigma; q = 1 gives the
+                sign of the slope), so one odd batch cannot make a large step. The caller has
+                ruled out all-equal losses (sigma = 0: the judge's degenerate fault).
+    """
+    q = len(losses) // 2
+    scale = 2.0 * (loss_spread(losses) if normalize else eps)
+    return [(losses[i] - losses[i + q]) / scale for i in range(q)]
+
+
+def updated_adapter(adapter: Tensor, seed: Tensor, g: Tensor, lr: Tensor, noise: str = "gaussian") -> Tensor:
     """B - lr * (1/q) * sum_i g_i z_i, in float64, for a flat float32 adapter.
 
-    z is regenerated from the seed; g has one entry per query. Traced inside train_step and
-    called as is by eager code, so both compute the same float64 arithmetic.
+    z is regenerated from the seed (directions of the given noise kind); g has one entry per
+    query. Traced inside train_step and called as is by eager code, so both compute the same
+    float64 arithmetic.
     """
     num_queries = g.shape[0]
-    z = gaussian(seed, num_queries, adapter.shape[0])
+    z = directions(noise, seed, num_queries, adapter.shape[0])
     inv_q = torch.tensor(1.0 / num_queries, dtype=torch.float64)
     terms = g.to(torch.float64).reshape(num_queries, 1) * z
     # Explicit adds in a fixed order, not terms.sum(0): ExecuTorch 1.5.1's portable sum over a

@@ -1,4 +1,4 @@
-"""Counter-based Gaussian noise that eager PyTorch and the ExecuTorch runtime compute bit-identically.
+"""Counter-based noise that eager PyTorch and the ExecuTorch runtime compute bit-identically.
 
 P-RGE never stores its perturbations: z is regenerated from a seed whenever it is needed (to
 apply the previous step's update, to build the perturbed adapter copies, to replay a run).
@@ -27,9 +27,14 @@ import math
 import torch
 from torch import Tensor
 
-# Bump when the generated numbers change: stored in manifests and checkpoints so a run is only
-# ever replayed with the generator that produced it.
-PRNG_VERSION = "lowbias32x2-boxmuller-f64-v1"
+# The direction distributions a step can draw (prge/estimators.py picks one per estimator), each
+# with the version of its generator. Bump a version when its numbers change: it is stored in
+# manifests and checkpoints so a run is only ever replayed with the generator that produced it.
+PRNG_VERSIONS = {
+    "gaussian": "lowbias32x2-boxmuller-f64-v1",
+    "rademacher": "lowbias32x2-sign-v1",
+}
+NOISE_KINDS = tuple(PRNG_VERSIONS)
 
 _MASK32 = 1 << 32
 _HASH_MUL_1 = 0x7FEB352D
@@ -90,3 +95,19 @@ def gaussian(seed: Tensor, num_streams: int, numel: int, first_stream: int = 0) 
     angle = two_pi * u[..., 1]
     normals = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=-1)
     return normals.reshape(num_streams, 2 * pairs)[:, :numel]
+
+
+def rademacher(seed: Tensor, num_streams: int, numel: int, first_stream: int = 0) -> Tensor:
+    """Random signs, +1.0 or -1.0 in float64, [num_streams, numel]: the top bit of each of the
+    same 32-bit hashes `gaussian` reads (integer ops only: no log, sqrt, cos or sin)."""
+    bits = uniform_bits(seed, num_streams, numel, first_stream)
+    return (torch.floor_divide(bits, 1 << 31) * 2 - 1).to(torch.float64)
+
+
+def directions(kind: str, seed: Tensor, num_streams: int, numel: int, first_stream: int = 0) -> Tensor:
+    """Perturbation directions of the given kind (NOISE_KINDS), float64 [num_streams, numel]."""
+    if kind == "gaussian":
+        return gaussian(seed, num_streams, numel, first_stream)
+    if kind == "rademacher":
+        return rademacher(seed, num_streams, numel, first_stream)
+    raise ValueError(f"unknown noise {kind!r}; expected one of {NOISE_KINDS}")

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from prge.estimators import perturbed_copies, updated_adapter
 from prge.lora import LoRAFALinear, adapters_of, perturbed_mode
-from prge.noise import gaussian
+from prge.noise import NOISE_KINDS, directions
 from prge.pieces import check_micro_batch, piece_layout, stream
 
 LOSS_KINDS = ("classification", "lm")
@@ -64,6 +64,8 @@ class PRGEStep(nn.Module):
     micro_batch: most rows one forward pass runs at a time (train_step's tiled batch and
           eval_logits' batch are streamed in pieces); None = every row in one pass.
     logit_softcap: the family's final logit soft-capping (Gemma 2), c * tanh(logits / c); None = none.
+    noise: the distribution of the perturbation directions (prge/noise.py NOISE_KINDS), the
+          estimator's choice (prge/estimators.py).
     """
 
     def __init__(
@@ -76,9 +78,13 @@ class PRGEStep(nn.Module):
         adapter_names: list[str] | None = None,
         micro_batch: int | None = None,
         logit_softcap: float | None = None,
+        noise: str = "gaussian",
     ) -> None:
         super().__init__()
         check_micro_batch(micro_batch)
+        if noise not in NOISE_KINDS:
+            raise ValueError(f"unknown noise {noise!r}; expected one of {NOISE_KINDS}")
+        self.noise_kind = noise
         if loss not in LOSS_KINDS:
             raise ValueError(f"unknown loss {loss!r}; expected one of {LOSS_KINDS}")
         self.body = body
@@ -128,7 +134,7 @@ class PRGEStep(nn.Module):
 
     def noise(self, seed: Tensor) -> Tensor:
         """The q perturbation directions of a step, float64 [q, adapter_numel]."""
-        return gaussian(seed, self.num_queries, self.adapter_numel)
+        return directions(self.noise_kind, seed, self.num_queries, self.adapter_numel)
 
     # ---- losses -------------------------------------------------------------------------
     def answer_logits(self, input_ids: Tensor, attention_mask: Tensor, full_vocab: bool) -> Tensor:
@@ -188,7 +194,7 @@ class PRGEStep(nn.Module):
         eps: Tensor,  # [1] float32: perturbation scale of this step
     ) -> Tensor:
         """One P-RGE step; returns the 2q per-copy mean losses (+ copies first), float32 [2q]."""
-        adapter = updated_adapter(self.flat_adapter(), prev_seed, prev_g, lr).to(torch.float32)
+        adapter = updated_adapter(self.flat_adapter(), prev_seed, prev_g, lr, self.noise_kind).to(torch.float32)
         self._write_adapter(adapter)
         self._write_copies(perturbed_copies(adapter, self.noise(new_seed), eps))
         copies, batch = 2 * self.num_queries, input_ids.shape[0]
@@ -232,7 +238,7 @@ class PRGEStep(nn.Module):
         baseline can run on the same runtime as train_step. B is written back unchanged.
         """
         adapter = self.flat_adapter()
-        scaled = eps.to(torch.float64).reshape(1, 1) * gaussian(seed, 1, self.adapter_numel)
+        scaled = eps.to(torch.float64).reshape(1, 1) * directions(self.noise_kind, seed, 1, self.adapter_numel)
         self._write_adapter((adapter.to(torch.float64).reshape(1, -1) + scaled).to(torch.float32)[0])
         loss = self.per_example_loss(input_ids, attention_mask, labels).mean().reshape(1)
         self._write_adapter(adapter)
@@ -240,7 +246,7 @@ class PRGEStep(nn.Module):
 
     def apply_update(self, prev_seed: Tensor, prev_g: Tensor, lr: Tensor) -> Tensor:
         """Apply a pending update without a forward (before eval, checkpoint, or at the end)."""
-        adapter = updated_adapter(self.flat_adapter(), prev_seed, prev_g, lr).to(torch.float32)
+        adapter = updated_adapter(self.flat_adapter(), prev_seed, prev_g, lr, self.noise_kind).to(torch.float32)
         self._write_adapter(adapter)
         return adapter
 

@@ -20,12 +20,13 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from export.contract.manifest import (MANIFEST_FILE, ManifestError, program_shapes, read_manifest, slots_from_json,
-                                      verify_program_files)
+from export.contract.manifest import (MANIFEST_FILE, ManifestError, program_estimator, program_shapes, read_manifest,
+                                      slots_from_json, verify_program_files)
 from export.contract.methods import INPUTS, OUTPUTS, TRAINING_METHODS, step_scalars, update_scalars
 from models.causal_lm import AdapterConfig
 from models.console import runtime_logs_filtered
 from models.quantize import DEFAULT_GROUP_SIZE
+from prge.estimators import Estimator, estimator_named
 from prge.step import AdapterSlot, PRGEStep
 
 EAGER_EVAL_BATCH = 16  # rows per eager eval forward (any batch size works eagerly)
@@ -40,6 +41,7 @@ class Engine(Protocol):
     fixed_eval_batch: bool  # eval_logits takes exactly eval_batch_size rows (an exported program)
     slots: tuple[AdapterSlot, ...]  # the flat adapter's layout
     adapter: AdapterConfig  # rank, alpha, targets, a_seed as used
+    estimator: Estimator  # the noise the step draws and how its losses become g
     base_model: str  # the frozen model's folder
     model_type: str
     program_sha256: str | None  # the .pte's (checkpoints are tied to it), None for eager
@@ -79,6 +81,7 @@ class EagerPRGE:
         self.eval_batch_size = eval_batch_size
         self.slots = step.slots
         self.adapter = adapter
+        self.estimator = estimator_named(adapter.estimator)
         self.base_model = str(Path(model_dir).resolve())
         self.model_type = step.body.backbone.config.model_type
 
@@ -180,7 +183,8 @@ def program_adapter_config(manifest: dict) -> AdapterConfig:
     return AdapterConfig(num_queries=int(manifest["num_queries"]), rank=a["rank"], alpha=a["alpha"], targets=a["targets"],
                          loss=manifest["task"]["loss"], a_seed=a["a_seed"], adapted=[s["name"] for s in a["slots"]],
                          micro_batch=manifest["shapes"].get("micro_batch"), quantize=quantization["scheme"],
-                         group_size=quantization.get("group_size") or DEFAULT_GROUP_SIZE)
+                         group_size=quantization.get("group_size") or DEFAULT_GROUP_SIZE,
+                         estimator=program_estimator(manifest).name)
 
 
 class ExecuTorchPRGE:
@@ -200,6 +204,7 @@ class ExecuTorchPRGE:
         self.adapter_numel = int(m["adapter"]["numel"])
         self.slots = slots_from_json(m["adapter"]["slots"])
         self.adapter = program_adapter_config(m)
+        self.estimator = program_estimator(m)
         self.base_model = m["model"]["path"]
         self.model_type = m["model"]["model_type"]
         self.program_sha256 = m["program"]["pte"]["sha256"]

@@ -40,6 +40,7 @@ def lower_median(values: list[float]) -> float:
 @dataclass
 class StepJudge:
     eps: float  # perturbation scale: g = (L+ - L-) / (2 eps)
+    normalize: bool  # the estimator's: g = (L+ - L-) / (2 spread of the losses) instead (prge/estimators.py)
     diverge_factor: float  # a mean loss above this x the baseline is a fault (0: never)
     num_labels: int  # sets the baseline's floor, ln(num_labels)
     max_bad_steps: int  # faults in a row that stop the run
@@ -71,7 +72,7 @@ class StepJudge:
         fault = self.fault_of(values, mean_loss)
         q = len(values) // 2
         if fault is None:
-            g = projected_grads(losses.to(torch.float64), self.eps).tolist()
+            g = projected_grads(values, self.eps, self.normalize)
             self.bad_in_a_row = 0
             if len(self.baseline_losses) < BASELINE_STEPS:
                 self.baseline_losses.append(mean_loss)

@@ -20,6 +20,7 @@ from export.contract.manifest import slots_from_json
 from export.contract.methods import update_scalars
 from models.peft_io import CONFIG_FILE, AdapterFileError, load_peft_adapter, read_adapter_config
 from prge.estimators import updated_adapter
+from prge.noise import NOISE_KINDS
 from runtime_driver.checkpoint import load_checkpoint
 from runtime_driver.metrics import read_metrics
 
@@ -42,10 +43,10 @@ class ReplayResult:
         return all(c["identical"] for c in self.compared.values())
 
 
-def apply_logged_update(adapter: Tensor, seed: int, g: list[float], lr: float) -> Tensor:
+def apply_logged_update(adapter: Tensor, seed: int, g: list[float], lr: float, noise: str = "gaussian") -> Tensor:
     """One step's update exactly as train_step folds it in: the same scalar tensors (g and lr in
-    float32, as the program receives them) through the same update function."""
-    return updated_adapter(adapter, *update_scalars(seed, g, lr)).to(torch.float32)
+    float32, as the program receives them) through the same update function and noise."""
+    return updated_adapter(adapter, *update_scalars(seed, g, lr), noise).to(torch.float32)
 
 
 def _read_layout(run_dir: Path) -> dict[str, Any]:
@@ -54,6 +55,7 @@ def _read_layout(run_dir: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
         layout = config["adapter_layout"]
         numel, slots = int(layout["numel"]), slots_from_json(layout["slots"])
+        noise = layout.get("noise", "gaussian")  # runs from before estimators were a choice: Gaussian
     except FileNotFoundError:
         raise ReplayError(f"{path}: not found (is {run_dir} a prge run directory?)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, IndexError) as e:
@@ -63,7 +65,9 @@ def _read_layout(run_dir: Path) -> dict[str, Any]:
         raise ReplayError(f"{run_dir}: a first-order run; only zeroth-order runs are defined by (seed, g)")
     if layout.get("initial") != INITIAL_ZEROS:
         raise ReplayError(f"{path}: unknown initial adapter {layout.get('initial')!r}")
-    return {"numel": numel, "slots": slots}
+    if noise not in NOISE_KINDS:
+        raise ReplayError(f"{path}: adapter_layout.noise {noise!r} is none of {', '.join(NOISE_KINDS)}")
+    return {"numel": numel, "slots": slots, "noise": noise}
 
 
 def _train_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -104,7 +108,7 @@ def replay_run(run_dir: str | Path) -> ReplayResult:
     adapter = torch.zeros(layout["numel"], dtype=torch.float32)
     compared: dict[str, dict[str, Any]] = {}
     for done, row in enumerate(rows, start=1):
-        adapter = apply_logged_update(adapter, row["seed"], row["g"], row["lr"])
+        adapter = apply_logged_update(adapter, row["seed"], row["g"], row["lr"], layout["noise"])
         if ckpt is not None and done == ckpt.step:
             compared["ckpt"] = _compare(adapter, ckpt.adapter, done)
     final_dir = run_dir / "adapter"

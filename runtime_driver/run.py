@@ -98,7 +98,8 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, prog
         check_resumable(run_dir, zero_order_fingerprint(t, engine, fingerprint))
     run_dir.mkdir(parents=True, exist_ok=True)
     # The layout lets `prge replay` rebuild the adapter from the log without the model.
-    layout = {"numel": sum(s.numel for s in engine.slots), "slots": slots_to_json(engine.slots), "initial": INITIAL_ZEROS}
+    layout = {"numel": sum(s.numel for s in engine.slots), "slots": slots_to_json(engine.slots), "initial": INITIAL_ZEROS,
+              "noise": engine.estimator.noise}
     write_json_atomic(run_dir / "config.json", {**asdict(cfg), "data_dir": str(data_dir), "base_model": engine.base_model,
                                                 "adapter_layout": layout})
 

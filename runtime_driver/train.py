@@ -23,7 +23,6 @@ from tqdm import tqdm
 from models.console import say
 from models.tasks.batches import TokenizedSplit, batch_indices
 from prge.estimators import step_seed
-from prge.noise import PRNG_VERSION
 from prge.schedules import learning_rate
 from prge.step import PRGEStep
 from runtime_driver.checkpoint import CheckpointError, find_checkpoint_dir, load_checkpoint, save_checkpoint
@@ -166,7 +165,8 @@ class _Progress:
 
 def zero_order_fingerprint(cfg: TrainConfig, engine: Engine, extra: dict[str, Any] | None) -> dict[str, Any]:
     """What a checkpoint of this run records and a resume must match."""
-    return {**cfg.fingerprint(), **(extra or {}), "num_queries": engine.num_queries, "prng": PRNG_VERSION}
+    return {**cfg.fingerprint(), **(extra or {}), "num_queries": engine.num_queries,
+            "estimator": engine.estimator.name, "prng": engine.estimator.prng_version}
 
 
 def check_resumable(run_dir: Path, fingerprint: dict[str, Any]) -> tuple[int, torch.Tensor | None, dict]:
@@ -204,7 +204,7 @@ def train_zero_order(
         say(f"{run_dir / 'ckpt'}: no checkpoint yet; starting from step 0")
     if adapter is not None:
         engine.set_adapter(adapter)
-    judge = StepJudge(cfg.eps, cfg.diverge_factor, num_labels, cfg.max_bad_steps,
+    judge = StepJudge(cfg.eps, engine.estimator.normalize, cfg.diverge_factor, num_labels, cfg.max_bad_steps,
                       baseline_losses=list(state.get("baseline_losses", [])))
     pending = PendingUpdate(engine.num_queries)
     progress = _Progress(cfg, run_dir, start, evaluator, quiet)

@@ -139,8 +139,8 @@ def tiny_batch(tiny_tokenizer) -> Callable[..., tuple[torch.Tensor, torch.Tensor
 
 @pytest.fixture(scope="session")
 def tiny_program(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Callable[..., Path]:
-    """make(family="llama", q=2, rank=4, batch=2, seq_len=16, external=False, micro_batch=64, quantize="none")
-    -> export folder.
+    """make(family="llama", q=2, rank=4, batch=2, seq_len=16, external=False, micro_batch=64, quantize="none",
+    estimator="spsa") -> export folder.
 
     Exports are the slow part of the suite (tens of seconds each), so each configuration is
     exported once per session and shared by every test that only reads it.
@@ -154,13 +154,14 @@ def tiny_program(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Callable[..
     cache: dict[tuple, Path] = {}
 
     def make(family: str = "llama", q: int = 2, rank: int = 4, batch: int = 2, seq_len: int = SEQ_LEN,
-             external: bool = False, micro_batch: int | None = DEFAULT_MICRO_BATCH, quantize: str = "none") -> Path:
-        key = (family, q, rank, batch, seq_len, external, micro_batch, quantize)
+             external: bool = False, micro_batch: int | None = DEFAULT_MICRO_BATCH, quantize: str = "none",
+             estimator: str = "spsa") -> Path:
+        key = (family, q, rank, batch, seq_len, external, micro_batch, quantize, estimator)
         if key not in cache:
             out = tmp_path_factory.mktemp(f"program-{family}") / "program"
             task = load_folder_spec(tiny_data_dir)
             shapes = ExportShapes(batch, seq_len, 2 * q * batch)
-            adapter = AdapterConfig(num_queries=q, rank=rank, micro_batch=micro_batch, quantize=quantize)
+            adapter = AdapterConfig(num_queries=q, rank=rank, micro_batch=micro_batch, quantize=quantize, estimator=estimator)
             export_model(tiny_model_dir(family), task, adapter, shapes, out, external_weights=external, progress=lambda _: None)
             cache[key] = out
         return cache[key]

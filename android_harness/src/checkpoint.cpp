@@ -29,7 +29,7 @@ std::string fingerprint_json(const Manifest& m, const TrainOptions& opt) {
          ", \"seed\": " + std::to_string(opt.seed) + ", \"optimizer\": \"sgd\", \"model\": " + quote(m.model_path) +
          ", \"seq_len\": " + std::to_string(m.seq_len) + ", \"adapter_layout\": " + quote(m.adapter_layout) +
          ", \"program_sha256\": " + quote(m.pte_sha256) + ", \"num_queries\": " + std::to_string(m.num_queries) +
-         ", \"prng\": " + quote(m.prng_version) + "}";
+         ", \"estimator\": " + quote(m.estimator) + ", \"prng\": " + quote(m.prng_version) + "}";
 }
 
 std::string checkpoint_state(int done, int64_t next_seed, long long data_position, const std::vector<double>& baseline_losses,

@@ -11,8 +11,18 @@ double lower_median(std::vector<double> values) {
   return values[(values.size() - 1) / 2];
 }
 
-StepJudge::StepJudge(double eps, double diverge_factor, int num_labels, int max_bad_steps, std::vector<double> baseline)
-    : eps_(eps), diverge_factor_(diverge_factor), num_labels_(num_labels), max_bad_steps_(max_bad_steps),
+double loss_spread(const std::vector<float>& losses) {
+  double mean = 0;
+  for (float x : losses) mean += double(x);
+  mean /= double(losses.size());
+  double total = 0;
+  for (float x : losses) total += (double(x) - mean) * (double(x) - mean);
+  return std::sqrt(total / double(losses.size()));
+}
+
+StepJudge::StepJudge(double eps, bool normalize, double diverge_factor, int num_labels, int max_bad_steps,
+                     std::vector<double> baseline)
+    : eps_(eps), normalize_(normalize), diverge_factor_(diverge_factor), num_labels_(num_labels), max_bad_steps_(max_bad_steps),
       baseline_(std::move(baseline)) {}
 
 double StepJudge::threshold() const {
@@ -42,7 +52,8 @@ Verdict StepJudge::judge(const std::vector<float>& losses) {
   const size_t q = losses.size() / 2;
   v.g.assign(q, 0.0);
   if (v.fault.empty()) {
-    for (size_t i = 0; i < q; ++i) v.g[i] = (double(losses[i]) - double(losses[i + q])) / (2.0 * eps_);
+    const double scale = 2.0 * (normalize_ ? loss_spread(losses) : eps_);
+    for (size_t i = 0; i < q; ++i) v.g[i] = (double(losses[i]) - double(losses[i + q])) / scale;
     bad_in_a_row_ = 0;
     if (baseline_.size() < kBaselineSteps) baseline_.push_back(v.mean_loss);
   } else {  // a numerical fault: skip this step's update rather than poison B

@@ -141,6 +141,12 @@ Manifest read_manifest(const std::string& program_dir, bool verify_files) {
     if (m.num_labels < 2) throw JsonError("task.label_token_ids: need at least 2 labels");
     m.model_path = j.at("model").at("path").string("model.path");
     m.prng_version = j.at("prng_version").string("prng_version");
+    if (j.has("estimator")) {
+      const Json& e = j.at("estimator");
+      m.estimator = e.at("name").string("estimator.name");
+      m.noise = e.at("noise").string("estimator.noise");
+      m.normalize = e.at("normalize").boolean("estimator.normalize");
+    }
     m.adapter_layout = layout_hash(j.at("adapter").at("slots"), m.adapter_numel);
     const std::map<std::string, int> dims = {
         {"batch", m.batch_size}, {"seq_len", m.seq_len}, {"eval_batch", m.eval_batch_size}, {"num_queries", m.num_queries},

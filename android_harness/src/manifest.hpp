@@ -34,6 +34,12 @@ struct Manifest {
   double default_lr = 1e-3;  // TrainConfig's defaults unless the export recorded others
   double default_eps = 1e-2;
   std::string prng_version;
+  // The estimator (prge/estimators.py): its name goes into checkpoint fingerprints; normalize
+  // says how the judge turns losses into g; noise goes into config.json for replay. Programs
+  // from before estimators were a choice are spsa: Gaussian noise, plain g.
+  std::string estimator = "spsa";
+  std::string noise = "gaussian";
+  bool normalize = false;
   std::string adapter_layout;  // export/contract/manifest.py layout_hash: sha256 of the slots as json.dumps writes them, 16 hex
   std::map<std::string, MethodShapes> methods;  // the training methods, by name
 };

@@ -1,7 +1,7 @@
 // prge-native-pieces: the native driver's loop pieces as a filter, so tests can hold each one
 // against its Python twin case by case (tests/android_harness/test_native_pieces.py). One JSON
 // object a line in, one a line out:
-//   {"piece": "judge", "eps": X, "diverge_factor": X, "num_labels": N, "max_bad_steps": N,
+//   {"piece": "judge", "eps": X, "normalize": B, "diverge_factor": X, "num_labels": N, "max_bad_steps": N,
 //    "losses_bits": [[u32, ...], ...]}   (each step's 2q float32 losses as their bit patterns,
 //                                         so NaN and infinities travel exactly)
 //     -> {"verdicts": [{"g": [...], "fault": "...", "mean_loss": X|null, "must_stop": bool}, ...],
@@ -27,7 +27,8 @@ namespace {
 using prge::Json;
 
 std::string run_judge(const Json& in) {
-  prge::StepJudge judge(in.at("eps").number("eps"), in.at("diverge_factor").number("diverge_factor"),
+  prge::StepJudge judge(in.at("eps").number("eps"), in.has("normalize") && in.at("normalize").boolean("normalize"),
+                        in.at("diverge_factor").number("diverge_factor"),
                         static_cast<int>(in.at("num_labels").integer("num_labels")),
                         static_cast<int>(in.at("max_bad_steps").integer("max_bad_steps")));
   std::string out = "{\"verdicts\": [";

@@ -48,7 +48,7 @@ std::string config_json(const Manifest& m, const TrainOptions& opt) {
          ", \"eval_every\": " + std::to_string(opt.eval_every) + ", \"checkpoint_every\": " + std::to_string(opt.checkpoint_every) +
          ", \"max_bad_steps\": " + std::to_string(opt.max_bad_steps) + ", \"diverge_factor\": " + format_double(opt.diverge_factor) +
          "}, \"base_model\": " + quote(m.model_path) + ", \"adapter_layout\": {\"numel\": " + std::to_string(m.adapter_numel) +
-         ", \"slots\": " + m.raw.at("adapter").at("slots").dump() + ", \"initial\": \"zeros\"}}\n";
+         ", \"slots\": " + m.raw.at("adapter").at("slots").dump() + ", \"initial\": \"zeros\", \"noise\": " + quote(m.noise) + "}}\n";
 }
 
 }  // namespace
@@ -70,7 +70,7 @@ std::string train(PrgeProgram& program, const Manifest& m, const DataFile& data,
   }
   const int start = resumed.step;
   const std::string fingerprint = fingerprint_json(m, opt);
-  StepJudge judge(opt.eps, opt.diverge_factor, m.num_labels, opt.max_bad_steps, resumed.baseline_losses);
+  StepJudge judge(opt.eps, m.normalize, opt.diverge_factor, m.num_labels, opt.max_bad_steps, resumed.baseline_losses);
   PendingUpdate pending(m.num_queries);
   MetricsLog metrics(join(out_dir, "metrics.jsonl"), start);
   const auto started = Clock::now();

@@ -12,7 +12,7 @@ from typing import Any
 from export.contract.methods import CONTRACT_VERSION, ExportShapes, ProgramShapes, signatures_json
 from models.files import sha256_file, write_json_atomic
 from models.tasks.spec import TaskSpec
-from prge.noise import PRNG_VERSION
+from prge.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, Estimator
 from prge.step import LOSS_KINDS, AdapterSlot
 
 MANIFEST_FILE = "manifest.json"
@@ -110,6 +110,7 @@ def build_manifest(
     defaults: dict[str, float],
     delegation: dict[str, Any],
     export_seconds: dict[str, float],
+    estimator: Estimator,
 ) -> dict[str, Any]:
     """The manifest of a program written to pte (+ ptd). adapter: kind, rank, alpha, targets,
     a_seed; model: path, id, model_type, weights_sha256."""
@@ -130,7 +131,8 @@ def build_manifest(
         "tokenizer": {"file": tokenizer_file.name if tokenizer_file else None,
                       "sha256": sha256_file(tokenizer_file) if tokenizer_file else None,
                       "pad_token_id": pad_token_id},
-        "prng_version": PRNG_VERSION,
+        "estimator": estimator.to_json(),
+        "prng_version": estimator.prng_version,
         "model": model,
         "versions": package_versions(),
         "code_version": program_code_version(),
@@ -155,6 +157,12 @@ def task_spec(manifest: dict[str, Any]) -> TaskSpec:
     """The task exactly as the program was exported for (template, label words, loss)."""
     t = manifest["task"]
     return TaskSpec(t["template"], dict(zip(t["labels"], t["label_words"])), t["loss"], t.get("chat_template", False))
+
+
+def program_estimator(manifest: dict[str, Any]) -> Estimator:
+    """The estimator a (checked) manifest's program was exported for; programs from before
+    estimators were a choice all draw Gaussian noise and take plain g (spsa)."""
+    return ESTIMATORS[manifest.get("estimator", {"name": DEFAULT_ESTIMATOR})["name"]]
 
 
 def read_manifest(program_dir: str | Path) -> dict[str, Any]:
@@ -249,9 +257,15 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
         raise fail("tokenizer", "expected an object")
     if m["tokenizer"].get("file") is not None:  # None: a model without tokenizer.json (files copied as is)
         check_file_entry(m["tokenizer"], "tokenizer")
-    if m["prng_version"] != PRNG_VERSION:
+    estimator = m.get("estimator", {"name": DEFAULT_ESTIMATOR})
+    if not isinstance(estimator, dict) or ESTIMATORS.get(estimator.get("name")) is None:
+        raise fail("estimator", f"{estimator!r}: expected an object naming one of {', '.join(ESTIMATORS)}")
+    known = ESTIMATORS[estimator["name"]]
+    if "estimator" in m and estimator != known.to_json():
+        raise fail("estimator", f"{estimator!r} is not this prge's {known.name} ({known.to_json()}); re-export the program")
+    if m["prng_version"] != known.prng_version:
         raise fail("prng_version", f"{m['prng_version']!r}: exported with another noise generator than this prge's "
-                                   f"{PRNG_VERSION!r}; re-export the program")
+                                   f"{known.prng_version!r} ({known.noise} noise); re-export the program")
     if not isinstance(m["model"], dict) or not isinstance(m["model"].get("path"), str):
         raise fail("model", "expected an object with the model's path")
     if not isinstance(m["versions"], dict):

@@ -429,6 +429,7 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
         files = manifests[path]["program"]
         rows[path] = {
             "quantization": program_adapter_config(manifests[path]).quantize,
+            "estimator": program_adapter_config(manifests[path]).estimator,
             "program_mb": round((files["pte"]["bytes"] + (files["ptd"]["bytes"] if files["ptd"] else 0)) / 1e6, 1),
             "train_step_ms": round(ms[f"{path}:train_step"], 3), "eval_logits_ms": round(ms[f"{path}:eval_logits"], 3),
             "step_overhead": round(ms[f"{path}:train_step"] / ms[f"{path}:eval_logits"], 3),
@@ -444,11 +445,12 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
 
 def format_programs(rows: dict[str, dict[str, Any]]) -> str:
     """The side-by-side table of `prge bench --programs` (markdown)."""
-    lines = ["| program | base | program MB | peak RSS train_step MB | train_step ms | eval_logits ms | "
-             "step vs first | RSS vs first |", "|" + "---|" * 8]
+    lines = ["| program | base | estimator | program MB | peak RSS train_step MB | train_step ms | eval_logits ms | "
+             "step_overhead | step vs first | RSS vs first |", "|" + "---|" * 10]
     for path, r in rows.items():
         rss = "-" if r["peak_rss_train_step_mb"] is None else f"{r['peak_rss_train_step_mb']:,.0f}"
         ratio = "-" if r["rss_vs_first"] is None else f"{r['rss_vs_first']:.2f}"
-        lines.append(f"| {path} | {r['quantization']} | {r['program_mb']:,.1f} | {rss} | {r['train_step_ms']:,.0f} | "
-                     f"{r['eval_logits_ms']:,.0f} | {r['train_step_vs_first']:.2f} | {ratio} |")
+        lines.append(f"| {path} | {r['quantization']} | {r['estimator']} | {r['program_mb']:,.1f} | {rss} | "
+                     f"{r['train_step_ms']:,.0f} | {r['eval_logits_ms']:,.0f} | {r['step_overhead']:.3f} | "
+                     f"{r['train_step_vs_first']:.2f} | {ratio} |")
     return "\n".join(lines)

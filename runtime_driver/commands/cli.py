@@ -19,6 +19,7 @@ from models.causal_lm import AdapterConfig  # noqa: E402
 from models.quantize import DEFAULT_GROUP_SIZE, SCHEMES  # noqa: E402
 from models.sources.packaged import DEFAULT_MODEL_NAME, MODEL_NAMES  # noqa: E402
 from models.sources.tiny import TINY_FAMILIES  # noqa: E402
+from prge.estimators import DEFAULT_ESTIMATOR, ESTIMATORS  # noqa: E402
 from prge.pieces import DEFAULT_MICRO_BATCH  # noqa: E402
 from runtime_driver.train import METHODS, QUANTIZED_EPS, TrainConfig, default_eps  # noqa: E402
 
@@ -48,6 +49,11 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
                         "weights in groups), int8 activations on the fly; the LoRA-FA path stays float32 (default none)")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
                    help=f"input columns per int4 weight scale with --quantize 8da4w (default {DEFAULT_GROUP_SIZE})")
+    p.add_argument("--estimator", choices=tuple(ESTIMATORS),
+                   help=f"how a step perturbs and turns its 2q losses into g: spsa (Gaussian directions, g = finite "
+                        f"difference), rademacher (+1/-1 directions), normalized (g divided by the spread of the step's "
+                        f"losses), fzoo (both). Fixed at export: a program's own with --engine executorch "
+                        f"(default {DEFAULT_ESTIMATOR})")
     p.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH,
                    help=f"most rows per forward pass: the 2q*b rows of a step run as a loop over equal pieces of at "
                         f"most this many rows, so memory stays flat as the batch grows (default {DEFAULT_MICRO_BATCH}; "
@@ -57,7 +63,8 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
 def _adapter_config(args) -> AdapterConfig:
     """Adapter settings from the command line; the loss defaults to the task's (set later)."""
     return AdapterConfig(num_queries=args.q, rank=args.rank, alpha=args.alpha, targets=args.targets, loss=args.loss,
-                         micro_batch=_micro_batch(args), quantize=args.quantize, group_size=args.group_size)
+                         micro_batch=_micro_batch(args), quantize=args.quantize, group_size=args.group_size,
+                         estimator=args.estimator or DEFAULT_ESTIMATOR)
 
 
 def _micro_batch(args) -> int | None:
@@ -96,6 +103,7 @@ def cmd_train(args) -> None:
 
     if args.threads:
         _set_threads(args.threads)
+    _check_program_estimator(args)
     train = TrainConfig(
         method=args.method, steps=args.steps, batch_size=args.batch, lr=args.lr, eps=_train_eps(args),
         schedule=args.schedule, seed=args.seed, eval_every=args.eval_every, eval_examples=args.eval_examples,
@@ -121,6 +129,20 @@ def _train_eps(args) -> float:
 
         return float(read_manifest(Path(args.program))["defaults"].get("eps", TrainConfig.eps))
     return default_eps(args.quantize)
+
+
+def _check_program_estimator(args) -> None:
+    """--estimator with --engine executorch may only name the program's own: its noise is built in."""
+    if args.engine != "executorch" or not args.program or args.estimator is None:
+        return
+    from pathlib import Path
+
+    from export.contract.manifest import program_estimator, read_manifest
+
+    exported = program_estimator(read_manifest(Path(args.program))).name
+    if args.estimator != exported:
+        raise ValueError(f"--estimator {args.estimator}: {args.program} was exported with --estimator {exported}, "
+                         f"which fixes its noise; export another program for {args.estimator}")
 
 
 def _set_threads(threads: int) -> None:

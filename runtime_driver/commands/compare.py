@@ -69,8 +69,8 @@ def compare_engines(
             loss_r = et.train_step(ids, mask, labels, prev_seed, seed_t, prev["et"], prev_lr, eps)
             times["et"].append((time.perf_counter() - began) * 1000)
             max_loss_diff = max(max_loss_diff, float((loss_e - loss_r).abs().max()))
-            g_e = projected_grads(loss_e.to(torch.float64), eps).tolist()
-            g_r = projected_grads(loss_r.to(torch.float64), eps).tolist()
+            g_e = projected_grads(loss_e.tolist(), eps, et.estimator.normalize)
+            g_r = projected_grads(loss_r.tolist(), eps, et.estimator.normalize)
             prev = {"eager": g_e, "et": g_e if feed_eager_g else g_r}
             prev_seed, prev_lr = seed_t, lr
         eager.apply_update(prev_seed, prev["eager"], prev_lr)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.contract.manifest import MANIFEST_FILE, ManifestError, model_weights_hash, program_code_version, read_manifest
+from export.contract.manifest import (MANIFEST_FILE, ManifestError, model_weights_hash, program_code_version,
+                                      program_estimator, read_manifest)
 from export.contract.methods import ExportShapes
 from export.pipeline import delegation_table, export_model
 from models.causal_lm import AdapterConfig
@@ -20,7 +21,6 @@ from models.files import write_json_atomic
 from models.sources.packaged import prepare_model
 from models.tasks.folder import load_folder_spec
 from models.tasks.movie_reviews import prepare_default_data
-from prge.noise import PRNG_VERSION
 from runtime_driver.commands.plots import plot_run
 from runtime_driver.run import RunConfig, run_training
 from runtime_driver.train import TrainConfig
@@ -54,7 +54,7 @@ def _reusable(program_dir: Path, model_dir: Path, cfg: DemoConfig, adapter: Adap
         and m["shapes"]["seq_len"] == cfg.seq_len
         and m["num_queries"] == cfg.num_queries
         and m["adapter"]["rank"] == adapter.rank
-        and m["prng_version"] == PRNG_VERSION
+        and program_estimator(m).name == adapter.estimator
         and m["model"]["weights_sha256"] == model_weights_hash(model_dir)
         and m.get("code_version") == program_code_version()  # exported by this prge's step code
     )

@@ -137,13 +137,10 @@ def test_runtime_info_lines_only_with_verbose(run_native, program, data_file, tm
     assert verbose.returncode == 0 and "Resetting threadpool to 1 threads" in verbose.stderr, verbose.stderr
 
 
-def test_native_run_of_a_quantized_program_matches_python(run_native, tiny_program, tiny_data_dir, tmp_path):
-    # Integer weights are packed by XNNPACK at load (float32 ones are delegate inputs, never
-    # packed), and the native driver shares the packed copy between methods through XNNPACK's
-    # weight cache: the numbers must be the Python runtime's, which has no such cache.
+def _native_and_python_runs(run_native, program: Path, tiny_data_dir: Path, tmp_path: Path) -> tuple[list, list]:
+    """The same run of another program by both drivers (tmp_path/native, tmp_path/python): their metrics rows."""
     from runtime_driver.commands.export_data import export_data
 
-    program = tiny_program("llama", quantize="8da8w")
     data = export_data(program, tiny_data_dir, tmp_path / "data.bin", steps=STEPS, seed=SEED, eval_examples=EVAL_EXAMPLES)
     done = run_native(program, data, tmp_path / "native")
     assert done.returncode == 0, done.stderr
@@ -151,10 +148,38 @@ def test_native_run_of_a_quantized_program_matches_python(run_native, tiny_progr
                         eval_examples=EVAL_EXAMPLES, checkpoint_every=3)
     run_training(RunConfig(engine="executorch", program=str(program), data=str(tiny_data_dir), out=str(tmp_path / "python"),
                            test_examples=0, train=train), quiet=True, progress=lambda _: None)
-    native, python = metrics(tmp_path / "native"), metrics(tmp_path / "python")
+    return metrics(tmp_path / "native"), metrics(tmp_path / "python")
+
+
+def test_native_run_of_a_quantized_program_matches_python(run_native, tiny_program, tiny_data_dir, tmp_path):
+    # Integer weights are packed by XNNPACK at load (float32 ones are delegate inputs, never
+    # packed), and the native driver shares the packed copy between methods through XNNPACK's
+    # weight cache: the numbers must be the Python runtime's, which has no such cache.
+    native, python = _native_and_python_runs(run_native, tiny_program("llama", quantize="8da8w"), tiny_data_dir, tmp_path)
     assert [(r["type"], r["step"]) for r in native] == [(r["type"], r["step"]) for r in python]
     for n, p in zip(native, python):
         if n["type"] == "train":
             assert max(abs(a - b) for a, b in zip(n["losses"], p["losses"])) <= 1e-6
         else:
             assert n["accuracy"] == p["accuracy"]
+
+
+def test_native_run_of_an_fzoo_program_matches_python_and_replays(run_native, tiny_program, tiny_data_dir, tmp_path, capsys):
+    """The estimator travels in the manifest: the native driver normalizes g as the Python
+    driver does (same bits), records the Rademacher noise for replay, and fingerprints it."""
+    program = tiny_program("llama", estimator="fzoo")
+    native, python = _native_and_python_runs(run_native, program, tiny_data_dir, tmp_path)
+    train_rows = [(n, p) for n, p in zip(native, python) if n["type"] == "train"]
+    assert len(train_rows) == STEPS
+    for n, p in train_rows:
+        assert n["losses"] == p["losses"] and n["g"] == p["g"]  # same losses, so the same normalized g, bit for bit
+        assert max(abs(x) for x in n["g"]) <= 2 ** 0.5 + 1e-12  # normalized: |g| <= sqrt(q), q = 2
+    n_state = json.loads((tmp_path / "native" / "ckpt" / "state.json").read_text())
+    p_state = json.loads((tmp_path / "python" / "ckpt" / "state.json").read_text())
+    assert n_state["fingerprint"] == p_state["fingerprint"] and n_state["fingerprint"]["estimator"] == "fzoo"
+    run = tmp_path / "native"
+    assert main(["native-adapter", "--program", str(program), "--adapter", str(run / "adapter.safetensors"),
+                 "--out", str(run / "adapter")]) == 0
+    capsys.readouterr()
+    assert main(["replay", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["identical"] is True

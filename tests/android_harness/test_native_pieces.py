@@ -87,16 +87,18 @@ def _loss_sequences(rng: random.Random, q: int, steps: int) -> list[list[float]]
 
 
 def test_the_native_judge_is_the_python_judge(pieces):
+    """Both judges, plain and normalized g (prge/estimators.py), on the same losses: same bits."""
     rng = random.Random(0)
     requests, expected = [], []
     for case in range(60):
         q = rng.choice([1, 2, 4])
-        settings = {"eps": rng.choice([1e-3, 1e-2, 0.05]), "diverge_factor": rng.choice([0.0, 3.0, 10.0]),
+        settings = {"eps": rng.choice([1e-3, 1e-2, 0.05]), "normalize": rng.random() < 0.5,
+                    "diverge_factor": rng.choice([0.0, 3.0, 10.0]),
                     "num_labels": rng.choice([2, 3, 7]), "max_bad_steps": rng.choice([1, 3, 10])}
         steps = _loss_sequences(rng, q, rng.randint(5, 60))
         bits = [np.array(s, dtype=np.float32).view(np.uint32).tolist() for s in steps]
         requests.append({"piece": "judge", **settings, "losses_bits": bits})
-        judge = StepJudge(settings["eps"], settings["diverge_factor"], settings["num_labels"], settings["max_bad_steps"])
+        judge = StepJudge(**settings)
         verdicts = []
         for losses in steps:
             v = judge.judge(torch.tensor(losses, dtype=torch.float32))

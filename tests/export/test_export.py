@@ -30,6 +30,37 @@ def test_family_exports_and_matches_eager(family, tiny_program, tiny_model_dir, 
     assert result["free_running"]["adapter_norm_et"] > 0  # it really trained
 
 
+def test_an_fzoo_program_matches_eager(tiny_program, tiny_model_dir, tiny_data_dir):
+    """Rademacher noise drawn inside the program and g normalized by the drivers: the same
+    numbers in both engines (plain-g and Gaussian estimators are the default program's)."""
+    program = tiny_program("llama", estimator="fzoo")
+    manifest = read_manifest(program)
+    assert manifest["estimator"] == {"name": "fzoo", "noise": "rademacher", "normalize": True}
+    assert manifest["prng_version"] == "lowbias32x2-sign-v1"
+    result = compare_engines(tiny_model_dir("llama"), program, tiny_data_dir, steps=3, lr=0.05, eps=1e-2)
+    assert result["max_loss_diff"] < LOSS_TOL
+    assert result["teacher_forced_max_rel_diff"] < TEACHER_FORCED_REL_TOL
+    assert result["free_running"]["adapter_norm_et"] > 0
+
+
+def test_a_manifest_whose_estimator_does_not_match_its_noise_is_refused(tiny_program, tmp_path):
+    program = shutil.copytree(tiny_program("llama", estimator="fzoo"), tmp_path / "program")
+    manifest = json.loads((program / "manifest.json").read_text())
+    manifest["estimator"]["name"] = "spsa"  # a Gaussian estimator on a Rademacher program
+    (program / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="estimator"):
+        read_manifest(program)
+
+
+def test_train_refuses_another_estimator_than_the_programs(tiny_program, tiny_data_dir, tmp_path, capsys):
+    code = main(["train", "--engine", "executorch", "--program", str(tiny_program("llama", estimator="fzoo")),
+                 "--data", str(tiny_data_dir), "--estimator", "spsa", "--batch", "2", "--steps", "1",
+                 "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "exported with --estimator fzoo" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def _eager_twin(program, model_dir):
     manifest = read_manifest(program)
     return eager_engine(model_dir, program_adapter_config(manifest), manifest["task"]["label_token_ids"],

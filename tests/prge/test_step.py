@@ -111,8 +111,8 @@ def _prge_vs_sequential(tiny_step, randomize_adapter, tiny_batch, family: str, l
     # The perturbation is visible in the losses (else the comparison is vacuous).
     assert float((losses_s[:q] - losses_s[q:]).abs().max()) > 10 * max(loss_gap, 1e-7)
 
-    g_p = projected_grads(losses_p.double(), eps_value)
-    g_s = projected_grads(losses_s.double(), eps_value)
+    g_p = torch.tensor(projected_grads(losses_p.tolist(), eps_value), dtype=torch.float64)
+    g_s = torch.tensor(projected_grads(losses_s.tolist(), eps_value), dtype=torch.float64)
     # g_i = (L+ - L-) / (2 eps): an error d in each loss moves g by at most d / eps.
     g_gap = float((g_p - g_s).abs().max())
     assert g_gap <= loss_gap / eps_value + 1e-9
@@ -159,7 +159,7 @@ def test_projected_grads_are_directional_derivatives(tiny_step, randomize_adapte
     grad = _flat_grad(step, ids, mask, labels)
     with torch.no_grad():
         losses = step.train_step(ids, mask, labels, _seed(0), _seed(31), torch.zeros(q), _t(0.0), _t(eps))
-    g = projected_grads(losses.double(), eps)
+    g = torch.tensor(projected_grads(losses.tolist(), eps), dtype=torch.float64)
     directional = step.noise(_seed(31)) @ grad  # z_i . grad L
     # central differences: O(eps^2) truncation + float32 loss rounding / eps
     torch.testing.assert_close(g, directional, atol=2e-3, rtol=1e-2)
@@ -178,7 +178,7 @@ def test_update_descends_on_average(tiny_step, randomize_adapter, tiny_batch):
         step.set_adapter(flat0)
         with torch.no_grad():
             losses = step.train_step(ids, mask, labels, _seed(0), seed, torch.zeros(q), _t(0.0), _t(eps))
-        g = projected_grads(losses.double(), eps).float()
+        g = torch.tensor(projected_grads(losses.tolist(), eps), dtype=torch.float32)
         for signed_lr in changes:
             step.set_adapter(flat0)
             with torch.no_grad():

@@ -92,7 +92,7 @@ def _valid_manifest() -> dict:
         "task": {"template": "{text}", "labels": ["n", "p"], "label_words": [" n", " p"], "label_token_ids": [5, 6],
                  "loss": "classification", "padding": "left"},
         "tokenizer": {"file": "tokenizer.json", "sha256": "b" * 64, "pad_token_id": 0},
-        "prng_version": __import__("prge.noise", fromlist=["PRNG_VERSION"]).PRNG_VERSION,
+        "prng_version": __import__("prge.noise", fromlist=["PRNG_VERSIONS"]).PRNG_VERSIONS["gaussian"],
         "model": {"path": "/m", "id": "m", "model_type": "llama", "weights_sha256": "c" * 64},
         "versions": {"executorch": "1.5.1"},
         "defaults": {},

@@ -20,7 +20,7 @@ from runtime_driver.train import TrainConfig, first_order_optimizer, first_order
 
 
 def _judge(**kw) -> StepJudge:
-    return StepJudge(**{"eps": 0.01, "diverge_factor": 10.0, "num_labels": 2, "max_bad_steps": 3, **kw})
+    return StepJudge(**{"eps": 0.01, "normalize": False, "diverge_factor": 10.0, "num_labels": 2, "max_bad_steps": 3, **kw})
 
 
 def _losses(*values: float) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Zeroth-order training learns, end to end: on a learnable synthetic task (the review's label
 is given away by one word), P-RGE lowers the held-out loss within a few dozen steps, through the
-eager engine and through the ExecuTorch runtime alike."""
+eager engine and through the ExecuTorch runtime alike, with every estimator (prge/estimators.py)."""
 from __future__ import annotations
 
 import pytest
@@ -30,15 +30,17 @@ def _validation_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "eval"}
 
 
-@pytest.mark.parametrize("engine", ["eager", "executorch"])
-def test_held_out_loss_falls(engine, model_dir, tiny_data_dir, tmp_path):
+@pytest.mark.parametrize("engine, estimator", [("eager", "spsa"), ("executorch", "spsa"), ("eager", "rademacher"),
+                                               ("eager", "normalized"), ("executorch", "fzoo")])
+def test_held_out_loss_falls(engine, estimator, model_dir, tiny_data_dir, tmp_path):
     train = TrainConfig(steps=STEPS, batch_size=BATCH, lr=0.05, eps=1e-2, seed=1, eval_every=STEPS, eval_examples=24)
+    adapter = AdapterConfig(num_queries=Q, rank=4, estimator=estimator)
     cfg = RunConfig(model=str(model_dir), data=str(tiny_data_dir), out=str(tmp_path / "run"), engine=engine,
-                    seq_len=SEQ_LEN, test_examples=0, adapter=AdapterConfig(num_queries=Q, rank=4), train=train)
+                    seq_len=SEQ_LEN, test_examples=0, adapter=adapter, train=train)
     if engine == "executorch":
         cfg.program = str(tmp_path / "program")
-        export_model(model_dir, load_folder_spec(tiny_data_dir), AdapterConfig(num_queries=Q, rank=4),
-                     ExportShapes(BATCH, SEQ_LEN, 8), tmp_path / "program", progress=lambda _: None)
+        export_model(model_dir, load_folder_spec(tiny_data_dir), adapter, ExportShapes(BATCH, SEQ_LEN, 8),
+                     tmp_path / "program", progress=lambda _: None)
     summary = run_training(cfg, quiet=True, progress=lambda _: None)
     losses = _validation_losses(tmp_path / "run")
     assert sorted(losses) == [0, STEPS] and summary["bad_steps"] == 0

@@ -33,13 +33,20 @@ def executorch_run(tiny_program, tiny_data_dir, tmp_path_factory) -> Path:
                   data=str(tiny_data_dir))
 
 
+@pytest.fixture(scope="module")
+def executorch_fzoo_run(tiny_program, tiny_data_dir, tmp_path_factory) -> Path:
+    """Rademacher noise and normalized g: replay reads the noise kind from config.json."""
+    return _train(tmp_path_factory.mktemp("et-fzoo") / "run", engine="executorch",
+                  program=str(tiny_program("llama", estimator="fzoo")), data=str(tiny_data_dir))
+
+
 def _replay(run_dir: Path, capsys, *extra: str) -> tuple[int, dict | None, str]:
     code = main(["replay", str(run_dir), *extra])
     out, err = capsys.readouterr()
     return code, json.loads(out) if out.strip() else None, err
 
 
-@pytest.mark.parametrize("run", ["eager_run", "executorch_run"])
+@pytest.mark.parametrize("run", ["eager_run", "executorch_run", "executorch_fzoo_run"])
 def test_replay_reproduces_adapter_and_checkpoint_bit_for_bit(run, request, capsys, tmp_path):
     code, result, _ = _replay(request.getfixturevalue(run), capsys, "--out", str(tmp_path / "replayed.safetensors"))
     assert code == 0
