@@ -62,7 +62,7 @@ def tiny_model_dir(tmp_path_factory) -> Callable[..., Path]:
 def tiny_data_dir(tmp_path_factory) -> Path:
     """A task folder: task.json (default sentiment task) + train (64) / validation (24) / test (24)
     .jsonl of short synthetic reviews whose label is given away by one word."""
-    from models.tasks.movie_reviews import DEFAULT_SENTIMENT_TASK
+    from models.tasks.vader_snippets import DEFAULT_SENTIMENT_TASK
     from models.tasks.spec import save_task_spec
 
     out = tmp_path_factory.mktemp("tiny-data")
@@ -94,7 +94,7 @@ def tiny_step(tiny_model_dir, tiny_tokenizer):
     PRGEStep over the tiny model (B = 0) with the label words " negative", " positive"."""
     from models.causal_lm import AdapterConfig, build_step
     from models.tasks.labels import label_token_ids
-    from models.tasks.movie_reviews import DEFAULT_SENTIMENT_TASK
+    from models.tasks.vader_snippets import DEFAULT_SENTIMENT_TASK
 
     def make(family: str = "llama", q: int = 2, rank: int = 4, loss: str = "classification", **adapter_kw):
         label_ids = label_token_ids(tiny_tokenizer(family), DEFAULT_SENTIMENT_TASK)
@@ -123,7 +123,7 @@ def tiny_batch(tiny_tokenizer) -> Callable[..., tuple[torch.Tensor, torch.Tensor
     """Factory: batch(b=4, family="llama", seed=0, seq_len=16) -> (input_ids, attention_mask,
     labels), left-padded prompts of the default sentiment template; labels are class indices
     (0 negative, 1 positive) matching the review."""
-    from models.tasks.movie_reviews import DEFAULT_SENTIMENT_TASK
+    from models.tasks.vader_snippets import DEFAULT_SENTIMENT_TASK
     from models.tasks.prompts import encode_batch
 
     def batch(b: int = 4, family: str = "llama", seed: int = 0, seq_len: int = SEQ_LEN):

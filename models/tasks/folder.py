@@ -13,7 +13,7 @@ from models.console import say
 from models.files import existing_folder
 from models.tasks.batches import TokenizedSplit, tokenize_examples
 from models.tasks.labels import label_token_ids
-from models.tasks.movie_reviews import prepare_default_data
+from models.tasks.vader_snippets import SNIPPET_SETS, prepare_data
 from models.tasks.readers import read_examples
 from models.tasks.spec import DataError, TaskSpec, load_task_spec
 
@@ -22,8 +22,11 @@ TASK_FILE = "task.json"
 
 
 def resolve_data_dir(data: str | None, progress=say) -> Path:
-    """--data DIR (train/validation/test .jsonl or .csv + task.json), or the default task."""
-    return existing_folder(data, "data folder") if data else prepare_default_data(progress=progress)
+    """--data DIR (train/validation/test .jsonl or .csv + task.json), the name of a task prge
+    prepares (movie-reviews, tweets; built on first use), or else the default task."""
+    if data in SNIPPET_SETS and not Path(data).is_dir():
+        return prepare_data(data, progress=progress)
+    return existing_folder(data, "data folder") if data else prepare_data(progress=progress)
 
 
 def load_folder_spec(data_dir: Path, loss: str | None = None) -> TaskSpec:

@@ -97,7 +97,7 @@ class ProgramCache:
         from export.contract.methods import ExportShapes
         from export.pipeline import export_model
         from models.causal_lm import AdapterConfig
-        from models.tasks.movie_reviews import DEFAULT_SENTIMENT_TASK
+        from models.tasks.vader_snippets import DEFAULT_SENTIMENT_TASK
 
         eval_batch = eval_batch or 2 * q * b
         spec = {**self.identity, "q": q, "b": b, "eval_batch": eval_batch, "methods": list(methods),
@@ -228,7 +228,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     from models.causal_lm import load_tokenizer
     from models.sources.packaged import resolve_model_dir
     from models.tasks.labels import label_token_ids
-    from models.tasks.movie_reviews import DEFAULT_SENTIMENT_TASK
+    from models.tasks.vader_snippets import DEFAULT_SENTIMENT_TASK
 
     model_dir = resolve_model_dir(cfg.model)
     vocab = AutoConfig.from_pretrained(str(model_dir)).vocab_size

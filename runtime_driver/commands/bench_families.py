@@ -25,7 +25,7 @@ def _export(model_dir: Path, out: Path, q: int, b: int, seq_len: int) -> dict[st
     from export.contract.methods import ExportShapes
     from export.pipeline import export_model
     from models.causal_lm import AdapterConfig
-    from models.tasks.movie_reviews import DEFAULT_SENTIMENT_TASK
+    from models.tasks.vader_snippets import DEFAULT_SENTIMENT_TASK
 
     return export_model(model_dir, DEFAULT_SENTIMENT_TASK, AdapterConfig(num_queries=q), ExportShapes(b, seq_len, 2 * q * b),
                         out, progress=lambda _: None)

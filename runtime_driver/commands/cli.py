@@ -19,6 +19,7 @@ from models.causal_lm import AdapterConfig  # noqa: E402
 from models.quantize import DEFAULT_GROUP_SIZE, SCHEMES  # noqa: E402
 from models.sources.packaged import DEFAULT_MODEL_NAME, MODEL_NAMES  # noqa: E402
 from models.sources.tiny import TINY_FAMILIES  # noqa: E402
+from models.tasks.vader_snippets import DEFAULT_DATA, SNIPPET_SETS  # noqa: E402
 from prge.estimators import DEFAULT_ESTIMATOR, ESTIMATORS  # noqa: E402
 from prge.pieces import DEFAULT_MICRO_BATCH  # noqa: E402
 from runtime_driver.train import METHODS, QUANTIZED_EPS, TrainConfig, default_eps  # noqa: E402
@@ -34,7 +35,8 @@ def _targets(text: str) -> list[str]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local Hugging Face causal-LM folder, or the name of a model `prge prepare-model` "
                                    f"builds ({', '.join(MODEL_NAMES)}); default: {DEFAULT_MODEL_NAME}")
-    p.add_argument("--data", help="task folder: train/validation/test .jsonl or .csv + task.json (default: movie reviews)")
+    p.add_argument("--data", help="task folder (train/validation/test .jsonl or .csv + task.json), or the name of a task "
+                                  f"prge prepares ({', '.join(SNIPPET_SETS)}); default: {DEFAULT_DATA}")
     p.add_argument("--seq-len", type=int, default=64, help="prompt length in tokens (default 64)")
 
 
@@ -93,9 +95,9 @@ def cmd_prepare_model(args) -> None:
 
 
 def cmd_prepare_data(args) -> None:
-    from models.tasks.movie_reviews import prepare_default_data
+    from models.tasks.vader_snippets import prepare_data
 
-    print(prepare_default_data(force=args.force))
+    print(prepare_data(args.name, force=args.force))
 
 
 def cmd_train(args) -> None:
@@ -315,7 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if present")
     p.set_defaults(func=cmd_prepare_model)
 
-    p = sub.add_parser("prepare-data", parents=[common], help="build the movie-review sentiment task from the vaderSentiment sdist (pip-downloads it once)")
+    p = sub.add_parser("prepare-data", parents=[common], help="build a sentiment task (movie reviews, the default, or tweets) "
+                                                             "from the vaderSentiment sdist (pip-downloads it once)")
+    p.add_argument("--name", default=DEFAULT_DATA, choices=tuple(SNIPPET_SETS),
+                   help=f"which task (default {DEFAULT_DATA}); --data NAME on any command prepares it too")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
     p.set_defaults(func=cmd_prepare_data)
 

@@ -20,7 +20,7 @@ from models.console import say
 from models.files import write_json_atomic
 from models.sources.packaged import prepare_model
 from models.tasks.folder import load_folder_spec
-from models.tasks.movie_reviews import prepare_default_data
+from models.tasks.vader_snippets import prepare_data
 from runtime_driver.commands.plots import plot_run
 from runtime_driver.run import RunConfig, run_training
 from runtime_driver.train import TrainConfig
@@ -64,7 +64,7 @@ def run_demo(cfg: DemoConfig, progress=say) -> dict[str, Any]:
     began = time.perf_counter()
     out = Path(cfg.out)
     model_dir = prepare_model(progress=progress)
-    data_dir = prepare_default_data(progress=progress)
+    data_dir = prepare_data(progress=progress)
     adapter = AdapterConfig(num_queries=cfg.num_queries)
     program_dir = out / "program"
     if _reusable(program_dir, model_dir, cfg, adapter):

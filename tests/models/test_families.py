@@ -13,7 +13,7 @@ from models.sources.tiny import (
     HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, TINY_FAMILIES, make_tiny_model_dir, make_tiny_tokenizer,
 )
 from models.tasks.labels import label_token_ids
-from models.tasks.movie_reviews import DEFAULT_SENTIMENT_TASK
+from models.tasks.vader_snippets import DEFAULT_SENTIMENT_TASK
 
 TEXTS = [
     "Review: the movie was great and I loved it.\nSentiment:",

@@ -11,7 +11,7 @@ import torch
 from models.causal_lm import AdapterConfig, build_step, load_tokenizer
 from models.sources.packaged import prepare_model
 from models.tasks.folder import load_folder_spec, load_task
-from models.tasks.movie_reviews import prepare_default_data
+from models.tasks.vader_snippets import prepare_data
 from runtime_driver.evaluate import evaluate
 
 pytestmark = pytest.mark.real_model
@@ -21,7 +21,7 @@ SEQ_LEN = 64
 @pytest.fixture(scope="module")
 def real():
     model_dir = prepare_model(progress=lambda _: None)
-    data_dir = prepare_default_data(progress=lambda _: None)
+    data_dir = prepare_data(progress=lambda _: None)
     task = load_task(load_folder_spec(data_dir), load_tokenizer(model_dir), data_dir)
     return model_dir, task
 

