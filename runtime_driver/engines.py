@@ -204,7 +204,7 @@ class ExecuTorchPRGE:
         self.adapter_numel = int(m["adapter"]["numel"])
         self.slots = slots_from_json(m["adapter"]["slots"])
         self.adapter = program_adapter_config(m)
-        self.estimator = program_estimator(m)
+        self.estimator = estimator_named(self.adapter.estimator)  # as the eager engine derives it
         self.base_model = m["model"]["path"]
         self.model_type = m["model"]["model_type"]
         self.program_sha256 = m["program"]["pte"]["sha256"]

@@ -426,10 +426,10 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
     del keep, calls  # the RSS workers measure one program each; nothing here should crowd them
     rows: dict[str, dict[str, Any]] = {}
     for path in program_dirs:
-        files = manifests[path]["program"]
+        files, adapter = manifests[path]["program"], program_adapter_config(manifests[path])
         rows[path] = {
-            "quantization": program_adapter_config(manifests[path]).quantize,
-            "estimator": program_adapter_config(manifests[path]).estimator,
+            "quantization": adapter.quantize,
+            "estimator": adapter.estimator,
             "program_mb": round((files["pte"]["bytes"] + (files["ptd"]["bytes"] if files["ptd"] else 0)) / 1e6, 1),
             "train_step_ms": round(ms[f"{path}:train_step"], 3), "eval_logits_ms": round(ms[f"{path}:eval_logits"], 3),
             "step_overhead": round(ms[f"{path}:train_step"] / ms[f"{path}:eval_logits"], 3),
