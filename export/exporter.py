@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from export.contract.methods import OPTIONAL_METHODS, TRAINING_METHODS, ExportShapes, ProgramShapes, example_inputs
+from export.contract.methods import KNOWN_METHODS, TRAINING_METHODS, ExportShapes, ProgramShapes, example_inputs
 from models.console import say
 from prge.step import PRGEStep
 
@@ -99,11 +99,12 @@ def export_step(
 
     from export.loops import LoopAwareMemoryPlanningPass, LoopAwareXnnpackPartitioner
 
-    unknown = set(methods) - set(TRAINING_METHODS) - set(OPTIONAL_METHODS)
+    unknown = set(methods) - set(KNOWN_METHODS)
     if unknown or not methods:
-        raise ValueError(f"cannot export methods {sorted(unknown) or '(none)'}; known: {TRAINING_METHODS + OPTIONAL_METHODS}")
+        raise ValueError(f"cannot export methods {sorted(unknown) or '(none)'}; known: {KNOWN_METHODS}")
     step.eval()
-    dims = ProgramShapes.of(shapes, step.num_queries, step.adapter_numel, len(step.label_token_ids))
+    dims = ProgramShapes.of(shapes, step.num_queries, step.adapter_numel, len(step.label_token_ids), step.vocab_size,
+                            step.loss)
     timings: dict[str, float] = {}
     began = time.perf_counter()
     programs = {}

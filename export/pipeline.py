@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from export.contract.manifest import build_manifest, model_weights_hash, write_manifest
-from export.contract.methods import TRAINING_METHODS, ExportShapes
+from export.contract.methods import ExportShapes, training_methods
 from export.exporter import export_step, write_program
 from models.causal_lm import AdapterConfig, ModelError, build_step, load_tokenizer
 from models.console import say
@@ -15,6 +15,7 @@ from models.files import replace_dir_atomically
 from models.tasks.labels import label_token_ids
 from models.tasks.spec import TaskSpec
 from prge.estimators import estimator_named
+from prge.step import COMPLETION
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MIN_SEQ_LEN = 3  # the answer cue needs at least a few tokens; export also rejects smaller dims
@@ -40,7 +41,7 @@ def check_quantized_in_one_pass(adapter: AdapterConfig, shapes: ExportShapes) ->
     as dynamic, and it has no integer kernels for dynamic weights."""
     if adapter.quantize == "none" or adapter.micro_batch is None:
         return
-    rows = {"train_step": 2 * adapter.num_queries * shapes.batch_size, "eval_logits": shapes.eval_batch_size}
+    rows = {"train_step": 2 * adapter.num_queries * shapes.batch_size, "each eval method": shapes.eval_batch_size}
     over = {name: n for name, n in rows.items() if n > adapter.micro_batch}
     if over:
         name, n = next(iter(over.items()))
@@ -60,17 +61,22 @@ def export_model(
     external_weights: bool = False,
     defaults: dict[str, float] | None = None,
     progress: Callable[[str], Any] = say,
-    methods: tuple[str, ...] = TRAINING_METHODS,
+    methods: tuple[str, ...] | None = None,
     rewrites: bool = True,
 ) -> dict[str, Any]:
     """Export and write everything into out_dir atomically (a temp folder renamed into place).
+    methods: None = the training methods of the task's loss.
     rewrites=False keeps Hugging Face's own layers (no export-friendly rewrites): slower
     programs with more delegate islands, for comparison."""
     check_shapes(model_dir, shapes, adapter.num_queries)
     check_quantized_in_one_pass(adapter, shapes)
+    if task.loss == COMPLETION and not 1 <= adapter.completion_len < shapes.seq_len:
+        raise ModelError(f"--completion-len {adapter.completion_len} must be at least 1 and below --seq-len {shapes.seq_len} "
+                         "(a scored token needs the prompt token before it)")
     tokenizer = load_tokenizer(model_dir)
-    label_ids = label_token_ids(tokenizer, task)
+    label_ids = [] if task.loss == COMPLETION else label_token_ids(tokenizer, task)
     adapter.loss = task.loss
+    methods = methods or training_methods(task.loss)
     progress(f"Building {model_dir.name} with LoRA-FA (q={adapter.num_queries}, r={adapter.rank}) ...")
     step = build_step(model_dir, adapter, label_ids, rewrites=rewrites)
     began = time.perf_counter()
@@ -94,6 +100,7 @@ def export_model(
                    "rewritten": step.rewrites.as_json(), "quantization": step.quantization,
                    "weights_sha256": model_weights_hash(model_dir)},
             defaults=defaults or {}, delegation=delegation, estimator=estimator_named(adapter.estimator),
+            vocab_size=step.vocab_size, completion_len=step.completion_len,
             export_seconds={**{k: round(v, 2) for k, v in timings.items()},
                             "total_s": round(time.perf_counter() - began, 2)},
         )

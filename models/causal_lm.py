@@ -19,7 +19,7 @@ from models.delegatable import (
 from models.quantize import DEFAULT_GROUP_SIZE, check_scheme, quantize_frozen_linears, quantize_input_embedding
 from prge.estimators import DEFAULT_ESTIMATOR, estimator_named
 from prge.pieces import DEFAULT_MICRO_BATCH
-from prge.step import PRGEStep
+from prge.step import COMPLETION, PRGEStep
 
 # The Hub is never used: models come from local folders only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,6 +32,8 @@ TESTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "opt", "gpt2
 # next-token logits to this relative difference (in norm) on a probe batch with left padding.
 PARITY_REL_TOL = 1e-5
 PROBE_LEN, PROBE_PADDING = 12, 4
+# Completion tasks: the most tokens of a row that are scored (its completion and end token).
+DEFAULT_COMPLETION_LEN = 16
 
 
 class ModelError(ValueError):
@@ -46,7 +48,8 @@ class AdapterConfig:
     rank: int = DEFAULT_RANK  # LoRA rank r
     alpha: float = DEFAULT_ALPHA  # LoRA scaling numerator (scaling = alpha / r)
     targets: list[str] | None = None  # module names (peft semantics); None = family default
-    loss: str | None = None  # "classification" (label words) or "lm" (full vocabulary); None: the task's, else classification
+    loss: str | None = None  # prge/step.py LOSS_KINDS; None: the task's, else classification
+    completion_len: int = DEFAULT_COMPLETION_LEN  # completion loss: most scored tokens per row
     a_seed: int = DEFAULT_A_SEED  # seed of the frozen A matrices
     micro_batch: int | None = DEFAULT_MICRO_BATCH  # most rows per forward pass; None = all at once
     quantize: str = "none"  # the frozen base linears: none | 8da8w | 8da4w (models/quantize.py)
@@ -55,8 +58,8 @@ class AdapterConfig:
     adapted: list[str] = field(default_factory=list)  # filled in: the adapted module names
 
 
-class AnswerHidden(nn.Module):
-    """(input_ids, attention_mask) -> final hidden state at the last position, [B, H].
+class FinalHidden(nn.Module):
+    """(input_ids, attention_mask) -> the final hidden states, [B, T, H].
 
     Prompts are left-padded, so the last position is the answer position of every row.
     position_ids are derived from the mask so padding does not shift absolute positions
@@ -72,7 +75,7 @@ class AnswerHidden(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask),
             use_cache=False,
         )
-        return out.last_hidden_state[:, -1, :]
+        return out.last_hidden_state
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -111,7 +114,7 @@ def _probe_batch(vocab_size: int) -> tuple[Tensor, Tensor]:
 
 
 def _position_ids(mask: Tensor) -> Tensor:
-    # What Hugging Face's generate() derives for a left-padded batch, and what AnswerHidden uses.
+    # What Hugging Face's generate() derives for a left-padded batch, and what FinalHidden uses.
     return torch.clamp(torch.cumsum(mask, dim=1) - 1, min=0)
 
 
@@ -222,10 +225,11 @@ def build_step(model_dir: str | Path, adapter: AdapterConfig, label_ids: list[in
         raise ModelError(f"{model_dir}: no backbone at {type(model).__name__}.{model.base_model_prefix}")
     check_scheme(adapter.quantize, adapter.group_size, backbone)  # before the parity check and any export work
     step = PRGEStep(
-        AnswerHidden(backbone), model.get_output_embeddings(), label_ids, adapter.num_queries, adapter.loss,
+        FinalHidden(backbone), model.get_output_embeddings(), label_ids, adapter.num_queries, adapter.loss,
         adapter_names=adapter.adapted, micro_batch=adapter.micro_batch,
         logit_softcap=getattr(model.config, "final_logit_softcapping", None),
         noise=estimator_named(adapter.estimator).noise,
+        completion_len=adapter.completion_len if adapter.loss == COMPLETION else None,
     )
     step.eval()
     loaded.rewrites.parity = _check_parity(step, loaded.probe, Path(model_dir), model_type)

@@ -32,7 +32,12 @@ from prge.lora import LoRAFALinear, adapters_of, perturbed_mode
 from prge.noise import NOISE_KINDS, directions
 from prge.pieces import check_micro_batch, piece_layout, stream
 
-LOSS_KINDS = ("classification", "lm")
+# "classification" and "lm" score a label word at the answer position (the last one);
+# "completion" scores a completion's tokens, each predicted from the position before it.
+LOSS_KINDS = ("classification", "lm", "completion")
+COMPLETION = "completion"
+# In a completion task's targets: this position predicts nothing that is scored.
+IGNORE_TARGET = -100
 
 
 @dataclass(frozen=True)
@@ -53,14 +58,19 @@ class AdapterSlot:
 class PRGEStep(nn.Module):
     """P-RGE training and evaluation over a causal LM whose adapted layers are LoRAFALinear.
 
-    body: maps (input_ids [B,T], attention_mask [B,T]) to the hidden state at the answer
-          position, [B, H]. Prompts are left-padded so the answer position is always T-1.
+    body: maps (input_ids [B,T], attention_mask [B,T]) to the final hidden states, [B, T, H].
+          Prompts are left-padded so the answer position is always T-1.
     head: the output embedding (a Linear from H to the vocabulary).
     label_token_ids: one vocabulary id per class (the label words).
     adapter_names: names of the adapted modules in the original model (for PEFT files);
           defaults to their paths inside body.
     loss: "classification" = cross-entropy over the label words only;
-          "lm" = full-vocabulary next-token cross-entropy of the label word at the answer position.
+          "lm" = full-vocabulary next-token cross-entropy of the label word at the answer position;
+          "completion" = mean full-vocabulary cross-entropy of a completion's tokens: labels are
+          then [B, T] targets, labels[i, p] the token position p must predict or IGNORE_TARGET.
+    completion_len: "completion" only: the most scored tokens a row may have. The head runs at
+          that many positions per row (the scored ones), never at all T, so the logits take
+          rows x completion_len x vocab, not rows x T x vocab.
     micro_batch: most rows one forward pass runs at a time (train_step's tiled batch and
           eval_logits' batch are streamed in pieces); None = every row in one pass.
     logit_softcap: the family's final logit soft-capping (Gemma 2), c * tanh(logits / c); None = none.
@@ -79,8 +89,12 @@ class PRGEStep(nn.Module):
         micro_batch: int | None = None,
         logit_softcap: float | None = None,
         noise: str = "gaussian",
+        completion_len: int | None = None,
     ) -> None:
         super().__init__()
+        if (loss == COMPLETION) != (completion_len is not None) or (completion_len is not None and completion_len < 1):
+            raise ValueError(f"completion_len ({completion_len}) is a positive count for the completion loss and None otherwise")
+        self.completion_len = completion_len
         check_micro_batch(micro_batch)
         if noise not in NOISE_KINDS:
             raise ValueError(f"unknown noise {noise!r}; expected one of {NOISE_KINDS}")
@@ -138,7 +152,7 @@ class PRGEStep(nn.Module):
 
     # ---- losses -------------------------------------------------------------------------
     def answer_logits(self, input_ids: Tensor, attention_mask: Tensor, full_vocab: bool) -> Tensor:
-        return self._head_logits(self.body(input_ids, attention_mask), full_vocab)
+        return self._head_logits(self.body(input_ids, attention_mask)[:, -1, :], full_vocab)
 
     def drop_full_head(self) -> None:
         """Forget the full output head: a classification step reads only label_rows. For a
@@ -162,10 +176,14 @@ class PRGEStep(nn.Module):
         return logits
 
     def per_example_loss(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        """Cross-entropy per example, [B]. labels are class indices into label_token_ids."""
+        """Cross-entropy per example, [B]. labels: class indices into label_token_ids, or for
+        the completion loss [B, T] targets (see the class docstring)."""
         return self._loss(self.body(input_ids, attention_mask), labels)
 
     def _loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        if self.loss == COMPLETION:
+            return self._completion_loss(hidden, labels)
+        hidden = hidden[:, -1, :]
         if self.loss == "classification":
             logits, targets = self._head_logits(hidden, full_vocab=False), labels
         else:
@@ -173,6 +191,26 @@ class PRGEStep(nn.Module):
             targets = self.label_token_ids.index_select(0, labels)
         log_probs = torch.log_softmax(logits, dim=-1)
         return -log_probs.gather(1, targets.reshape(-1, 1)).reshape(-1)
+
+    def _completion_loss(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy over each row's scored positions, [B].
+
+        The scored positions are picked with a fixed-size top-k (static shapes, no data-dependent
+        control flow): ranking key = scored * T + position puts every scored position above every
+        other one, so the completion_len picked per row hold all of its scored ones (the data
+        readers guarantee there are at most completion_len) and the rest are masked out.
+        """
+        rows, seq_len, width = hidden.shape
+        scored = targets != IGNORE_TARGET
+        positions = torch.arange(seq_len, dtype=torch.int64).reshape(1, -1)
+        key = scored.to(torch.int64) * seq_len + positions
+        picked = torch.topk(key, self.completion_len, dim=1).indices  # [B, C]
+        picked_hidden = hidden.gather(1, picked.unsqueeze(-1).expand(rows, self.completion_len, width))
+        picked_targets = targets.gather(1, picked)
+        valid = (picked_targets != IGNORE_TARGET).to(torch.float32)
+        log_probs = torch.log_softmax(self._head_logits(picked_hidden, full_vocab=True), dim=-1)  # [B, C, V]
+        token_nll = -log_probs.gather(2, picked_targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (token_nll * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
 
     def _piece_losses(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *copies: Tensor) -> Tensor:
         """Per-row losses of one piece, its rows run under the given perturbed copies (one
@@ -186,7 +224,7 @@ class PRGEStep(nn.Module):
         self,
         input_ids: Tensor,  # [b, T] int64, left-padded
         attention_mask: Tensor,  # [b, T] int64
-        labels: Tensor,  # [b] int64 class indices
+        labels: Tensor,  # [b] int64 class indices ([b, T] targets for the completion loss)
         prev_seed: Tensor,  # [1] int64: seed of the previous step's noise
         new_seed: Tensor,  # [1] int64: seed of this step's noise
         prev_g: Tensor,  # [q] float32: previous projected gradients (zeros on the first step)
@@ -253,10 +291,22 @@ class PRGEStep(nn.Module):
     def eval_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Label-word logits [b, num_labels] with the unperturbed adapter (micro-batched like
         train_step)."""
-        layout = piece_layout(1, input_ids.shape[0], self.micro_batch)
-        pieces = [t.reshape(layout.count, layout.rows, *t.shape[1:]) for t in (input_ids, attention_mask)]
-        logits = stream(lambda ids, mask: self.answer_logits(ids, mask, full_vocab=False), pieces)
-        return logits.reshape(input_ids.shape[0], -1)
+        return self._eval_stream(lambda ids, mask: self.answer_logits(ids, mask, full_vocab=False), input_ids, attention_mask)
+
+    def eval_losses(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """Per-row completion loss [b] with the unperturbed adapter (held-out loss, perplexity)."""
+        return self._eval_stream(self.per_example_loss, input_ids, attention_mask, labels)
+
+    def next_token_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Full-vocabulary logits [b, vocab] at the last position with the unperturbed adapter:
+        one greedy decoding step (the whole window is run again each time; no KV cache)."""
+        return self._eval_stream(lambda ids, mask: self.answer_logits(ids, mask, full_vocab=True), input_ids, attention_mask)
+
+    def _eval_stream(self, fn, *batch: Tensor) -> Tensor:
+        layout = piece_layout(1, batch[0].shape[0], self.micro_batch)
+        pieces = [t.reshape(layout.count, layout.rows, *t.shape[1:]) for t in batch]
+        out = stream(fn, pieces)
+        return out.reshape(batch[0].shape[0], *out.shape[2:])
 
     def get_adapter(self) -> Tensor:
         return self.flat_adapter().clone()

@@ -1,7 +1,8 @@
 """The engines a run trains with, side by side behind one interface.
 
 The training loop calls five operations, with plain Python numbers for seeds, g, lr and eps:
-train_step, apply_update, eval_logits, get_adapter, set_adapter. An engine also says what it
+train_step, apply_update, get_adapter, set_adapter and the evaluation of its task: eval_logits
+(label words), or eval_losses and next_token_logits (completions). An engine also says what it
 trains (adapter layout and settings, base model, program), so a run writes the same files
 whichever engine produced them.
   EagerPRGE        the PRGEStep module in PyTorch: the very module that export traces
@@ -22,8 +23,8 @@ from torch import Tensor
 
 from export.contract.manifest import (MANIFEST_FILE, ManifestError, program_estimator, program_shapes, read_manifest,
                                       slots_from_json, verify_program_files)
-from export.contract.methods import INPUTS, OUTPUTS, TRAINING_METHODS, step_scalars, update_scalars
-from models.causal_lm import AdapterConfig
+from export.contract.methods import OUTPUTS, inputs_of, step_scalars, training_methods, update_scalars
+from models.causal_lm import DEFAULT_COMPLETION_LEN, AdapterConfig
 from models.console import runtime_logs_filtered
 from models.quantize import DEFAULT_GROUP_SIZE
 from prge.estimators import Estimator, estimator_named
@@ -37,8 +38,9 @@ _SCALAR_TYPES = {4: "int64", 6: "float32"}
 class Engine(Protocol):
     num_queries: int
     seq_len: int  # prompt length the engine takes
-    eval_batch_size: int  # rows per eval_logits call
-    fixed_eval_batch: bool  # eval_logits takes exactly eval_batch_size rows (an exported program)
+    eval_batch_size: int  # rows per eval call
+    fixed_eval_batch: bool  # the eval methods take exactly eval_batch_size rows (an exported program)
+    completion_len: int | None  # a completion task's most scored tokens per row
     slots: tuple[AdapterSlot, ...]  # the flat adapter's layout
     adapter: AdapterConfig  # rank, alpha, targets, a_seed as used
     estimator: Estimator  # the noise the step draws and how its losses become g
@@ -52,6 +54,10 @@ class Engine(Protocol):
     def apply_update(self, prev_seed: int, prev_g: list[float], lr: float) -> None: ...
 
     def eval_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+
+    def eval_losses(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor: ...
+
+    def next_token_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
 
     def get_adapter(self) -> Tensor: ...
 
@@ -84,6 +90,7 @@ class EagerPRGE:
         self.estimator = estimator_named(adapter.estimator)
         self.base_model = str(Path(model_dir).resolve())
         self.model_type = step.body.backbone.config.model_type
+        self.completion_len = step.completion_len
 
     @torch.no_grad()
     def train_step(self, input_ids, attention_mask, labels, prev_seed, new_seed, prev_g, lr, eps) -> Tensor:
@@ -96,6 +103,14 @@ class EagerPRGE:
     @torch.no_grad()
     def eval_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.step.eval_logits(input_ids, attention_mask)
+
+    @torch.no_grad()
+    def eval_losses(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        return self.step.eval_losses(input_ids, attention_mask, labels)
+
+    @torch.no_grad()
+    def next_token_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.step.next_token_logits(input_ids, attention_mask)
 
     def get_adapter(self) -> Tensor:
         return self.step.get_adapter()
@@ -120,13 +135,16 @@ class ExecuTorchProgram:
     """An exported program loaded for the named methods, checked against its manifest and the
     program contract before anything runs."""
 
-    def __init__(self, program_dir: str | Path, methods: tuple[str, ...] = TRAINING_METHODS, etdump: bool = False) -> None:
-        """etdump: record an ExecuTorch profile of every call (write_etdump collects it)."""
+    def __init__(self, program_dir: str | Path, methods: tuple[str, ...] | None = None, etdump: bool = False) -> None:
+        """methods: None = the training methods of the program's loss. etdump: record an
+        ExecuTorch profile of every call (write_etdump collects it)."""
         from executorch.runtime import Runtime
 
         self.program_dir = Path(program_dir)
         self.manifest = read_manifest(self.program_dir)
         verify_program_files(self.program_dir, self.manifest)
+        self.loss = self.manifest["task"]["loss"]
+        methods = methods or training_methods(self.loss)
         missing = [name for name in methods if name not in self.manifest["methods"]]
         if missing:
             raise ManifestError(f"{self.program_dir}: the program has no {', '.join(missing)} method "
@@ -152,9 +170,10 @@ class ExecuTorchProgram:
         where = f"{self.program_dir / MANIFEST_FILE}: does not match {self.pte}"
         for name, method in self._methods.items():
             meta = method.metadata
-            if meta.num_inputs() != len(INPUTS[name]):
-                raise ManifestError(f"{where}: {name} takes {meta.num_inputs()} inputs, the contract {len(INPUTS[name])}")
-            expected = [(f"input {i} ({a.name})", meta.input_tensor_meta(i), a) for i, a in enumerate(INPUTS[name])]
+            inputs = inputs_of(name, self.loss)
+            if meta.num_inputs() != len(inputs):
+                raise ManifestError(f"{where}: {name} takes {meta.num_inputs()} inputs, the contract {len(inputs)}")
+            expected = [(f"input {i} ({a.name})", meta.input_tensor_meta(i), a) for i, a in enumerate(inputs)]
             expected.append(("output", meta.output_tensor_meta(0), OUTPUTS[name]))
             for what, info, arg in expected:
                 actual = (_SCALAR_TYPES.get(info.dtype(), f"dtype {info.dtype()}"), list(info.sizes()))
@@ -182,6 +201,7 @@ def program_adapter_config(manifest: dict) -> AdapterConfig:
     quantization = manifest["model"].get("quantization") or {"scheme": "none"}  # older programs: float32
     return AdapterConfig(num_queries=int(manifest["num_queries"]), rank=a["rank"], alpha=a["alpha"], targets=a["targets"],
                          loss=manifest["task"]["loss"], a_seed=a["a_seed"], adapted=[s["name"] for s in a["slots"]],
+                         completion_len=manifest["shapes"].get("completion_len") or DEFAULT_COMPLETION_LEN,
                          micro_batch=manifest["shapes"].get("micro_batch"), quantize=quantization["scheme"],
                          group_size=quantization.get("group_size") or DEFAULT_GROUP_SIZE,
                          estimator=program_estimator(manifest).name)
@@ -208,6 +228,7 @@ class ExecuTorchPRGE:
         self.base_model = m["model"]["path"]
         self.model_type = m["model"]["model_type"]
         self.program_sha256 = m["program"]["pte"]["sha256"]
+        self.completion_len = shapes.get("completion_len")
         # The runtime starts mutable buffers at zero; make the initial state explicit anyway.
         self.set_adapter(torch.zeros(self.adapter_numel))
 
@@ -228,6 +249,14 @@ class ExecuTorchPRGE:
     def eval_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         self._check_batch(input_ids, self.eval_batch_size, "eval_logits")
         return self.program.run("eval_logits", [input_ids, attention_mask])
+
+    def eval_losses(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        self._check_batch(input_ids, self.eval_batch_size, "eval_losses")
+        return self.program.run("eval_losses", [input_ids, attention_mask, labels])
+
+    def next_token_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        self._check_batch(input_ids, self.eval_batch_size, "next_token_logits")
+        return self.program.run("next_token_logits", [input_ids, attention_mask])
 
     def get_adapter(self) -> Tensor:
         return self.program.run("get_adapter", [])

@@ -13,15 +13,14 @@ from typing import Any
 import torch
 
 from export.contract.manifest import layout_hash, package_versions, slots_to_json, task_spec
-from models.causal_lm import AdapterConfig, build_step, load_tokenizer
+from models.causal_lm import DEFAULT_COMPLETION_LEN, AdapterConfig, build_step, load_tokenizer
 from models.console import say
 from models.files import write_json_atomic
 from models.peft_io import load_peft_adapter, read_adapter_config, save_peft_adapter
 from models.sources.packaged import resolve_model_dir
-from models.tasks.batches import TokenizedSplit
 from models.tasks.folder import Task, load_folder_spec, load_task, resolve_data_dir
 from runtime_driver.engines import EagerPRGE, EagerSequential, Engine, ExecuTorchPRGE
-from runtime_driver.evaluate import evaluate
+from runtime_driver.evaluate import completion_loss, evaluate, generation_metrics
 from runtime_driver.failpoints import reached
 from runtime_driver.replay import INITIAL_ZEROS
 from runtime_driver.train import TrainConfig, check_resumable, train_first_order, train_zero_order, zero_order_fingerprint
@@ -51,7 +50,8 @@ def eager_engine(model_dir: Path, adapter: AdapterConfig, label_ids: list[int], 
 def build_engine(cfg: RunConfig, data_dir: Path) -> tuple[Engine, Task]:
     if cfg.engine == "eager":
         model_dir = resolve_model_dir(cfg.model)
-        task = load_task(load_folder_spec(data_dir, cfg.adapter.loss), load_tokenizer(model_dir), data_dir)
+        task = load_task(load_folder_spec(data_dir, cfg.adapter.loss), load_tokenizer(model_dir), data_dir,
+                         cfg.adapter.completion_len)
         cfg.adapter.loss = task.spec.loss
         return eager_engine(model_dir, cfg.adapter, task.label_ids, cfg.seq_len, cfg.train.method), task
     if cfg.engine != "executorch":
@@ -68,7 +68,23 @@ def build_engine(cfg: RunConfig, data_dir: Path) -> tuple[Engine, Task]:
 
 def program_task(program_dir: Path, manifest: dict[str, Any], data_dir: Path) -> Task:
     """The task exactly as the program was exported for: its template, label ids, tokenizer."""
-    return Task(task_spec(manifest), manifest["task"]["label_token_ids"], load_tokenizer(program_dir), data_dir)
+    return Task(task_spec(manifest), manifest["task"]["label_token_ids"], load_tokenizer(program_dir), data_dir,
+                manifest["shapes"].get("completion_len"))
+
+
+def split_evaluator(engine: Engine, task: Task):
+    """split, final -> the held-out metrics of the task's kind: accuracy and loss of the label
+    words, or completion loss and perplexity, plus (final) greedy exact match and token F1."""
+
+    def evaluate_split(split, final: bool = False) -> dict[str, float]:
+        if not task.is_completion:
+            return evaluate(engine.eval_logits, split, engine.eval_batch_size, engine.fixed_eval_batch)
+        result = completion_loss(engine, split)
+        if final:  # decoding costs up to completion_len forwards per batch: not at every validation
+            result.update(generation_metrics(engine, split, task.tokenizer))
+        return result
+
+    return evaluate_split
 
 
 def save_adapter(run_dir: Path, engine: Engine, flat_b: torch.Tensor) -> Path:
@@ -103,21 +119,21 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, prog
     write_json_atomic(run_dir / "config.json", {**asdict(cfg), "data_dir": str(data_dir), "base_model": engine.base_model,
                                                 "adapter_layout": layout})
 
-    def evaluate_split(split: TokenizedSplit) -> dict[str, float]:
-        return evaluate(engine.eval_logits, split, engine.eval_batch_size, engine.fixed_eval_batch)
-
+    evaluate_split = split_evaluator(engine, task)
     summary: dict[str, Any] = {"engine": cfg.engine, "method": t.method, "versions": package_versions()}
     if cfg.eval_before and len(splits["test"]) and not resume:
         progress("Evaluating the test split before training ...")
-        summary["test_before"] = evaluate_split(splits["test"])
+        summary["test_before"] = evaluate_split(splits["test"], final=True)
     evaluator = lambda: evaluate_split(splits["validation"])  # noqa: E731
     if t.method == "fo":
         summary.update(train_first_order(engine.step, splits["train"], evaluator, t, run_dir, quiet=quiet))
     else:
-        summary.update(train_zero_order(engine, splits["train"], evaluator, t, run_dir, len(task.spec.labels), resume,
+        # A completion task has no guessing floor for the divergence check (ln 1 = 0: the baseline alone sets it).
+        num_labels = 1 if task.is_completion else len(task.spec.labels)
+        summary.update(train_zero_order(engine, splits["train"], evaluator, t, run_dir, num_labels, resume,
                                         fingerprint, quiet))
     if len(splits["test"]):  # --test-examples 0 while tuning: test data stays untouched
-        summary["test"] = evaluate_split(splits["test"])
+        summary["test"] = evaluate_split(splits["test"], final=True)
     summary["truncated_train_texts"] = splits["train"].truncated
     save_adapter(run_dir, engine, engine.get_adapter())
     write_json_atomic(run_dir / "summary.json", summary)
@@ -125,16 +141,17 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, prog
 
 
 def evaluate_adapter(model: str | None, data: str | None, split: str, seq_len: int, limit: int | None,
-                     adapter_dir: str | None = None) -> dict[str, float]:
-    """Accuracy on a split of the base model (zero-shot, B = 0) or of a saved prge PEFT adapter."""
+                     adapter_dir: str | None = None, completion_len: int = DEFAULT_COMPLETION_LEN) -> dict[str, float]:
+    """The held-out metrics (split_evaluator) of the base model (zero-shot, B = 0) or of a saved
+    prge PEFT adapter on a split."""
     model_dir = resolve_model_dir(model)
     data_dir = resolve_data_dir(data)
-    task = load_task(load_folder_spec(data_dir), load_tokenizer(model_dir), data_dir)
-    adapter = AdapterConfig(num_queries=1, loss=task.spec.loss)
+    task = load_task(load_folder_spec(data_dir), load_tokenizer(model_dir), data_dir, completion_len)
+    adapter = AdapterConfig(num_queries=1, loss=task.spec.loss, completion_len=completion_len)
     if adapter_dir:
         peft = read_adapter_config(adapter_dir)
         adapter.rank, adapter.alpha, adapter.targets, adapter.a_seed = peft.rank, peft.alpha, peft.targets, peft.a_seed
     engine = eager_engine(model_dir, adapter, task.label_ids, seq_len)
     if adapter_dir:
         engine.set_adapter(load_peft_adapter(adapter_dir, engine.slots, adapter.rank, adapter.a_seed))
-    return evaluate(engine.eval_logits, task.split(split, seq_len, limit=limit), engine.eval_batch_size, fixed_batch=False)
+    return split_evaluator(engine, task)(task.split(split, seq_len, limit=limit), final=True)

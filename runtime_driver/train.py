@@ -127,6 +127,7 @@ class _Progress:
         self.bar = tqdm(total=cfg.steps, initial=start_step, desc=cfg.method, unit="step", disable=quiet, dynamic_ncols=True)
         self.started = time.perf_counter()
         self.last_accuracy: float | None = None
+        self.last_validation: dict[str, float] = {}
         self.step_ms: list[float] = []
 
     def log_step(self, row: dict[str, Any], loss: float) -> None:
@@ -135,6 +136,8 @@ class _Progress:
         postfix = {"loss": f"{loss:.4f}"}
         if self.last_accuracy is not None:
             postfix["val_acc"] = f"{self.last_accuracy:.3f}"
+        elif "loss" in self.last_validation:  # a completion task: no accuracy until it decodes
+            postfix["val_loss"] = f"{self.last_validation['loss']:.4f}"
         self.bar.set_postfix(postfix)
         self.bar.update(1)
 
@@ -146,7 +149,8 @@ class _Progress:
 
     def run_eval(self, done_steps: int) -> dict[str, float]:
         result = self.evaluator()
-        self.last_accuracy = result["accuracy"]
+        self.last_validation = result
+        self.last_accuracy = result.get("accuracy")
         self.metrics.write({"type": "eval", "step": done_steps, "split": "validation", **result})
         return result
 
@@ -155,6 +159,7 @@ class _Progress:
             "steps_run": steps_run,
             "median_step_ms": float(torch.tensor(self.step_ms).median()) if self.step_ms else None,
             "last_validation_accuracy": self.last_accuracy,
+            **({"last_validation_loss": self.last_validation["loss"]} if self.last_accuracy is None and self.last_validation else {}),
             "wall_s": time.perf_counter() - self.started,
         }
 

@@ -167,3 +167,48 @@ def tiny_program(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Callable[..
         return cache[key]
 
     return make
+
+
+def tiny_completion_rows(n: int, seed: int) -> list[dict]:
+    """n prompt/completion rows: a short review and how it goes on, which its sentiment word
+    gives away (" and I loved it ." after a positive word), so a tiny model can learn them."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        words = _POSITIVE if positive else _NEGATIVE
+        rows.append({"prompt": f"{rng.choice(_SUBJECTS)} was {rng.choice(words)}",
+                     "completion": " and I loved it ." if positive else " and I hated it ."})
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_completion_data_dir(tmp_path_factory) -> Path:
+    """A completion task folder: task.json ("loss": "completion", a review template) + train (48)
+    / validation (16) / test (16) prompt/completion rows (tiny_completion_rows)."""
+    out = tmp_path_factory.mktemp("tiny-completion-data")
+    (out / "task.json").write_text(json.dumps({"loss": "completion", "template": "Review: {text}\n"}), encoding="utf-8")
+    for split, n, seed in (("train", 48, 1), ("validation", 16, 2), ("test", 16, 3)):
+        rows = tiny_completion_rows(n, seed)
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return out
+
+
+# The most scored tokens per row in the tiny completion programs: " and I loved it ." and the end token.
+TINY_COMPLETION_LEN = 8
+
+
+@pytest.fixture(scope="session")
+def tiny_completion_program(tiny_model_dir, tiny_completion_data_dir, tmp_path_factory) -> Path:
+    """The tiny llama exported for the completion task: q=2, batch 2, seq_len 16, completion_len 8."""
+    from export.contract.methods import ExportShapes
+    from export.pipeline import export_model
+    from models.causal_lm import AdapterConfig
+    from models.tasks.folder import load_folder_spec
+
+    out = tmp_path_factory.mktemp("completion-program") / "program"
+    adapter = AdapterConfig(num_queries=2, rank=4, completion_len=TINY_COMPLETION_LEN)
+    export_model(tiny_model_dir("llama"), load_folder_spec(tiny_completion_data_dir), adapter, ExportShapes(2, SEQ_LEN, 8),
+                 out, progress=lambda _: None)
+    return out

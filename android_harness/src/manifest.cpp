@@ -118,6 +118,11 @@ Manifest read_manifest(const std::string& program_dir, bool verify_files) {
     if (j.at("contract").at("version").integer("contract.version") != contract::kVersion)
       throw JsonError("contract version " + j.at("contract").at("version").dump() + ": this driver runs programs of contract " +
                       std::to_string(contract::kVersion) + "; re-export the program or rebuild the driver");
+    // Completion programs (per-position targets, eval_losses) are trained by the Python driver
+    // only: this driver's data file and evaluation are label words.
+    if (j.at("task").at("loss").string("task.loss") == "completion")
+      throw JsonError("task.loss: a completion program; the native driver trains label-word programs only "
+                      "(train it with `prge train --engine executorch`)");
     const Json& program = j.at("program");
     const Json& pte = program.at("pte");
     m.pte_path = join(program_dir, file_name(pte, "program.pte.file"));

@@ -13,7 +13,7 @@ from export.contract.methods import CONTRACT_VERSION, ExportShapes, ProgramShape
 from models.files import sha256_file, write_json_atomic
 from models.tasks.spec import TaskSpec
 from prge.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, Estimator
-from prge.step import LOSS_KINDS, AdapterSlot
+from prge.step import COMPLETION, LOSS_KINDS, AdapterSlot
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 2
@@ -111,18 +111,22 @@ def build_manifest(
     delegation: dict[str, Any],
     export_seconds: dict[str, float],
     estimator: Estimator,
+    vocab_size: int,
+    completion_len: int | None,
 ) -> dict[str, Any]:
     """The manifest of a program written to pte (+ ptd). adapter: kind, rank, alpha, targets,
-    a_seed; model: path, id, model_type, weights_sha256."""
+    a_seed; model: path, id, model_type, weights_sha256. completion_len: a completion
+    program's most scored tokens per row (None for label-word tasks)."""
     numel = sum(s.numel for s in slots)
-    program_shapes = ProgramShapes.of(shapes, num_queries, numel, len(label_ids))
+    program_shapes = ProgramShapes.of(shapes, num_queries, numel, len(label_ids), vocab_size, task.loss)
     return {
         "manifest_version": MANIFEST_VERSION,
         "contract": signatures_json(methods, program_shapes),
         "program": {"pte": file_entry(pte), "ptd": file_entry(ptd) if ptd else None},
         "methods": list(methods),
         "shapes": {"batch_size": shapes.batch_size, "seq_len": shapes.seq_len,
-                   "eval_batch_size": shapes.eval_batch_size, "micro_batch": micro_batch},
+                   "eval_batch_size": shapes.eval_batch_size, "micro_batch": micro_batch, "vocab_size": vocab_size,
+                   **({"completion_len": completion_len} if task.loss == COMPLETION else {})},
         "num_queries": num_queries,
         "adapter": {**adapter, "numel": numel, "slots": slots_to_json(slots)},
         "task": {"template": task.template, "labels": task.label_names, "label_words": task.label_words,
@@ -149,8 +153,10 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
 def program_shapes(manifest: dict[str, Any]) -> ProgramShapes:
     """The named dimensions of a (checked) manifest's program."""
     shapes = manifest["shapes"]
+    # vocab_size: absent from manifests of before completion tasks, whose methods never read it.
     return ProgramShapes(shapes["batch_size"], shapes["seq_len"], shapes["eval_batch_size"], manifest["num_queries"],
-                         manifest["adapter"]["numel"], len(manifest["task"]["label_token_ids"]))
+                         manifest["adapter"]["numel"], len(manifest["task"]["label_token_ids"]),
+                         shapes.get("vocab_size", 0), manifest["task"]["loss"])
 
 
 def task_spec(manifest: dict[str, Any]) -> TaskSpec:
@@ -245,12 +251,18 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
     task = m["task"]
     if not isinstance(task, dict):
         raise fail("task", "expected an object")
-    labels, words, ids = task.get("labels"), task.get("label_words"), task.get("label_token_ids")
-    if not (isinstance(labels, list) and isinstance(words, list) and isinstance(ids, list)
-            and len(labels) == len(words) == len(ids) >= 2 and all(isinstance(i, int) and i >= 0 for i in ids)):
-        raise fail("task", "labels, label_words and label_token_ids must be lists of one entry per class (>= 2)")
     if not isinstance(task.get("template"), str) or task.get("loss") not in LOSS_KINDS:
-        raise fail("task", "needs a template string and a loss (classification or lm)")
+        raise fail("task", f"needs a template string and a loss ({', '.join(LOSS_KINDS)})")
+    labels, words, ids = task.get("labels"), task.get("label_words"), task.get("label_token_ids")
+    classes = 0 if task["loss"] == COMPLETION else 2  # a completion task has no label words
+    if not (isinstance(labels, list) and isinstance(words, list) and isinstance(ids, list)
+            and len(labels) == len(words) == len(ids) >= classes and all(isinstance(i, int) and i >= 0 for i in ids)
+            and (classes or not ids)):
+        raise fail("task", "labels, label_words and label_token_ids must be lists of one entry per class "
+                           f"({'none for a completion task' if classes == 0 else '>= 2'})")
+    if task["loss"] == COMPLETION:
+        positive_int(m["shapes"].get("completion_len"), "shapes.completion_len")
+        positive_int(m["shapes"].get("vocab_size"), "shapes.vocab_size")
     if not isinstance(task.get("chat_template", False), bool):
         raise fail("task", "chat_template must be true or false")
     if not isinstance(m["tokenizer"], dict):

@@ -8,7 +8,13 @@ driver (android_harness/src/contract.hpp, checked against this module by a test)
 manifest whose contract differs from the one it was built for.
 
 Shapes are written with named dimensions, resolved by a program's `ProgramShapes`:
-  batch (b, examples per perturbed copy), seq_len, eval_batch, num_queries (q), adapter_numel.
+  batch (b, examples per perturbed copy), seq_len, eval_batch, num_queries (q), adapter_numel,
+  num_labels, vocab.
+
+A program is for a classification task (label words: labels are class indices [batch], and
+eval_logits scores the label words) or for a completion task (labels are per-position targets
+[batch, seq_len], prge/step.py; eval_losses and next_token_logits replace eval_logits).
+inputs_of and training_methods give a method's inputs and a program's methods for its loss.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from prge.step import COMPLETION
 
 # Bump when a method, an input, its order, dtype or shape changes: recorded in manifests, and
 # a driver built for another version refuses the program.
@@ -39,6 +47,7 @@ def _tokens(prefix: str = "") -> tuple[Arg, Arg]:
 
 _SEED = Arg("seed", "int64", (1,))
 _LABELS = Arg("labels", "int64", ("batch",))
+_TARGETS = Arg("labels", "int64", ("batch", "seq_len"))  # a completion program's labels
 
 # Inputs in call order. The PRGEStep methods of the same names take exactly these parameters
 # (a test checks the names), and each returns one tensor, OUTPUTS[name].
@@ -52,6 +61,9 @@ INPUTS: dict[str, tuple[Arg, ...]] = {
     # The MeZO-style single forward at B + eps z (eps may be negative), for the benchmark's
     # sequential baseline on the same runtime.
     "perturbed_loss": (*_tokens(), _LABELS, _SEED, Arg("eps", "float32", (1,))),
+    # Completion programs: held-out loss per row, and the next token's logits for greedy decoding.
+    "eval_losses": (*_tokens("eval"), Arg("labels", "int64", ("eval_batch", "seq_len"))),
+    "next_token_logits": _tokens("eval"),
 }
 OUTPUTS: dict[str, Arg] = {
     "train_step": Arg("losses", "float32", ("2q",)),  # + copies first, then - copies
@@ -60,11 +72,27 @@ OUTPUTS: dict[str, Arg] = {
     "get_adapter": Arg("adapter", "float32", ("adapter_numel",)),
     "set_adapter": Arg("adapter", "float32", ("adapter_numel",)),
     "perturbed_loss": Arg("loss", "float32", (1,)),
+    "eval_losses": Arg("losses", "float32", ("eval_batch",)),
+    "next_token_logits": Arg("logits", "float32", ("eval_batch", "vocab")),
 }
 # What a training driver calls; all of them share one adapter state inside the program.
 TRAINING_METHODS = ("train_step", "apply_update", "eval_logits", "get_adapter", "set_adapter")
+COMPLETION_TRAINING_METHODS = ("train_step", "apply_update", "eval_losses", "next_token_logits", "get_adapter", "set_adapter")
 # Exported only on request.
 OPTIONAL_METHODS = ("perturbed_loss",)
+KNOWN_METHODS = tuple(dict.fromkeys(TRAINING_METHODS + COMPLETION_TRAINING_METHODS + OPTIONAL_METHODS))
+
+
+def training_methods(loss: str) -> tuple[str, ...]:
+    """The methods a training driver calls on a program of this loss."""
+    return COMPLETION_TRAINING_METHODS if loss == COMPLETION else TRAINING_METHODS
+
+
+def inputs_of(method: str, loss: str) -> tuple[Arg, ...]:
+    """The method's inputs in a program of this loss (a completion program's labels are targets)."""
+    if loss == COMPLETION:
+        return tuple(_TARGETS if a is _LABELS else a for a in INPUTS[method])
+    return INPUTS[method]
 
 
 @dataclass(frozen=True)
@@ -86,10 +114,14 @@ class ProgramShapes:
     num_queries: int
     adapter_numel: int
     num_labels: int
+    vocab: int = 0  # read by next_token_logits only
+    loss: str = "classification"  # which inputs the methods take (inputs_of)
 
     @classmethod
-    def of(cls, shapes: ExportShapes, num_queries: int, adapter_numel: int, num_labels: int) -> "ProgramShapes":
-        return cls(shapes.batch_size, shapes.seq_len, shapes.eval_batch_size, num_queries, adapter_numel, num_labels)
+    def of(cls, shapes: ExportShapes, num_queries: int, adapter_numel: int, num_labels: int, vocab: int,
+           loss: str) -> "ProgramShapes":
+        return cls(shapes.batch_size, shapes.seq_len, shapes.eval_batch_size, num_queries, adapter_numel, num_labels,
+                   vocab, loss)
 
     def size(self, dim: str | int) -> int:
         if isinstance(dim, int):
@@ -107,7 +139,8 @@ def example_inputs(method: str, shapes: ProgramShapes) -> tuple[Tensor, ...]:
     input is its own tensor object (one object passed twice, say lr and eps, makes export treat
     the two as one aliased input, silently)."""
     make = {"attention_mask": torch.ones}
-    return tuple(make.get(a.name, torch.zeros)(*shapes.resolve(a), dtype=DTYPES[a.dtype]) for a in INPUTS[method])
+    return tuple(make.get(a.name, torch.zeros)(*shapes.resolve(a), dtype=DTYPES[a.dtype])
+                 for a in inputs_of(method, shapes.loss))
 
 
 def step_scalars(prev_seed: int, new_seed: int, prev_g: list[float], lr: float, eps: float) -> tuple[Tensor, ...]:
@@ -138,5 +171,5 @@ def signatures_json(methods: tuple[str, ...] | list[str], shapes: ProgramShapes)
 
     return {
         "version": CONTRACT_VERSION,
-        "methods": {m: {"inputs": [arg(a) for a in INPUTS[m]], "output": arg(OUTPUTS[m])} for m in methods},
+        "methods": {m: {"inputs": [arg(a) for a in inputs_of(m, shapes.loss)], "output": arg(OUTPUTS[m])} for m in methods},
     }

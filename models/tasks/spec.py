@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from models.files import write_json_atomic
-from prge.step import LOSS_KINDS
+from prge.step import COMPLETION, LOSS_KINDS
 
 
 class DataError(ValueError):
@@ -25,7 +25,8 @@ class DataError(ValueError):
         self.line = line
 
 
-# "classification": loss over the label words only; "lm": next-token loss on the label word.
+# "classification": loss over the label words only; "lm": next-token loss on the label word;
+# "completion": token loss over a completion (rows with "prompt" and "completion", or "messages").
 LOSSES: tuple[str, ...] = LOSS_KINDS
 _PLACEHOLDER = "{text}"
 _TASK_KEYS = ("template", "labels", "loss", "chat_template")
@@ -43,10 +44,15 @@ def _check_task(template: Any, labels: Any, loss: Any, where: str, chat_template
     if n != 1:
         raise fail('"template"', f"must contain exactly one {_PLACEHOLDER} placeholder, "
                                  f"found {n}: {template!r}")
+    if loss not in LOSSES:
+        raise fail('"loss"', f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
     if not isinstance(labels, dict):
         raise fail('"labels"', "must be an object mapping label name to label word, "
                                f"got {type(labels).__name__}")
-    if len(labels) < 2:
+    if loss == COMPLETION:
+        if labels:
+            raise fail('"labels"', 'a completion task has no label words (its rows carry "completion" texts)')
+    elif len(labels) < 2:
         raise fail('"labels"', f"needs at least 2 labels, got {len(labels)}")
     seen: dict[str, str] = {}
     for name, word in labels.items():
@@ -60,8 +66,6 @@ def _check_task(template: Any, labels: Any, loss: Any, where: str, chat_template
         if word in seen:
             raise fail(key, f"label word {word!r} is also used by label {seen[word]!r}")
         seen[word] = name
-    if loss not in LOSSES:
-        raise fail('"loss"', f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
     if not isinstance(chat_template, bool):
         raise fail('"chat_template"', f"must be true or false, got {chat_template!r}")
 
@@ -70,7 +74,8 @@ def _check_task(template: Any, labels: Any, loss: Any, where: str, chat_template
 class TaskSpec:
     """How examples become prompts: `template` with one `{text}`, ordered label words, loss.
 
-    Label order matters: an example's `label` is an index into `list(labels)`.
+    Label order matters: an example's `label` is an index into `list(labels)`. A completion
+    task has no labels; its template wraps each row's prompt (default: the prompt as is).
     chat_template: the rendered template becomes a user turn inside the tokenizer's chat
     template, followed by the assistant's cue; the label word is the reply's first token.
     """
@@ -134,10 +139,12 @@ def load_task_spec(path: str | os.PathLike[str]) -> TaskSpec:
     if unknown:
         raise DataError(f"{p}: unknown key(s) {', '.join(map(repr, unknown))}; "
                         f"allowed: {', '.join(_TASK_KEYS)}", path=p)
+    loss, chat = obj.get("loss", "classification"), obj.get("chat_template", False)
+    if loss == COMPLETION:  # the prompt as is, and no label words, unless the file says otherwise
+        obj = {"template": _PLACEHOLDER, "labels": {}, **obj}
     for key in ("template", "labels"):
         if key not in obj:
             raise DataError(f'{p}: missing key "{key}"', path=p)
-    loss, chat = obj.get("loss", "classification"), obj.get("chat_template", False)
     _check_task(obj["template"], obj["labels"], loss, str(p), chat)
     return TaskSpec(obj["template"], obj["labels"], loss, chat)
 

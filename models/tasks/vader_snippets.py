@@ -12,24 +12,22 @@ import io
 import json
 import os
 import random
-import subprocess
-import sys
 import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from models.console import say
 from models.files import cache_dir, replace_dir_atomically, sha256_file
+from models.tasks.sdists import Sdist, fetch, member_bytes, write_jsonl
 from models.tasks.spec import DataError, TaskSpec, save_task_spec
 
 # The task of the default data set (and of the tiny test data): a prompt ending in an answer
 # cue, scored on two single-token label words.
 DEFAULT_SENTIMENT_TASK = TaskSpec("Review: {text}\nSentiment:", {"negative": " negative", "positive": " positive"})
 
-SDIST_REQUIREMENT = "vaderSentiment==3.3.2"
-SDIST_NAME = "vaderSentiment-3.3.2.tar.gz"
+VADER_SDIST = Sdist("vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz")
 # Path of the nested tarball inside the sdist, below its top folder "vaderSentiment-3.3.2/".
 NESTED_TARBALL = "additional_resources/hutto_ICWSM_2014.tar.gz"
 
@@ -80,34 +78,8 @@ def _is_complete(folder: Path) -> bool:
 
 
 def fetch_sdist(progress: Callable[[str], Any] = say, downloads: Path | None = None) -> Path:
-    """The vaderSentiment sdist in cache_dir()/downloads (or downloads), fetched once with
-    `pip download` (source only, no dependencies) from the package index when missing."""
-    downloads = downloads if downloads is not None else cache_dir() / "downloads"
-    target = downloads / SDIST_NAME
-    if target.is_file():
-        return target
-    downloads.mkdir(parents=True, exist_ok=True)
-    progress(f"Downloading {SDIST_REQUIREMENT} source distribution with pip ...")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           SDIST_REQUIREMENT, "-d", str(downloads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not target.is_file():
-        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
-        raise RuntimeError(f"could not download {SDIST_REQUIREMENT} (pip exit code "
-                           f"{proc.returncode}); expected {target}.\n{tail}")
-    return target
-
-
-def _member_bytes(tar: tarfile.TarFile, suffix: str, where: str) -> tuple[str, bytes]:
-    """Bytes of the single regular member whose path ends with `suffix` (any top folder)."""
-    hits = [m for m in tar.getmembers()
-            if m.isfile() and (m.name == suffix or m.name.endswith("/" + suffix))]
-    if len(hits) != 1:
-        raise DataError(f"{where}: expected one member ending in {suffix!r}, found "
-                        f"{len(hits)}", path=where)
-    f = tar.extractfile(hits[0])
-    assert f is not None  # regular file
-    return hits[0].name, f.read()
+    """The vaderSentiment sdist in cache_dir()/downloads (or downloads), fetched once."""
+    return fetch(VADER_SDIST, progress, downloads)
 
 
 def _decode_line(raw: bytes) -> str:
@@ -126,16 +98,16 @@ def _decode_line(raw: bytes) -> str:
     return raw.decode("latin-1")
 
 
-def _read_ground_truth(sdist: Path, ground_truth: str) -> list[tuple[int, float, str]]:
+def read_ground_truth(sdist: Path, ground_truth: str) -> list[tuple[int, float, str]]:
     """(id, mean rating, text) rows of a ground-truth file (e.g. movieReviewSnippets_GroundTruth.txt), sorted by id.
 
     Texts keep their original spelling, including the SST-style '' for double quotes.
     """
     try:
         with tarfile.open(sdist, "r:gz") as outer:
-            _, nested = _member_bytes(outer, NESTED_TARBALL, str(sdist))
+            _, nested = member_bytes(outer, NESTED_TARBALL, str(sdist))
         with tarfile.open(fileobj=io.BytesIO(nested), mode="r:gz") as inner:
-            name, data = _member_bytes(inner, ground_truth, f"{sdist}!{NESTED_TARBALL}")
+            name, data = member_bytes(inner, ground_truth, f"{sdist}!{NESTED_TARBALL}")
     except FileNotFoundError:
         raise DataError(f"{sdist}: file not found", path=sdist) from None
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
@@ -178,12 +150,6 @@ def _split(rows: Sequence[tuple[int, float, str]], test_size: int, validation_si
             "train": labelled[test_size + validation_size:]}
 
 
-def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8", newline="\n") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
 def prepare_data(name: str = DEFAULT_DATA, force: bool = False, progress: Callable[[str], Any] = say, *,
                  sdist: str | os.PathLike[str] | None = None,
                  out_dir: str | os.PathLike[str] | None = None,
@@ -203,10 +169,10 @@ def prepare_data(name: str = DEFAULT_DATA, force: bool = False, progress: Callab
         return target
     src = Path(sdist) if sdist is not None else fetch_sdist(progress)
     progress(f"Preparing {snippets.what} sentiment data from {src.name} ...")
-    rows = _read_ground_truth(src, snippets.ground_truth)
+    rows = read_ground_truth(src, snippets.ground_truth)
     splits = _split(rows, test_size, validation_size, seed)
     info = {
-        "source": {"package": SDIST_REQUIREMENT, "sdist": src.name, "sha256": sha256_file(src),
+        "source": {"package": VADER_SDIST.requirement, "sdist": src.name, "sha256": sha256_file(src),
                    "file": f"{NESTED_TARBALL}!{snippets.ground_truth}", "license": "MIT",
                    "labelling": "mean rating > 0 positive, < 0 negative, == 0 dropped"},
         "rows": len(rows),
@@ -219,7 +185,7 @@ def prepare_data(name: str = DEFAULT_DATA, force: bool = False, progress: Callab
     }
     with replace_dir_atomically(target) as tmp:
         for name in ("train", "validation", "test"):
-            _write_jsonl(tmp / f"{name}.jsonl", splits[name])
+            write_jsonl(tmp / f"{name}.jsonl", splits[name])
         save_task_spec(snippets.task, tmp / "task.json")
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     s = info["sizes"]

@@ -31,6 +31,7 @@ from export.contract.methods import step_scalars
 from models.console import say
 from models.files import cache_dir, write_json_atomic
 from prge.pieces import DEFAULT_MICRO_BATCH
+from prge.step import COMPLETION
 from runtime_driver.engines import ExecuTorchProgram, program_adapter_config, set_runtime_threads
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -134,20 +135,21 @@ def interleaved_ms(calls: dict[str, Callable[[], Any]], reps: int, warmup: int) 
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def _batch(rows: int, seq_len: int, vocab: int, seed: int = 0):
+def _batch(rows: int, seq_len: int, vocab: int, seed: int = 0, targets: bool = False):
     from runtime_driver.commands.bench_worker import random_batch
 
-    return random_batch(rows, seq_len, vocab, 2, seed)
+    return random_batch(rows, seq_len, vocab, 2, seed, targets)
 
 
-def _train_step_inputs(q: int, b: int, seq_len: int, vocab: int) -> list:
-    ids, mask, labels = _batch(b, seq_len, vocab)
+def _train_step_inputs(q: int, b: int, seq_len: int, vocab: int, targets: bool = False) -> list:
+    ids, mask, labels = _batch(b, seq_len, vocab, targets=targets)
     # A nonzero g and lr: the folded update really regenerates noise and changes B each call.
     return [ids, mask, labels, *step_scalars(1, 2, [0.1] * q, 1e-4, 1e-2)]
 
 
-def _train_step_call(program: ExecuTorchProgram, q: int, b: int, seq_len: int, vocab: int) -> Callable[[], Any]:
-    inputs = _train_step_inputs(q, b, seq_len, vocab)
+def _train_step_call(program: ExecuTorchProgram, q: int, b: int, seq_len: int, vocab: int,
+                     targets: bool = False) -> Callable[[], Any]:
+    inputs = _train_step_inputs(q, b, seq_len, vocab, targets)
     return lambda: program.run("train_step", inputs)
 
 
@@ -405,22 +407,27 @@ def format_table(result: dict[str, Any]) -> str:
 
 def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, threads: int = 2,
                      rss: bool = True) -> dict[str, dict[str, Any]]:
-    """Several exports of the same shapes side by side: train_step and eval_logits medians (ms),
+    """Several exports of the same shapes side by side: train_step and plain-forward medians (ms),
     interleaved in one process, then each program's peak RSS over two train_steps in a process
-    of its own, and its size. A before/after measurement of a change to the exported code, or
-    of one model stored several ways (float32 and quantized bases): ratios are to the first."""
+    of its own, and its size. A before/after measurement of a change to the exported code, of
+    one model stored several ways (float32 and quantized bases), or of a completion task's step
+    beside a classification one: ratios are to the first. The plain forward is eval_logits, or
+    a completion program's eval_losses (the same forward, scored at its completion positions)."""
     torch.set_num_threads(threads)
     set_runtime_threads(threads)
     calls: dict[str, Callable[[], Any]] = {}
     keep = []
     for path in program_dirs:
-        program = ExecuTorchProgram(Path(path), TRAIN_AND_FORWARD)
+        program = ExecuTorchProgram(Path(path))  # the training methods of its task's kind
         keep.append(program)
-        q, shapes = program.manifest["num_queries"], program.manifest["shapes"]
-        vocab = max(program.manifest["task"]["label_token_ids"]) + 1
-        ids, mask, _ = _batch(shapes["eval_batch_size"], shapes["seq_len"], vocab)
-        calls[f"{path}:train_step"] = _train_step_call(program, q, shapes["batch_size"], shapes["seq_len"], vocab)
-        calls[f"{path}:eval_logits"] = lambda p=program, i=ids, m=mask: p.run("eval_logits", [i, m])
+        manifest, completion = program.manifest, program.loss == COMPLETION
+        forward = "eval_losses" if completion else "eval_logits"
+        q, shapes = manifest["num_queries"], manifest["shapes"]
+        vocab = max(manifest["task"]["label_token_ids"] or [shapes["vocab_size"] - 1]) + 1  # any valid ids will do
+        ids, mask, labels = _batch(shapes["eval_batch_size"], shapes["seq_len"], vocab, targets=completion)
+        inputs = [ids, mask, labels] if completion else [ids, mask]
+        calls[f"{path}:train_step"] = _train_step_call(program, q, shapes["batch_size"], shapes["seq_len"], vocab, completion)
+        calls[f"{path}:eval_logits"] = lambda p=program, f=forward, i=inputs: p.run(f, i)
     ms = interleaved_ms(calls, reps, warmup)
     manifests = {path: program.manifest for path, program in zip(program_dirs, keep)}
     del keep, calls  # the RSS workers measure one program each; nothing here should crowd them

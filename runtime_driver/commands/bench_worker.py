@@ -36,36 +36,43 @@ def vm_hwm_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def random_batch(rows: int, seq_len: int, vocab: int, num_labels: int, seed: int = 0):
-    """Token ids drawn uniformly (timing and memory do not depend on content: shapes are static)."""
+def random_batch(rows: int, seq_len: int, vocab: int, num_labels: int, seed: int = 0, targets: bool = False):
+    """Token ids drawn uniformly (timing and memory do not depend on content: shapes are static).
+    targets: a completion program's labels, a target token at every position."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (rows, seq_len), generator=g, dtype=torch.int64)
     mask = torch.ones(rows, seq_len, dtype=torch.int64)
+    if targets:
+        return ids, mask, torch.randint(0, vocab, (rows, seq_len), generator=g, dtype=torch.int64)
     labels = torch.randint(0, num_labels, (rows,), generator=g, dtype=torch.int64)
     return ids, mask, labels
 
 
 def _run_executorch(args) -> None:
+    from export.contract.manifest import read_manifest
     from export.contract.methods import step_scalars
+    from prge.step import COMPLETION
     from runtime_driver.engines import ExecuTorchProgram, set_runtime_threads
 
     set_runtime_threads(args.threads)
-    method = "train_step" if args.mode == "executorch-prge" else "eval_logits"
+    # The plain forward beside train_step: label-word logits, or a completion program's eval losses.
+    completion = read_manifest(args.program)["task"]["loss"] == COMPLETION
+    method = "train_step" if args.mode == "executorch-prge" else ("eval_losses" if completion else "eval_logits")
     program = ExecuTorchProgram(args.program, methods=(method,))
     manifest = program.manifest
     q, b, t = manifest["num_queries"], manifest["shapes"]["batch_size"], manifest["shapes"]["seq_len"]
-    vocab = max(manifest["task"]["label_token_ids"]) + 1  # any valid ids will do
+    vocab = max(manifest["task"]["label_token_ids"] or [manifest["shapes"]["vocab_size"] - 1]) + 1  # any valid ids will do
     num_labels = len(manifest["task"]["label_token_ids"])
     if method == "train_step":
-        ids, mask, labels = random_batch(b, t, vocab, num_labels)
+        ids, mask, labels = random_batch(b, t, vocab, num_labels, targets=completion)
         for i in range(args.steps):
             program.run(method, [ids, mask, labels, *step_scalars(i, i + 1, [0.1] * q, 1e-3, 1e-2)])
     else:
-        ids, mask, _ = random_batch(manifest["shapes"]["eval_batch_size"], t, vocab, num_labels)
+        ids, mask, labels = random_batch(manifest["shapes"]["eval_batch_size"], t, vocab, num_labels, targets=completion)
         for _ in range(args.steps):
-            program.run(method, [ids, mask])
+            program.run(method, [ids, mask, labels] if completion else [ids, mask])
 
 
 def _run_eager(args) -> None:

@@ -15,11 +15,12 @@ from models import console  # noqa: E402
 console.configure(verbose="--verbose" in sys.argv[1:])
 
 from models.adapters import DEFAULT_ALPHA, DEFAULT_RANK  # noqa: E402
-from models.causal_lm import AdapterConfig  # noqa: E402
+from models.causal_lm import DEFAULT_COMPLETION_LEN, AdapterConfig  # noqa: E402
 from models.quantize import DEFAULT_GROUP_SIZE, SCHEMES  # noqa: E402
 from models.sources.packaged import DEFAULT_MODEL_NAME, MODEL_NAMES  # noqa: E402
 from models.sources.tiny import TINY_FAMILIES  # noqa: E402
-from models.tasks.vader_snippets import DEFAULT_DATA, SNIPPET_SETS  # noqa: E402
+from models.tasks.prepared import PREPARED_TASKS  # noqa: E402
+from models.tasks.vader_snippets import DEFAULT_DATA  # noqa: E402
 from prge.estimators import DEFAULT_ESTIMATOR, ESTIMATORS  # noqa: E402
 from prge.pieces import DEFAULT_MICRO_BATCH  # noqa: E402
 from runtime_driver.train import METHODS, QUANTIZED_EPS, TrainConfig, default_eps  # noqa: E402
@@ -36,7 +37,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local Hugging Face causal-LM folder, or the name of a model `prge prepare-model` "
                                    f"builds ({', '.join(MODEL_NAMES)}); default: {DEFAULT_MODEL_NAME}")
     p.add_argument("--data", help="task folder (train/validation/test .jsonl or .csv + task.json), or the name of a task "
-                                  f"prge prepares ({', '.join(SNIPPET_SETS)}); default: {DEFAULT_DATA}")
+                                  f"prge prepares ({', '.join(PREPARED_TASKS)}); default: {DEFAULT_DATA}")
     p.add_argument("--seq-len", type=int, default=64, help="prompt length in tokens (default 64)")
 
 
@@ -45,7 +46,8 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=DEFAULT_RANK, help=f"LoRA rank (default {DEFAULT_RANK})")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"LoRA alpha (default {DEFAULT_ALPHA:g})")
     p.add_argument("--targets", type=_targets, help="comma-separated module names (default: family default, e.g. q_proj,v_proj)")
-    p.add_argument("--loss", choices=("classification", "lm"), help="loss (default: the task's, classification)")
+    p.add_argument("--loss", choices=("classification", "lm"), help="loss of a labelled task (default: the task's, classification)")
+    _add_completion_len_arg(p)
     p.add_argument("--quantize", choices=SCHEMES, default="none",
                    help="store the frozen base linears as integers: 8da8w (int8 weights per channel) or 8da4w (int4 "
                         "weights in groups), int8 activations on the fly; the LoRA-FA path stays float32 (default none)")
@@ -62,11 +64,17 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
                         f"0: all rows in one pass)")
 
 
+def _add_completion_len_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--completion-len", type=int, default=DEFAULT_COMPLETION_LEN,
+                   help="completion tasks: the most tokens of a row that are scored, its completion and end token "
+                        f"(fixed at export; longer rows are an error naming their line; default {DEFAULT_COMPLETION_LEN})")
+
+
 def _adapter_config(args) -> AdapterConfig:
     """Adapter settings from the command line; the loss defaults to the task's (set later)."""
     return AdapterConfig(num_queries=args.q, rank=args.rank, alpha=args.alpha, targets=args.targets, loss=args.loss,
                          micro_batch=_micro_batch(args), quantize=args.quantize, group_size=args.group_size,
-                         estimator=args.estimator or DEFAULT_ESTIMATOR)
+                         estimator=args.estimator or DEFAULT_ESTIMATOR, completion_len=args.completion_len)
 
 
 def _micro_batch(args) -> int | None:
@@ -95,9 +103,9 @@ def cmd_prepare_model(args) -> None:
 
 
 def cmd_prepare_data(args) -> None:
-    from models.tasks.vader_snippets import prepare_data
+    from models.tasks.prepared import prepare_task
 
-    print(prepare_data(args.name, force=args.force))
+    print(prepare_task(args.name, force=args.force))
 
 
 def cmd_train(args) -> None:
@@ -262,10 +270,21 @@ def cmd_demo(args) -> None:
     print(summary_table(run_demo(DemoConfig(out=args.out, steps=args.steps))))
 
 
+def cmd_generate(args) -> None:
+    from runtime_driver.generate import generate
+
+    result = generate(args.program, args.prompt, args.adapter, args.max_new_tokens,
+                      on_text=lambda text: print(text, end="", flush=True))
+    print()
+    cut = f", the prompt's first {result['prompt_cut_tokens']} tokens cut to fit" if result["prompt_cut_tokens"] else ""
+    console.say(f"{len(result['tokens'])} tokens in {result['seconds']:.2f} s ({result['tokens_per_s'] or 0:.1f} tokens/s, "
+                f"no KV cache{cut})")
+
+
 def cmd_eval(args) -> None:
     from runtime_driver.run import evaluate_adapter
 
-    result = evaluate_adapter(args.model, args.data, args.split, args.seq_len, args.limit, args.adapter)
+    result = evaluate_adapter(args.model, args.data, args.split, args.seq_len, args.limit, args.adapter, args.completion_len)
     _print({"split": args.split, "adapter": args.adapter, **result})
 
 
@@ -317,9 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if present")
     p.set_defaults(func=cmd_prepare_model)
 
-    p = sub.add_parser("prepare-data", parents=[common], help="build a sentiment task (movie reviews, the default, or tweets) "
-                                                             "from the vaderSentiment sdist (pip-downloads it once)")
-    p.add_argument("--name", default=DEFAULT_DATA, choices=tuple(SNIPPET_SETS),
+    p = sub.add_parser("prepare-data", parents=[common], help="build a real task: sentiment of movie reviews (the default) or "
+                                                             "tweets, or word pronunciations (generative), from source "
+                                                             "distributions on the package index (pip-downloaded once)")
+    p.add_argument("--name", default=DEFAULT_DATA, choices=PREPARED_TASKS,
                    help=f"which task (default {DEFAULT_DATA}); --data NAME on any command prepares it too")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
     p.set_defaults(func=cmd_prepare_data)
@@ -424,12 +444,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smallest grid, 2 reps: a smoke run")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("eval", parents=[common], help="accuracy of the base model (zero-shot) or of a PEFT adapter")
+    p = sub.add_parser("eval", parents=[common], help="held-out metrics of the base model (zero-shot) or of a PEFT adapter")
     _add_model_args(p)
     p.add_argument("--adapter", help="a PEFT adapter folder written by prge (default: none = zero-shot)")
     p.add_argument("--split", choices=("validation", "test"), default="test")
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    _add_completion_len_arg(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", parents=[common], help="greedy text from a completion program and a trained adapter, "
+                                                          "through the ExecuTorch runtime, streamed")
+    p.add_argument("--program", required=True, help="export folder of a completion task (from `prge export`)")
+    p.add_argument("--adapter", help="a PEFT adapter folder written by prge, e.g. RUN/adapter (default: none, B = 0)")
+    p.add_argument("--prompt", required=True, help="the text the task's template wraps, as a training row's prompt")
+    p.add_argument("--max-new-tokens", type=int, help="stop after this many tokens (default: the program's completion-len)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export-data", parents=[common], help="pre-tokenized data file for the native driver (android_harness/)")
     p.add_argument("--program", required=True, help="export folder (from `prge export`): tokenizer, template, shapes")

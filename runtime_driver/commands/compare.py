@@ -5,7 +5,8 @@ Two comparisons, because g = (L+ - L-) / (2 eps) turns a 1e-7 loss rounding diff
   * teacher forcing: both engines are fed the eager engine's g sequence. Losses must agree
     per step and copy, and the final adapters within 1e-5 relative.
   * free running: each engine feeds back its own g; final adapters and held-out accuracy are
-    reported side by side (statistical agreement, not equality).
+    reported side by side (statistical agreement, not equality); a completion task reports its
+    held-out loss.
 """
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ from models.causal_lm import build_step
 from models.tasks.batches import batch_indices
 from prge.estimators import projected_grads, step_seed
 from runtime_driver.engines import EagerPRGE, ExecuTorchPRGE, program_adapter_config
-from runtime_driver.evaluate import evaluate
-from runtime_driver.run import program_task
+from runtime_driver.run import program_task, split_evaluator
 
 TEACHER_FORCED_REL_TOL = 1e-5
 
@@ -85,8 +85,9 @@ def compare_engines(
 
     forced = run(feed_eager_g=True)
     free = run(feed_eager_g=False)
-    acc_eager = evaluate(eager.eval_logits, held_out, eager.eval_batch_size, fixed_batch=False)["accuracy"]
-    acc_et = evaluate(et.eval_logits, held_out, et.eval_batch_size, fixed_batch=True)["accuracy"]
+    metric = "loss" if task.is_completion else "accuracy"  # a completion task's held-out metric is its loss
+    held_out_eager = split_evaluator(eager, task)(held_out)[metric]
+    held_out_et = split_evaluator(et, task)(held_out)[metric]
     rel = _relative_diff(forced["adapter_eager"], forced["adapter_et"])
     return {
         "steps": steps,
@@ -104,8 +105,8 @@ def compare_engines(
             "adapter_norm_eager": float(free["adapter_eager"].norm()),
             "adapter_norm_et": float(free["adapter_et"].norm()),
             "held_out_examples": len(held_out),
-            "held_out_accuracy_eager": acc_eager,
-            "held_out_accuracy_et": acc_et,
+            f"held_out_{metric}_eager": held_out_eager,
+            f"held_out_{metric}_et": held_out_et,
         },
         "et_ms_per_step": statistics.median([forced["et_ms"], free["et_ms"]]),
         "eager_ms_per_step": statistics.median([forced["eager_ms"], free["eager_ms"]]),

@@ -1,4 +1,5 @@
-"""`prge summarize`: the accuracy table (markdown) of finished runs, as BENCHMARKS.md shows it.
+"""`prge summarize`: the accuracy table (markdown) of finished runs, as BENCHMARKS.md shows it
+(for a completion task: loss, perplexity, exact match and token F1).
 
 Each argument is a run directory of `prge train` (config.json, summary.json, metrics.jsonl) or
 the JSON that `prge eval` prints (a zero-shot row). Every figure comes from those files; the
@@ -13,6 +14,9 @@ from typing import Any
 from runtime_driver.metrics import read_metrics
 
 COLUMNS = ("run", "method", "q", "b", "steps", "lr", "eps", "test acc", "test loss", "median ms/step", "train wall s")
+# Runs of a completion task (prompt -> completion): no accuracy; perplexity and greedy-decoded matches.
+COMPLETION_COLUMNS = ("run", "method", "q", "b", "steps", "lr", "eps", "test loss", "test ppl", "exact match", "token F1",
+                      "median ms/step", "train wall s")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -39,24 +43,29 @@ def describe(path: str | Path) -> dict[str, Any]:
         result = _read_json(path)
         if result.get("adapter") is not None:
             raise ValueError(f"{path}: an evaluation of an adapter; give its run directory instead")
-        return {"run": path.stem, "method": "zero-shot (B = 0)", "test acc": result["accuracy"],
-                "test loss": result["loss"], "curve": [], "versions": None}
+        return {"run": path.stem, "method": "zero-shot (B = 0)", **_test_metrics(result), "curve": [], "versions": None}
     config, summary = _read_json(path / "config.json"), _read_json(path / "summary.json")
     train, q = config["train"], config["adapter"]["num_queries"]
     if "test" not in summary:
         raise ValueError(f"{path}: the run evaluated no test split (--test-examples 0)")
     zeroth = train["method"] != "fo"
-    curve = [(r["step"], r["accuracy"], r["loss"]) for r in read_metrics(path / "metrics.jsonl") if r.get("type") == "eval"]
+    curve = [(r["step"], r.get("accuracy"), r["loss"]) for r in read_metrics(path / "metrics.jsonl") if r.get("type") == "eval"]
     return {
         "run": path.name, "method": _method(train, q), "q": q if zeroth else "-", "b": train["batch_size"],
         "steps": train["steps"], "lr": train["lr"], "eps": train["eps"] if zeroth else "-",
-        "test acc": summary["test"]["accuracy"], "test loss": summary["test"]["loss"],
+        **_test_metrics(summary["test"]),
         "median ms/step": summary["median_step_ms"], "train wall s": summary["wall_s"],
         "curve": curve, "versions": summary.get("versions"),
     }
 
 
-_FORMATS = {"test acc": "{:.3f}", "test loss": "{:.3f}", "median ms/step": "{:.0f}", "train wall s": "{:.0f}", "lr": "{:g}",
+def _test_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """The table's cells of a held-out evaluation: accuracy, or a completion task's metrics."""
+    return {"completion": "perplexity" in result, "test acc": result.get("accuracy"), "test loss": result["loss"],
+            "test ppl": result.get("perplexity"), "exact match": result.get("exact_match"), "token F1": result.get("token_f1")}
+
+
+_FORMATS = {"test acc": "{:.3f}", "test loss": "{:.3f}", "test ppl": "{:.2f}", "exact match": "{:.3f}", "token F1": "{:.3f}", "median ms/step": "{:.0f}", "train wall s": "{:.0f}", "lr": "{:g}",
             "eps": "{:g}"}
 
 
@@ -70,14 +79,20 @@ def _cell(column: str, value: Any) -> str:
 
 def summarize(paths: list[str]) -> str:
     rows = [describe(p) for p in paths]
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    kinds = {row["completion"] for row in rows}
+    if len(kinds) > 1:
+        raise ValueError("these are runs of a label-word task and of a completion task; summarize each kind on its own")
+    completion = kinds == {True}
+    columns = COMPLETION_COLUMNS if completion else COLUMNS
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(c, row.get(c, "-")) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(c, row.get(c, "-")) for c in columns) + " |")
     lines.append("")
-    lines.append("Validation (step: accuracy / loss):")
+    lines.append("Validation (step: loss):" if completion else "Validation (step: accuracy / loss):")
     for row in rows:
         if row["curve"]:
-            lines.append(f"- `{row['run']}`: " + ", ".join(f"{s}: {a:.3f} / {loss:.3f}" for s, a, loss in row["curve"]))
+            points = (f"{s}: {loss:.3f}" if completion else f"{s}: {a:.3f} / {loss:.3f}" for s, a, loss in row["curve"])
+            lines.append(f"- `{row['run']}`: " + ", ".join(points))
     versions = {json.dumps(r["versions"], sort_keys=True) for r in rows if r["versions"]}
     lines.append("")
     lines.append("Versions: " + ("; ".join(sorted(versions)) if versions else "not recorded by these runs"))

