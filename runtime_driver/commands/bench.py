@@ -31,7 +31,7 @@ from export.contract.methods import step_scalars
 from models.console import say
 from models.files import cache_dir, write_json_atomic
 from prge.pieces import DEFAULT_MICRO_BATCH
-from prge.step import COMPLETION
+from runtime_driver.commands.bench_worker import plain_forward
 from runtime_driver.engines import ExecuTorchProgram, program_adapter_config, set_runtime_threads
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -420,10 +420,9 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
     for path in program_dirs:
         program = ExecuTorchProgram(Path(path))  # the training methods of its task's kind
         keep.append(program)
-        manifest, completion = program.manifest, program.loss == COMPLETION
-        forward = "eval_losses" if completion else "eval_logits"
+        manifest = program.manifest
+        forward, vocab, completion = plain_forward(manifest)
         q, shapes = manifest["num_queries"], manifest["shapes"]
-        vocab = max(manifest["task"]["label_token_ids"] or [shapes["vocab_size"] - 1]) + 1  # any valid ids will do
         ids, mask, labels = _batch(shapes["eval_batch_size"], shapes["seq_len"], vocab, targets=completion)
         inputs = [ids, mask, labels] if completion else [ids, mask]
         calls[f"{path}:train_step"] = _train_step_call(program, q, shapes["batch_size"], shapes["seq_len"], vocab, completion)

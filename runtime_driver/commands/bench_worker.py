@@ -50,20 +50,29 @@ def random_batch(rows: int, seq_len: int, vocab: int, num_labels: int, seed: int
     return ids, mask, labels
 
 
+def plain_forward(manifest: dict) -> tuple[str, int, bool]:
+    """(method, vocab, completion) of a program's plain forward beside train_step: label-word
+    logits, or a completion program's eval losses (its labels are per-position targets); vocab
+    bounds the random token ids (any valid ids will do)."""
+    from prge.step import COMPLETION
+
+    completion = manifest["task"]["loss"] == COMPLETION
+    vocab = max(manifest["task"]["label_token_ids"] or [manifest["shapes"]["vocab_size"] - 1]) + 1
+    return ("eval_losses" if completion else "eval_logits"), vocab, completion
+
+
 def _run_executorch(args) -> None:
     from export.contract.manifest import read_manifest
     from export.contract.methods import step_scalars
-    from prge.step import COMPLETION
     from runtime_driver.engines import ExecuTorchProgram, set_runtime_threads
 
     set_runtime_threads(args.threads)
-    # The plain forward beside train_step: label-word logits, or a completion program's eval losses.
-    completion = read_manifest(args.program)["task"]["loss"] == COMPLETION
-    method = "train_step" if args.mode == "executorch-prge" else ("eval_losses" if completion else "eval_logits")
+    # The manifest first: the worker loads only the method it measures (its RSS is the figure).
+    forward, vocab, completion = plain_forward(read_manifest(args.program))
+    method = "train_step" if args.mode == "executorch-prge" else forward
     program = ExecuTorchProgram(args.program, methods=(method,))
     manifest = program.manifest
     q, b, t = manifest["num_queries"], manifest["shapes"]["batch_size"], manifest["shapes"]["seq_len"]
-    vocab = max(manifest["task"]["label_token_ids"] or [manifest["shapes"]["vocab_size"] - 1]) + 1  # any valid ids will do
     num_labels = len(manifest["task"]["label_token_ids"])
     if method == "train_step":
         ids, mask, labels = random_batch(b, t, vocab, num_labels, targets=completion)

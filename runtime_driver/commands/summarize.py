@@ -65,8 +65,8 @@ def _test_metrics(result: dict[str, Any]) -> dict[str, Any]:
             "test ppl": result.get("perplexity"), "exact match": result.get("exact_match"), "token F1": result.get("token_f1")}
 
 
-_FORMATS = {"test acc": "{:.3f}", "test loss": "{:.3f}", "test ppl": "{:.2f}", "exact match": "{:.3f}", "token F1": "{:.3f}", "median ms/step": "{:.0f}", "train wall s": "{:.0f}", "lr": "{:g}",
-            "eps": "{:g}"}
+_FORMATS = {"test acc": "{:.3f}", "test loss": "{:.3f}", "test ppl": "{:.2f}", "exact match": "{:.3f}",
+            "token F1": "{:.3f}", "median ms/step": "{:.0f}", "train wall s": "{:.0f}", "lr": "{:g}", "eps": "{:g}"}
 
 
 def _cell(column: str, value: Any) -> str:
