@@ -1,4 +1,5 @@
-"""Trace a PRGEStep into one ExecuTorch program whose methods share the adapter state.
+"""Trace a PRGEStep (or a CachedDecoder) into one ExecuTorch program whose methods share the
+adapter state (and a decoder's KV cache).
 
 The methods and their inputs are the program contract (export/contract/methods.py); all of
 them work on the same mutable buffers, lora_B and lora_B_copies of every adapter. Mutable
@@ -22,7 +23,7 @@ from prge.step import PRGEStep
 EXTERNAL_WEIGHTS_TAG = "model"
 
 
-def _weight_tagger(step: PRGEStep, param_placeholders: dict[str, str]) -> Callable[[Any], str | None]:
+def _weight_tagger(target: nn.Module, param_placeholders: dict[str, str]) -> Callable[[Any], str | None]:
     """Tags the frozen model weights (parameters) for the .ptd and nothing else: the adapter
     buffers are mutable state, and the constants export lifts out of code (the noise
     generator's scalars, named c_lifted_tensor_N in every method) would collide by name in
@@ -32,7 +33,7 @@ def _weight_tagger(step: PRGEStep, param_placeholders: dict[str, str]) -> Callab
     param_placeholders (the graph signatures' inputs_to_parameters). That is where the weights
     are: with force_non_static_weights_for_f32_linear XNNPACK owns no weights, the linears take
     them as delegate inputs, so no delegate-side tagging is needed."""
-    weights = {f"step.{name}" for name, _ in step.named_parameters(remove_duplicate=False)}
+    weights = {f"step.{name}" for name, _ in target.named_parameters(remove_duplicate=False)}
 
     def tag(node) -> str | None:
         fqn = param_placeholders.get(node.name) if node.op == "placeholder" else None
@@ -42,10 +43,11 @@ def _weight_tagger(step: PRGEStep, param_placeholders: dict[str, str]) -> Callab
 
 
 class _Method(nn.Module):
-    """Exposes one PRGEStep method as forward, so each method exports as its own program while
-    all of them keep the same module tree (and so the same buffer names to share)."""
+    """Exposes one method of the exported module (a PRGEStep, or a CachedDecoder) as forward, so
+    each method exports as its own program while all of them keep the same module tree (and so
+    the same buffer names to share)."""
 
-    def __init__(self, step: PRGEStep, name: str) -> None:
+    def __init__(self, step: nn.Module, name: str) -> None:
         super().__init__()
         self.step = step
         self.method_name = name
@@ -93,6 +95,18 @@ def export_step(
     """Lower the chosen methods (default: the training methods) to one XNNPACK-delegated program.
     Lowering dominates export time, so a caller that needs fewer methods exports fewer.
 
+    Returns what lower_methods returns.
+    """
+    dims = ProgramShapes.of(shapes, step.num_queries, step.adapter_numel, len(step.label_token_ids), step.vocab_size,
+                            step.loss)
+    return lower_methods(step, dims, methods, external_weights, progress)
+
+
+def lower_methods(target: nn.Module, dims: ProgramShapes, methods: tuple[str, ...], external_weights: bool = False,
+                  progress: Callable[[str], Any] = say):
+    """Trace target's methods (contract names, traced with example inputs of dims) and lower them
+    to one XNNPACK-delegated program whose methods share target's mutable buffers.
+
     Returns (ExecutorchProgramManager, {method: delegation summary}, {phase: seconds}).
     """
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -102,16 +116,14 @@ def export_step(
     unknown = set(methods) - set(KNOWN_METHODS)
     if unknown or not methods:
         raise ValueError(f"cannot export methods {sorted(unknown) or '(none)'}; known: {KNOWN_METHODS}")
-    step.eval()
-    dims = ProgramShapes.of(shapes, step.num_queries, step.adapter_numel, len(step.label_token_ids), step.vocab_size,
-                            step.loss)
+    target.eval()
     timings: dict[str, float] = {}
     began = time.perf_counter()
     programs = {}
     with torch.no_grad():
         for name in methods:
             progress(f"  tracing {name} ...")
-            programs[name] = torch.export.export(_Method(step, name), example_inputs(name, dims), strict=False)
+            programs[name] = torch.export.export(_Method(target, name), example_inputs(name, dims), strict=False)
     timings["torch_export_s"] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -128,7 +140,7 @@ def export_step(
         # One allocation for each mutable buffer, seen by every method: the adapter is shared.
         memory_planning_pass=LoopAwareMemoryPlanningPass(share_mutable_buffers=True),
         emit_mutable_buffer_names=True,
-        external_constants=_weight_tagger(step, _param_placeholders(edge)) if external_weights else False,
+        external_constants=_weight_tagger(target, _param_placeholders(edge)) if external_weights else False,
     )
     program = edge.to_executorch(config)
     timings["to_executorch_s"] = time.perf_counter() - began

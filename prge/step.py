@@ -152,7 +152,7 @@ class PRGEStep(nn.Module):
 
     # ---- losses -------------------------------------------------------------------------
     def answer_logits(self, input_ids: Tensor, attention_mask: Tensor, full_vocab: bool) -> Tensor:
-        return self._head_logits(self.body(input_ids, attention_mask)[:, -1, :], full_vocab)
+        return self.head_logits(self.body(input_ids, attention_mask)[:, -1, :], full_vocab)
 
     def drop_full_head(self) -> None:
         """Forget the full output head: a classification step reads only label_rows. For a
@@ -162,7 +162,9 @@ class PRGEStep(nn.Module):
             raise ValueError(f"the {self.loss!r} loss reads the full head; only a classification step can drop it")
         self.head = None
 
-    def _head_logits(self, hidden: Tensor, full_vocab: bool) -> Tensor:
+    def head_logits(self, hidden: Tensor, full_vocab: bool) -> Tensor:
+        """Logits of final hidden states [..., H]: over the whole vocabulary, or the label words
+        only; soft-capped where the model caps them (Gemma)."""
         if full_vocab:
             if self.head is None:
                 raise ValueError("this step dropped its full output head; it has label-word logits only")
@@ -185,9 +187,9 @@ class PRGEStep(nn.Module):
             return self._completion_loss(hidden, labels)
         hidden = hidden[:, -1, :]
         if self.loss == "classification":
-            logits, targets = self._head_logits(hidden, full_vocab=False), labels
+            logits, targets = self.head_logits(hidden, full_vocab=False), labels
         else:
-            logits = self._head_logits(hidden, full_vocab=True)
+            logits = self.head_logits(hidden, full_vocab=True)
             targets = self.label_token_ids.index_select(0, labels)
         log_probs = torch.log_softmax(logits, dim=-1)
         return -log_probs.gather(1, targets.reshape(-1, 1)).reshape(-1)
@@ -208,7 +210,7 @@ class PRGEStep(nn.Module):
         picked_hidden = hidden.gather(1, picked.unsqueeze(-1).expand(rows, self.completion_len, width))
         picked_targets = targets.gather(1, picked)
         valid = (picked_targets != IGNORE_TARGET).to(torch.float32)
-        log_probs = torch.log_softmax(self._head_logits(picked_hidden, full_vocab=True), dim=-1)  # [B, C, V]
+        log_probs = torch.log_softmax(self.head_logits(picked_hidden, full_vocab=True), dim=-1)  # [B, C, V]
         token_nll = -log_probs.gather(2, picked_targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return (token_nll * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
 

@@ -21,9 +21,10 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from export.contract.manifest import (MANIFEST_FILE, ManifestError, program_estimator, program_shapes, read_manifest,
-                                      slots_from_json, verify_program_files)
-from export.contract.methods import OUTPUTS, inputs_of, step_scalars, training_methods, update_scalars
+from export.contract.manifest import (GENERATION, MANIFEST_FILE, TRAINING, ManifestError, program_estimator, program_kind,
+                                      program_shapes, read_manifest, slots_from_json, verify_program_files)
+from export.contract.methods import (GENERATION_METHODS, OUTPUTS, inputs_of, step_scalars, training_methods,
+                                     update_scalars)
 from models.causal_lm import DEFAULT_COMPLETION_LEN, AdapterConfig
 from models.console import runtime_logs_filtered
 from models.quantize import DEFAULT_GROUP_SIZE
@@ -136,7 +137,8 @@ class ExecuTorchProgram:
     program contract before anything runs."""
 
     def __init__(self, program_dir: str | Path, methods: tuple[str, ...] | None = None, etdump: bool = False) -> None:
-        """methods: None = the training methods of the program's loss. etdump: record an
+        """methods: None = every method a driver of this program calls (the training methods of
+        its loss, or a generation program's). etdump: record an
         ExecuTorch profile of every call (write_etdump collects it)."""
         from executorch.runtime import Runtime
 
@@ -144,7 +146,8 @@ class ExecuTorchProgram:
         self.manifest = read_manifest(self.program_dir)
         verify_program_files(self.program_dir, self.manifest)
         self.loss = self.manifest["task"]["loss"]
-        methods = methods or training_methods(self.loss)
+        if methods is None:
+            methods = GENERATION_METHODS if program_kind(self.manifest) == GENERATION else training_methods(self.loss)
         missing = [name for name in methods if name not in self.manifest["methods"]]
         if missing:
             raise ManifestError(f"{self.program_dir}: the program has no {', '.join(missing)} method "
@@ -215,6 +218,9 @@ class ExecuTorchPRGE:
     def __init__(self, program_dir: str | Path) -> None:
         self.program = ExecuTorchProgram(program_dir)
         m = self.manifest = self.program.manifest
+        if program_kind(m) != TRAINING:
+            raise ManifestError(f"{program_dir}: a generation program (`prge export --generate`) has no training "
+                                "step; train with a program from `prge export`")
         self.program_dir = self.program.program_dir
         shapes = m["shapes"]
         self.num_queries = int(m["num_queries"])

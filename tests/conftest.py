@@ -197,6 +197,21 @@ def tiny_completion_data_dir(tmp_path_factory) -> Path:
 
 # The most scored tokens per row in the tiny completion programs: " and I loved it ." and the end token.
 TINY_COMPLETION_LEN = 8
+TINY_PREFILL_LEN, TINY_CACHE_LEN = 16, 40  # the tiny generation program's
+
+
+@pytest.fixture(scope="session")
+def tiny_generation_program(tiny_model_dir, tiny_completion_data_dir, tmp_path_factory) -> Path:
+    """The tiny llama's generation program (prefill window 16, 40-position cache), with the
+    adapter layout of tiny_completion_program."""
+    from export.pipeline import export_generation_program
+    from models.causal_lm import AdapterConfig
+    from models.tasks.folder import load_folder_spec
+
+    out = tmp_path_factory.mktemp("generation-program") / "program"
+    export_generation_program(tiny_model_dir("llama"), load_folder_spec(tiny_completion_data_dir), AdapterConfig(rank=4),
+                              TINY_PREFILL_LEN, TINY_CACHE_LEN, out, progress=lambda _: None)
+    return out
 
 
 @pytest.fixture(scope="session")

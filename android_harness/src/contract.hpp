@@ -1,6 +1,6 @@
 // The program contract this driver is built for: the methods it calls, their inputs in order
-// (name, dtype, named dimensions) and outputs. The definition is export/contract/methods.py;
-// the table below must equal it (tests/android_harness/test_native_pieces.py renders it from
+// (name, dtype, named dimensions) and outputs, for training programs and for generation
+// programs. The definition is export/contract/methods.py; the tables below must equal it (tests/android_harness/test_native_pieces.py renders it from
 // the Python module and compares). A manifest whose contract differs is refused.
 #pragma once
 
@@ -15,7 +15,7 @@ constexpr int kManifestVersion = 2;  // export/contract/manifest.py MANIFEST_VER
 struct Arg {
   std::string name;
   std::string dtype;              // "int64" | "float32"
-  std::vector<std::string> dims;  // batch, seq_len, eval_batch, num_queries, adapter_numel, num_labels, 2q, or a size
+  std::vector<std::string> dims;  // batch, seq_len, eval_batch, num_queries, adapter_numel, num_labels, 2q, vocab, or a size
 };
 
 struct Method {
@@ -46,6 +46,28 @@ inline const std::vector<Method>& training_methods() {
        {{"input_ids", "int64", {"eval_batch", "seq_len"}},
         {"attention_mask", "int64", {"eval_batch", "seq_len"}}},
        {"logits", "float32", {"eval_batch", "num_labels"}}},
+      {"get_adapter",
+       {},
+       {"adapter", "float32", {"adapter_numel"}}},
+      {"set_adapter",
+       {{"flat", "float32", {"adapter_numel"}}},
+       {"adapter", "float32", {"adapter_numel"}}},
+  };
+  return methods;
+}
+// END TABLE
+
+// BEGIN TABLE (generated from export/contract/methods.py GENERATION_METHODS)
+inline const std::vector<Method>& generation_methods() {
+  static const std::vector<Method> methods = {
+      {"prefill",
+       {{"input_ids", "int64", {"1", "seq_len"}},
+        {"length", "int64", {"1"}}},
+       {"logits", "float32", {"1", "vocab"}}},
+      {"decode",
+       {{"token", "int64", {"1", "1"}},
+        {"position", "int64", {"1"}}},
+       {"logits", "float32", {"1", "vocab"}}},
       {"get_adapter",
        {},
        {"adapter", "float32", {"adapter_numel"}}},

@@ -102,33 +102,56 @@ MethodShapes check_method(const Json& entry, const contract::Method& spec, const
   return shapes;
 }
 
+std::string manifest_path(const std::string& program_dir) {
+  std::string path = join(program_dir, "manifest.json");
+  if (!is_file(path)) throw std::runtime_error(path + ": not found (is this a `prge export` output folder?)");
+  return path;
+}
+
+// The versions this driver reads and the program's kind ("training" when absent: every program
+// from before generation programs).
+std::string check_versions(const Json& j) {
+  if (j.at("manifest_version").integer("manifest_version") != contract::kManifestVersion)
+    throw JsonError("manifest version " + j.at("manifest_version").dump() + ", this driver reads " +
+                    std::to_string(contract::kManifestVersion));
+  if (j.at("contract").at("version").integer("contract.version") != contract::kVersion)
+    throw JsonError("contract version " + j.at("contract").at("version").dump() + ": this driver runs programs of contract " +
+                    std::to_string(contract::kVersion) + "; re-export the program or rebuild the driver");
+  return j.has("kind") ? j.at("kind").string("kind") : "training";
+}
+
+void read_program_paths(const Json& j, const std::string& program_dir, std::string& pte_path, std::string& ptd_path) {
+  const Json& program = j.at("program");
+  pte_path = join(program_dir, file_name(program.at("pte"), "program.pte.file"));
+  if (program.has("ptd") && !program.at("ptd").is_null())
+    ptd_path = join(program_dir, file_name(program.at("ptd"), "program.ptd.file"));
+}
+
+void verify_program_files(const std::string& program_dir, const Json& j, const std::string& pte_path,
+                          const std::string& ptd_path) {
+  verify_entry(program_dir, j.at("program").at("pte"), pte_path);
+  if (!ptd_path.empty()) verify_entry(program_dir, j.at("program").at("ptd"), ptd_path);
+}
+
 }  // namespace
 
 Manifest read_manifest(const std::string& program_dir, bool verify_files) {
-  std::string path = join(program_dir, "manifest.json");
-  if (!is_file(path)) throw std::runtime_error(path + ": not found (is this a `prge export` output folder?)");
+  std::string path = manifest_path(program_dir);
   Manifest m;
   m.dir = program_dir;
   try {
     m.raw = Json::parse(read_text(path));
     const Json& j = m.raw;
-    if (j.at("manifest_version").integer("manifest_version") != contract::kManifestVersion)
-      throw JsonError("manifest version " + j.at("manifest_version").dump() + ", this driver reads " +
-                      std::to_string(contract::kManifestVersion));
-    if (j.at("contract").at("version").integer("contract.version") != contract::kVersion)
-      throw JsonError("contract version " + j.at("contract").at("version").dump() + ": this driver runs programs of contract " +
-                      std::to_string(contract::kVersion) + "; re-export the program or rebuild the driver");
+    std::string kind = check_versions(j);
+    if (kind != "training")
+      throw JsonError("kind: a " + kind + " program, which trains nothing (run it with prge-native-generate)");
     // Completion programs (per-position targets, eval_losses) are trained by the Python driver
     // only: this driver's data file and evaluation are label words.
     if (j.at("task").at("loss").string("task.loss") == "completion")
       throw JsonError("task.loss: a completion program; the native driver trains label-word programs only "
                       "(train it with `prge train --engine executorch`)");
-    const Json& program = j.at("program");
-    const Json& pte = program.at("pte");
-    m.pte_path = join(program_dir, file_name(pte, "program.pte.file"));
-    m.pte_sha256 = pte.at("sha256").string("program.pte.sha256");
-    if (program.has("ptd") && !program.at("ptd").is_null())
-      m.ptd_path = join(program_dir, file_name(program.at("ptd"), "program.ptd.file"));
+    read_program_paths(j, program_dir, m.pte_path, m.ptd_path);
+    m.pte_sha256 = j.at("program").at("pte").at("sha256").string("program.pte.sha256");
     std::vector<std::string> methods;
     for (const Json& name : j.at("methods").array("methods")) methods.push_back(name.string("methods[]"));
     for (const auto& spec : contract::training_methods()) {
@@ -164,10 +187,38 @@ Manifest read_manifest(const std::string& program_dir, bool verify_files) {
   } catch (const JsonError& e) {
     throw std::runtime_error(path + ": " + e.what());
   }
-  if (verify_files) {
-    verify_entry(program_dir, m.raw.at("program").at("pte"), m.pte_path);
-    if (!m.ptd_path.empty()) verify_entry(program_dir, m.raw.at("program").at("ptd"), m.ptd_path);
+  if (verify_files) verify_program_files(program_dir, m.raw, m.pte_path, m.ptd_path);
+  return m;
+}
+
+GenerationManifest read_generation_manifest(const std::string& program_dir, bool verify_files) {
+  std::string path = manifest_path(program_dir);
+  GenerationManifest m;
+  Json j;
+  try {
+    j = Json::parse(read_text(path));
+    if (check_versions(j) != "generation")
+      throw JsonError("kind: not a generation program (export one with `prge export --generate`)");
+    read_program_paths(j, program_dir, m.pte_path, m.ptd_path);
+    const Json& shapes = j.at("shapes");
+    m.seq_len = positive_int(shapes.at("seq_len"), "shapes.seq_len");
+    m.cache_len = positive_int(shapes.at("cache_len"), "shapes.cache_len");
+    m.vocab_size = positive_int(shapes.at("vocab_size"), "shapes.vocab_size");
+    if (m.cache_len <= m.seq_len) throw JsonError("shapes.cache_len: must exceed seq_len (the prefill window)");
+    m.adapter_numel = positive_int(j.at("adapter").at("numel"), "adapter.numel");
+    layout_hash(j.at("adapter").at("slots"), m.adapter_numel);  // the slots tile the flat adapter
+    const Json& tokenizer = j.at("tokenizer");
+    m.pad_token_id = tokenizer.at("pad_token_id").integer("tokenizer.pad_token_id");
+    for (const Json& id : tokenizer.at("eos_token_ids").array("tokenizer.eos_token_ids"))
+      m.eos_token_ids.push_back(id.integer("tokenizer.eos_token_ids[]"));
+    const std::map<std::string, int> dims = {
+        {"seq_len", m.seq_len}, {"vocab", m.vocab_size}, {"adapter_numel", static_cast<int>(m.adapter_numel)}};
+    for (const auto& spec : contract::generation_methods())
+      m.methods[spec.name] = check_method(j.at("contract").at("methods").at(spec.name), spec, dims);
+  } catch (const JsonError& e) {
+    throw std::runtime_error(path + ": " + e.what());
   }
+  if (verify_files) verify_program_files(program_dir, j, m.pte_path, m.ptd_path);
   return m;
 }
 

@@ -44,9 +44,23 @@ struct Manifest {
   std::map<std::string, MethodShapes> methods;  // the training methods, by name
 };
 
-// Reads DIR/manifest.json and checks its contract against contract.hpp; verify_files also checks
-// size and sha256 of the .pte/.ptd.
-// Throws std::runtime_error with a message naming the file.
+// A generation program's manifest (`prge export --generate`): prefill and decode over a KV cache.
+struct GenerationManifest {
+  std::string pte_path;
+  std::string ptd_path;  // empty when the weights are inside the .pte
+  int seq_len = 0;       // the prefill window: the longest prompt
+  int cache_len = 0;     // the most positions, prompt plus new tokens
+  int vocab_size = 0;
+  long long adapter_numel = 0;
+  long long pad_token_id = 0;
+  std::vector<long long> eos_token_ids;  // a generation stops at any of these
+  std::map<std::string, MethodShapes> methods;  // the generation methods, by name
+};
+
+// Read DIR/manifest.json of a training (read_manifest) or generation program and check its
+// contract against contract.hpp; verify_files also checks size and sha256 of the .pte/.ptd.
+// Throw std::runtime_error with a message naming the file (also for a program of the other kind).
 Manifest read_manifest(const std::string& program_dir, bool verify_files);
+GenerationManifest read_generation_manifest(const std::string& program_dir, bool verify_files);
 
 }  // namespace prge

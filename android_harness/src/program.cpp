@@ -1,11 +1,14 @@
 #include "program.hpp"
 
+#include <algorithm>
+#include <cstdio>
 #include <stdexcept>
 
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
 #include <executorch/runtime/backend/interface.h>
 #include <executorch/runtime/backend/options.h>
+#include <executorch/runtime/platform/platform.h>
 
 // The wheel ships libexecutorch_threadpool.so but not its header; these two declarations match
 // the exported symbols (executorch/extension/threadpool/threadpool.h upstream). Non-virtual
@@ -27,7 +30,7 @@ using executorch::runtime::EValue;
 
 namespace {
 
-constexpr int kLong = 0, kFloat = 1;
+constexpr int kLong = LoadedProgram::kLong, kFloat = LoadedProgram::kFloat;
 
 std::string error_text(Error e) {
   return std::string(executorch::runtime::to_string(e)) + " (error " + std::to_string(static_cast<int>(e)) + ")";
@@ -39,7 +42,30 @@ std::string dims(const std::vector<int32_t>& sizes) {
   return out + "]";
 }
 
+// set_adapter of either kind of program: the flat B of the manifest's layout.
+void set_flat_adapter(LoadedProgram& program, const std::vector<float>& flat, long long numel) {
+  if (static_cast<long long>(flat.size()) != numel)
+    throw std::runtime_error("adapter has " + std::to_string(flat.size()) + " values, this program's has " + std::to_string(numel));
+  std::vector<float> copy = flat;
+  program.run("set_adapter", {copy.data()}, {{static_cast<int32_t>(numel)}}, {kFloat}, size_t(numel));
+}
+
+bool show_runtime_info = false;
+
+// The runtime's log lines on stderr, as its default does, but its Info and Debug lines (the
+// cpuinfo probing, the thread pool size: nothing a user can act on) only when asked.
+void emit_runtime_log(et_timestamp_t, et_pal_log_level_t level, const char* filename, const char*, size_t line,
+                      const char* message, size_t length) {
+  if (!show_runtime_info && (level == kInfo || level == kDebug)) return;
+  std::fprintf(stderr, "%c executorch:%s:%zu] %.*s\n", static_cast<char>(level), filename, line, static_cast<int>(length), message);
+}
+
 }  // namespace
+
+void filter_runtime_logs(bool show_info) {
+  show_runtime_info = show_info;
+  executorch::runtime::register_pal(executorch::runtime::PalImpl::create(emit_runtime_log, __FILE__));
+}
 
 void set_runtime_threads(unsigned threads) {
   auto* pool = executorch::extension::threadpool::get_threadpool();
@@ -58,44 +84,46 @@ void enable_xnnpack_weight_cache() {
   if (err != Error::Ok) throw std::runtime_error("could not enable XNNPACK's weight cache: " + error_text(err));
 }
 
-PrgeProgram::PrgeProgram(const Manifest& m) : m_(m) {
+LoadedProgram::LoadedProgram(const std::string& pte_path, const std::string& ptd_path,
+                             const std::map<std::string, MethodShapes>& methods)
+    : pte_path_(pte_path) {
   enable_xnnpack_weight_cache();
   // share_memory_arenas: the program was exported with share_mutable_buffers=True, so every
   // method must see the same adapter buffers (executorch-notes.md).
   // LoadMode::Mmap: the weights are mapped from the file instead of read into heap buffers; on
   // the default model's 8da8w program this took peak RSS from 573 to 417 MB (BENCHMARKS.md).
-  if (m.ptd_path.empty())
-    module_ = std::make_unique<Module>(m.pte_path, Module::LoadMode::Mmap, nullptr, nullptr, nullptr, true);
+  if (ptd_path.empty())
+    module_ = std::make_unique<Module>(pte_path, Module::LoadMode::Mmap, nullptr, nullptr, nullptr, true);
   else
-    module_ = std::make_unique<Module>(m.pte_path, m.ptd_path, Module::LoadMode::Mmap, nullptr, nullptr, nullptr, true);
+    module_ = std::make_unique<Module>(pte_path, ptd_path, Module::LoadMode::Mmap, nullptr, nullptr, nullptr, true);
   Error err = module_->load(executorch::runtime::Program::Verification::InternalConsistency);
-  if (err != Error::Ok) throw std::runtime_error(m.pte_path + ": ExecuTorch could not load the program: " + error_text(err));
-  for (const auto& [name, shapes] : m.methods) {
+  if (err != Error::Ok) throw std::runtime_error(pte_path + ": ExecuTorch could not load the program: " + error_text(err));
+  for (const auto& [name, shapes] : methods) {
     err = module_->load_method(name);
     if (err != Error::Ok)
-      throw std::runtime_error(m.pte_path + ": ExecuTorch could not load method " + name + ": " + error_text(err));
+      throw std::runtime_error(pte_path + ": ExecuTorch could not load method " + name + ": " + error_text(err));
     check_signature(name, shapes);
   }
 }
 
-PrgeProgram::~PrgeProgram() = default;
+LoadedProgram::~LoadedProgram() = default;
 
 // A manifest copied next to another export's .pte would pass its own checks: every input and
 // the output the program itself declares must have the dtype and shape the manifest's contract gives.
-void PrgeProgram::check_signature(const std::string& method, const MethodShapes& expected) {
+void LoadedProgram::check_signature(const std::string& method, const MethodShapes& expected) {
   auto meta = module_->method_meta(method);
-  if (!meta.ok()) throw std::runtime_error(m_.pte_path + ": no metadata for " + method);
+  if (!meta.ok()) throw std::runtime_error(pte_path_ + ": no metadata for " + method);
   if (meta->num_inputs() != expected.inputs.size())
-    throw std::runtime_error(m_.pte_path + ": " + method + " takes " + std::to_string(meta->num_inputs()) +
+    throw std::runtime_error(pte_path_ + ": " + method + " takes " + std::to_string(meta->num_inputs()) +
                              " inputs, manifest.json's contract " + std::to_string(expected.inputs.size()));
   auto check = [&](auto info, const std::string& what, const std::string& dtype, const std::vector<int32_t>& shape) {
-    if (!info.ok()) throw std::runtime_error(m_.pte_path + ": " + method + " " + what + " is not a tensor");
+    if (!info.ok()) throw std::runtime_error(pte_path_ + ": " + method + " " + what + " is not a tensor");
     auto span = info->sizes();
     std::vector<int32_t> actual(span.begin(), span.end());
     std::string actual_dtype = info->scalar_type() == ScalarType::Long ? "int64"
                                : info->scalar_type() == ScalarType::Float ? "float32" : "another dtype";
     if (actual != shape || actual_dtype != dtype)
-      throw std::runtime_error(m_.pte_path + ": " + method + " " + what + " is " + actual_dtype + " " + dims(actual) +
+      throw std::runtime_error(pte_path_ + ": " + method + " " + what + " is " + actual_dtype + " " + dims(actual) +
                                " in the program, " + dtype + " " + dims(shape) + " by manifest.json (manifest from another export?)");
   };
   for (size_t i = 0; i < expected.inputs.size(); ++i)
@@ -103,8 +131,8 @@ void PrgeProgram::check_signature(const std::string& method, const MethodShapes&
   check(meta->output_tensor_meta(0), "output", "float32", expected.output);
 }
 
-std::vector<float> PrgeProgram::run(const std::string& method, std::vector<void*> data,
-                                    std::vector<std::vector<int32_t>> sizes, std::vector<int> dtypes, size_t expect_numel) {
+std::vector<float> LoadedProgram::run(const std::string& method, std::vector<void*> data,
+                                      std::vector<std::vector<int32_t>> sizes, std::vector<int> dtypes, size_t expect_numel) {
   std::vector<executorch::extension::TensorPtr> tensors;
   std::vector<EValue> inputs;
   for (size_t i = 0; i < data.size(); ++i) {
@@ -124,6 +152,8 @@ std::vector<float> PrgeProgram::run(const std::string& method, std::vector<void*
   return std::vector<float>(p, p + expect_numel);
 }
 
+PrgeProgram::PrgeProgram(const Manifest& m) : m_(m), program_(m.pte_path, m.ptd_path, m.methods) {}
+
 std::vector<float> PrgeProgram::train_step(const std::vector<int64_t>& ids, const std::vector<int64_t>& mask,
                                            const std::vector<int64_t>& labels, int64_t prev_seed, int64_t new_seed,
                                            const std::vector<double>& prev_g, double lr, double eps) {
@@ -132,7 +162,7 @@ std::vector<float> PrgeProgram::train_step(const std::vector<int64_t>& ids, cons
   std::vector<float> g(prev_g.begin(), prev_g.end());
   float lr_f = static_cast<float>(lr), eps_f = static_cast<float>(eps);
   int64_t prev = prev_seed, next = new_seed;
-  return run("train_step",
+  return program_.run("train_step",
              {const_cast<int64_t*>(ids.data()), const_cast<int64_t*>(mask.data()), const_cast<int64_t*>(labels.data()), &prev, &next,
               g.data(), &lr_f, &eps_f},
              {{b, t}, {b, t}, {b}, {1}, {1}, {q}, {1}, {1}},
@@ -143,22 +173,41 @@ void PrgeProgram::apply_update(int64_t prev_seed, const std::vector<double>& pre
   std::vector<float> g(prev_g.begin(), prev_g.end());
   float lr_f = static_cast<float>(lr);
   int64_t prev = prev_seed;
-  run("apply_update", {&prev, g.data(), &lr_f}, {{1}, {m_.num_queries}, {1}}, {kLong, kFloat, kFloat}, size_t(m_.adapter_numel));
+  program_.run("apply_update", {&prev, g.data(), &lr_f}, {{1}, {m_.num_queries}, {1}}, {kLong, kFloat, kFloat}, size_t(m_.adapter_numel));
 }
 
 std::vector<float> PrgeProgram::eval_logits(const std::vector<int64_t>& ids, const std::vector<int64_t>& mask) {
   const int e = m_.eval_batch_size, t = m_.seq_len;
-  return run("eval_logits", {const_cast<int64_t*>(ids.data()), const_cast<int64_t*>(mask.data())}, {{e, t}, {e, t}},
+  return program_.run("eval_logits", {const_cast<int64_t*>(ids.data()), const_cast<int64_t*>(mask.data())}, {{e, t}, {e, t}},
              {kLong, kLong}, size_t(e) * m_.num_labels);
 }
 
-std::vector<float> PrgeProgram::get_adapter() { return run("get_adapter", {}, {}, {}, size_t(m_.adapter_numel)); }
+std::vector<float> PrgeProgram::get_adapter() { return program_.run("get_adapter", {}, {}, {}, size_t(m_.adapter_numel)); }
 
 void PrgeProgram::set_adapter(const std::vector<float>& flat) {
-  if (static_cast<long long>(flat.size()) != m_.adapter_numel)
-    throw std::runtime_error("adapter has " + std::to_string(flat.size()) + " values, this program's has " + std::to_string(m_.adapter_numel));
-  std::vector<float> copy = flat;
-  run("set_adapter", {copy.data()}, {{static_cast<int32_t>(m_.adapter_numel)}}, {kFloat}, size_t(m_.adapter_numel));
+  set_flat_adapter(program_, flat, m_.adapter_numel);
 }
+
+GenerationProgram::GenerationProgram(const GenerationManifest& m) : m_(m), program_(m.pte_path, m.ptd_path, m.methods) {}
+
+std::vector<float> GenerationProgram::prefill(const std::vector<int64_t>& prompt) {
+  if (prompt.empty() || static_cast<int>(prompt.size()) > m_.seq_len)
+    throw std::runtime_error("a prompt of " + std::to_string(prompt.size()) + " tokens; this program prefills 1 to " +
+                             std::to_string(m_.seq_len));
+  // Right-padded: the pad tokens' cache entries sit past the prompt, where decode overwrites them.
+  std::vector<int64_t> ids(m_.seq_len, m_.pad_token_id);
+  std::copy(prompt.begin(), prompt.end(), ids.begin());
+  int64_t length = static_cast<int64_t>(prompt.size());
+  return program_.run("prefill", {ids.data(), &length}, {{1, m_.seq_len}, {1}}, {kLong, kLong}, size_t(m_.vocab_size));
+}
+
+std::vector<float> GenerationProgram::decode(int64_t token, int64_t position) {
+  if (position < 0 || position >= m_.cache_len)
+    throw std::runtime_error("position " + std::to_string(position) + " is outside the " + std::to_string(m_.cache_len) +
+                             "-position cache");
+  return program_.run("decode", {&token, &position}, {{1, 1}, {1}}, {kLong, kLong}, size_t(m_.vocab_size));
+}
+
+void GenerationProgram::set_adapter(const std::vector<float>& flat) { set_flat_adapter(program_, flat, m_.adapter_numel); }
 
 }  // namespace prge

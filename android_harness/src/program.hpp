@@ -1,9 +1,11 @@
-// The exported P-RGE program through the ExecuTorch C++ Module API: the same methods the Python
-// driver calls (runtime_driver/engines.py ExecuTorchPRGE), checked against the program contract
+// Exported programs through the ExecuTorch C++ Module API: the training methods the Python driver
+// calls (runtime_driver/engines.py ExecuTorchPRGE) and a generation program's prefill/decode
+// (runtime_driver/generate.py CachedGenerator), checked against the program contract
 // (contract.hpp) and called with the inputs it defines.
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -16,12 +18,30 @@ class Module;
 
 namespace prge {
 
+// A program loaded through the ExecuTorch C++ Module API, every listed method loaded up front
+// (with shared memory arenas: the methods share mutable buffers) and checked against its
+// contract shapes. Both drivers call their methods through it.
+class LoadedProgram {
+ public:
+  static constexpr int kLong = 0, kFloat = 1;  // input dtypes of run()
+
+  LoadedProgram(const std::string& pte_path, const std::string& ptd_path, const std::map<std::string, MethodShapes>& methods);
+  ~LoadedProgram();
+
+  // Runs a method on blobs of the given sizes and dtypes; returns its float32 output (a copy).
+  std::vector<float> run(const std::string& method, std::vector<void*> data, std::vector<std::vector<int32_t>> sizes,
+                         std::vector<int> dtypes, size_t expect_numel);
+
+ private:
+  std::string pte_path_;
+  std::unique_ptr<executorch::extension::module::Module> module_;
+  void check_signature(const std::string& method, const MethodShapes& expected);
+};
+
 class PrgeProgram {
  public:
-  // Loads the program (+ .ptd) with shared memory arenas and every method up front (they share
-  // the adapter buffers), then checks the methods' shapes against the manifest.
+  // Loads the training program (+ .ptd) and checks the methods' shapes against the manifest.
   explicit PrgeProgram(const Manifest& manifest);
-  ~PrgeProgram();
 
   // ids/mask [batch, seq_len], labels [batch]; returns the 2q losses (+ copies first).
   std::vector<float> train_step(const std::vector<int64_t>& ids, const std::vector<int64_t>& mask,
@@ -35,13 +55,29 @@ class PrgeProgram {
 
  private:
   const Manifest& m_;
-  std::unique_ptr<executorch::extension::module::Module> module_;
-  std::vector<float> run(const std::string& method, std::vector<void*> data,
-                         std::vector<std::vector<int32_t>> sizes, std::vector<int> dtypes, size_t expect_numel);
-  void check_signature(const std::string& method, const MethodShapes& expected);
+  LoadedProgram program_;
+};
+
+// A generation program (`prge export --generate`): the KV cache lives inside the program, so a
+// generation is one prefill, then one decode per new token (runtime_driver/generate.py).
+class GenerationProgram {
+ public:
+  explicit GenerationProgram(const GenerationManifest& manifest);
+
+  // The prompt (1..seq_len tokens) from position 0; the next token's logits [vocab].
+  std::vector<float> prefill(const std::vector<int64_t>& prompt);
+  // One token at an absolute position; the next token's logits [vocab].
+  std::vector<float> decode(int64_t token, int64_t position);
+  void set_adapter(const std::vector<float>& flat);
+
+ private:
+  const GenerationManifest& m_;
+  LoadedProgram program_;
 };
 
 // The size of ExecuTorch's CPU thread pool (the Python driver's --threads does the same).
 void set_runtime_threads(unsigned threads);
+// Route the runtime's log lines to stderr, its Info and Debug lines only if show_info (--verbose).
+void filter_runtime_logs(bool show_info);
 
 }  // namespace prge

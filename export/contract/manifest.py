@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from export.contract.methods import CONTRACT_VERSION, ExportShapes, ProgramShapes, signatures_json
+from export.contract.methods import CONTRACT_VERSION, GENERATION_METHODS, ExportShapes, ProgramShapes, signatures_json
 from models.files import sha256_file, write_json_atomic
 from models.tasks.spec import TaskSpec
 from prge.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, Estimator
@@ -17,11 +17,16 @@ from prge.step import COMPLETION, LOSS_KINDS, AdapterSlot
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 2
+# What a program is for: training (the default, and every program before generation ones) or
+# generation (`prge export --generate`: prefill and decode over a KV cache, no noise, no step).
+TRAINING, GENERATION = "training", "generation"
 # Keys a driver relies on; a manifest missing any of them is rejected.
 REQUIRED_KEYS = (
     "manifest_version", "contract", "program", "methods", "shapes", "num_queries", "adapter", "task",
     "tokenizer", "prng_version", "model", "versions", "defaults",
 )
+GENERATION_KEYS = ("manifest_version", "kind", "contract", "program", "methods", "shapes", "adapter", "task",
+                   "tokenizer", "model", "versions")
 # Packages whose versions change what a program computes or how it was made.
 VERSIONED_PACKAGES = ("torch", "executorch", "torchao", "transformers", "peft")
 
@@ -146,6 +151,52 @@ def build_manifest(
     }
 
 
+def build_generation_manifest(
+    *,
+    pte: Path,
+    ptd: Path | None,
+    seq_len: int,
+    cache_len: int,
+    vocab_size: int,
+    adapter: dict[str, Any],
+    slots: tuple[AdapterSlot, ...],
+    task: TaskSpec,
+    tokenizer_file: Path | None,
+    pad_token_id: int,
+    eos_token_ids: list[int],
+    model: dict[str, Any],
+    delegation: dict[str, Any],
+    export_seconds: dict[str, float],
+) -> dict[str, Any]:
+    """The manifest of a generation program: seq_len is the prefill window, cache_len the most
+    positions (prompt plus new tokens) one generation can fill. The task gives the prompt
+    template the adapter was trained with; eos_token_ids end a generation."""
+    numel = sum(s.numel for s in slots)
+    methods = GENERATION_METHODS
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "kind": GENERATION,
+        "contract": signatures_json(methods, ProgramShapes.for_generation(seq_len, numel, vocab_size)),
+        "program": {"pte": file_entry(pte), "ptd": file_entry(ptd) if ptd else None},
+        "methods": list(methods),
+        "shapes": {"seq_len": seq_len, "cache_len": cache_len, "vocab_size": vocab_size},
+        "adapter": {**adapter, "numel": numel, "slots": slots_to_json(slots)},
+        "task": {"template": task.template, "loss": task.loss, "chat_template": task.chat_template},
+        "tokenizer": {"file": tokenizer_file.name if tokenizer_file else None,
+                      "sha256": sha256_file(tokenizer_file) if tokenizer_file else None,
+                      "pad_token_id": pad_token_id, "eos_token_ids": eos_token_ids},
+        "model": model,
+        "versions": package_versions(),
+        "code_version": program_code_version(),
+        "delegation": delegation,
+        "export_seconds": export_seconds,
+    }
+
+
+def program_kind(manifest: dict[str, Any]) -> str:
+    return manifest.get("kind", TRAINING)
+
+
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
     return write_json_atomic(out_dir / MANIFEST_FILE, manifest)
 
@@ -153,6 +204,8 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
 def program_shapes(manifest: dict[str, Any]) -> ProgramShapes:
     """The named dimensions of a (checked) manifest's program."""
     shapes = manifest["shapes"]
+    if program_kind(manifest) == GENERATION:
+        return ProgramShapes.for_generation(shapes["seq_len"], manifest["adapter"]["numel"], shapes["vocab_size"])
     # vocab_size: absent from manifests of before completion tasks, whose methods never read it.
     return ProgramShapes(shapes["batch_size"], shapes["seq_len"], shapes["eval_batch_size"], manifest["num_queries"],
                          manifest["adapter"]["numel"], len(manifest["task"]["label_token_ids"]),
@@ -160,9 +213,11 @@ def program_shapes(manifest: dict[str, Any]) -> ProgramShapes:
 
 
 def task_spec(manifest: dict[str, Any]) -> TaskSpec:
-    """The task exactly as the program was exported for (template, label words, loss)."""
+    """The task exactly as the program was exported for (template, label words, loss; a
+    generation program keeps the template only)."""
     t = manifest["task"]
-    return TaskSpec(t["template"], dict(zip(t["labels"], t["label_words"])), t["loss"], t.get("chat_template", False))
+    labels = dict(zip(t["labels"], t["label_words"])) if "labels" in t else {}
+    return TaskSpec(t["template"], labels, t["loss"], t.get("chat_template", False))
 
 
 def program_estimator(manifest: dict[str, Any]) -> Estimator:
@@ -181,7 +236,9 @@ def read_manifest(program_dir: str | Path) -> dict[str, Any]:
         raise ManifestError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise ManifestError(f"{path}: expected a JSON object")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if manifest.get("kind", TRAINING) not in (TRAINING, GENERATION):
+        raise ManifestError(f"{path}: kind {manifest['kind']!r}: expected {TRAINING!r} or {GENERATION!r}")
+    missing = [k for k in (GENERATION_KEYS if program_kind(manifest) == GENERATION else REQUIRED_KEYS) if k not in manifest]
     if missing:
         raise ManifestError(f"{path}: missing keys {', '.join(missing)}")
     if manifest["manifest_version"] != MANIFEST_VERSION:
@@ -225,11 +282,18 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
         raise fail("methods", "expected a list of method names")
     if not isinstance(m["shapes"], dict):
         raise fail("shapes", "expected an object")
-    for key in ("batch_size", "seq_len", "eval_batch_size"):
-        positive_int(m["shapes"].get(key), f"shapes.{key}")
-    if m["shapes"].get("micro_batch") is not None:  # absent or null: one pass over all rows
-        positive_int(m["shapes"]["micro_batch"], "shapes.micro_batch")
-    positive_int(m["num_queries"], "num_queries")
+    training = program_kind(m) == TRAINING
+    if training:
+        for key in ("batch_size", "seq_len", "eval_batch_size"):
+            positive_int(m["shapes"].get(key), f"shapes.{key}")
+        if m["shapes"].get("micro_batch") is not None:  # absent or null: one pass over all rows
+            positive_int(m["shapes"]["micro_batch"], "shapes.micro_batch")
+        positive_int(m["num_queries"], "num_queries")
+    else:
+        for key in ("seq_len", "cache_len", "vocab_size"):
+            positive_int(m["shapes"].get(key), f"shapes.{key}")
+        if m["shapes"]["cache_len"] <= m["shapes"]["seq_len"]:
+            raise fail("shapes.cache_len", "must exceed seq_len (the prefill window), or no token can follow the prompt")
     adapter = m["adapter"]
     if not isinstance(adapter, dict):
         raise fail("adapter", "expected an object")
@@ -253,6 +317,40 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
         raise fail("task", "expected an object")
     if not isinstance(task.get("template"), str) or task.get("loss") not in LOSS_KINDS:
         raise fail("task", f"needs a template string and a loss ({', '.join(LOSS_KINDS)})")
+    if not isinstance(task.get("chat_template", False), bool):
+        raise fail("task", "chat_template must be true or false")
+    if not isinstance(m["tokenizer"], dict):
+        raise fail("tokenizer", "expected an object")
+    if m["tokenizer"].get("file") is not None:  # None: a model without tokenizer.json (files copied as is)
+        check_file_entry(m["tokenizer"], "tokenizer")
+    if not isinstance(m["model"], dict) or not isinstance(m["model"].get("path"), str):
+        raise fail("model", "expected an object with the model's path")
+    if not isinstance(m["versions"], dict):
+        raise fail("versions", "expected an object")
+    if training:
+        _check_training_fields(m, fail, positive_int)
+    else:
+        eos = m["tokenizer"].get("eos_token_ids")
+        if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+            raise fail("tokenizer.eos_token_ids", "expected a list of token ids")
+    contract = m["contract"]
+    if not isinstance(contract, dict) or contract.get("version") != CONTRACT_VERSION:
+        got = contract.get("version") if isinstance(contract, dict) else contract
+        raise fail("contract", f"version {got!r}: this prge drives programs of contract {CONTRACT_VERSION}; re-export the program")
+    if not training and m["methods"] != list(GENERATION_METHODS):
+        raise fail("methods", f"a generation program has the methods {', '.join(GENERATION_METHODS)}")
+    try:
+        expected = signatures_json(m["methods"], program_shapes(m))
+    except KeyError as e:
+        raise fail("methods", f"unknown method {e}") from None
+    if contract != expected:
+        raise fail("contract", "the methods' inputs and outputs differ from what the manifest's shapes and this "
+                               "prge's program contract imply")
+
+
+def _check_training_fields(m: dict[str, Any], fail, positive_int) -> None:
+    """The fields only a training program has: label words, completion shapes, the estimator."""
+    task = m["task"]
     labels, words, ids = task.get("labels"), task.get("label_words"), task.get("label_token_ids")
     classes = 0 if task["loss"] == COMPLETION else 2  # a completion task has no label words
     if not (isinstance(labels, list) and isinstance(words, list) and isinstance(ids, list)
@@ -263,12 +361,6 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
     if task["loss"] == COMPLETION:
         positive_int(m["shapes"].get("completion_len"), "shapes.completion_len")
         positive_int(m["shapes"].get("vocab_size"), "shapes.vocab_size")
-    if not isinstance(task.get("chat_template", False), bool):
-        raise fail("task", "chat_template must be true or false")
-    if not isinstance(m["tokenizer"], dict):
-        raise fail("tokenizer", "expected an object")
-    if m["tokenizer"].get("file") is not None:  # None: a model without tokenizer.json (files copied as is)
-        check_file_entry(m["tokenizer"], "tokenizer")
     estimator = m.get("estimator", {"name": DEFAULT_ESTIMATOR})
     if not isinstance(estimator, dict) or ESTIMATORS.get(estimator.get("name")) is None:
         raise fail("estimator", f"{estimator!r}: expected an object naming one of {', '.join(ESTIMATORS)}")
@@ -278,21 +370,6 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
     if m["prng_version"] != known.prng_version:
         raise fail("prng_version", f"{m['prng_version']!r}: exported with another noise generator than this prge's "
                                    f"{known.prng_version!r} ({known.noise} noise); re-export the program")
-    if not isinstance(m["model"], dict) or not isinstance(m["model"].get("path"), str):
-        raise fail("model", "expected an object with the model's path")
-    if not isinstance(m["versions"], dict):
-        raise fail("versions", "expected an object")
-    contract = m["contract"]
-    if not isinstance(contract, dict) or contract.get("version") != CONTRACT_VERSION:
-        got = contract.get("version") if isinstance(contract, dict) else contract
-        raise fail("contract", f"version {got!r}: this prge drives programs of contract {CONTRACT_VERSION}; re-export the program")
-    try:
-        expected = signatures_json(m["methods"], program_shapes(m))
-    except KeyError as e:
-        raise fail("methods", f"unknown method {e}") from None
-    if contract != expected:
-        raise fail("contract", "the methods' inputs and outputs differ from what the manifest's shapes and this "
-                               "prge's program contract imply")
 
 
 def verify_program_files(program_dir: Path, manifest: dict[str, Any]) -> None:

@@ -15,6 +15,8 @@ A program is for a classification task (label words: labels are class indices [b
 eval_logits scores the label words) or for a completion task (labels are per-position targets
 [batch, seq_len], prge/step.py; eval_losses and next_token_logits replace eval_logits).
 inputs_of and training_methods give a method's inputs and a program's methods for its loss.
+A generation program (GENERATION_METHODS) decodes one row with a KV cache; its seq_len is the
+prefill window.
 """
 from __future__ import annotations
 
@@ -64,6 +66,10 @@ INPUTS: dict[str, tuple[Arg, ...]] = {
     # Completion programs: held-out loss per row, and the next token's logits for greedy decoding.
     "eval_losses": (*_tokens("eval"), Arg("labels", "int64", ("eval_batch", "seq_len"))),
     "next_token_logits": _tokens("eval"),
+    # Generation programs (one row, a KV cache inside the program): the prompt right-padded to
+    # seq_len and its true length, then one token at a time at its absolute position.
+    "prefill": (Arg("input_ids", "int64", (1, "seq_len")), Arg("length", "int64", (1,))),
+    "decode": (Arg("token", "int64", (1, 1)), Arg("position", "int64", (1,))),
 }
 OUTPUTS: dict[str, Arg] = {
     "train_step": Arg("losses", "float32", ("2q",)),  # + copies first, then - copies
@@ -74,13 +80,18 @@ OUTPUTS: dict[str, Arg] = {
     "perturbed_loss": Arg("loss", "float32", (1,)),
     "eval_losses": Arg("losses", "float32", ("eval_batch",)),
     "next_token_logits": Arg("logits", "float32", ("eval_batch", "vocab")),
+    "prefill": Arg("logits", "float32", (1, "vocab")),  # at the prompt's last token
+    "decode": Arg("logits", "float32", (1, "vocab")),
 }
 # What a training driver calls; all of them share one adapter state inside the program.
 TRAINING_METHODS = ("train_step", "apply_update", "eval_logits", "get_adapter", "set_adapter")
 COMPLETION_TRAINING_METHODS = ("train_step", "apply_update", "eval_losses", "next_token_logits", "get_adapter", "set_adapter")
+# A generation program (`prge export --generate`): what a decoding loop calls.
+GENERATION_METHODS = ("prefill", "decode", "get_adapter", "set_adapter")
 # Exported only on request.
 OPTIONAL_METHODS = ("perturbed_loss",)
-KNOWN_METHODS = tuple(dict.fromkeys(TRAINING_METHODS + COMPLETION_TRAINING_METHODS + OPTIONAL_METHODS))
+KNOWN_METHODS = tuple(dict.fromkeys(TRAINING_METHODS + COMPLETION_TRAINING_METHODS + OPTIONAL_METHODS
+                                    + GENERATION_METHODS))
 
 
 def training_methods(loss: str) -> tuple[str, ...]:
@@ -123,6 +134,11 @@ class ProgramShapes:
         return cls(shapes.batch_size, shapes.seq_len, shapes.eval_batch_size, num_queries, adapter_numel, num_labels,
                    vocab, loss)
 
+    @classmethod
+    def for_generation(cls, seq_len: int, adapter_numel: int, vocab: int) -> "ProgramShapes":
+        """A generation program's: one row, seq_len the prefill window, no queries or labels."""
+        return cls(1, seq_len, 1, 0, adapter_numel, 0, vocab, "lm")
+
     def size(self, dim: str | int) -> int:
         if isinstance(dim, int):
             return dim
@@ -138,7 +154,7 @@ def example_inputs(method: str, shapes: ProgramShapes) -> tuple[Tensor, ...]:
     """Tensors of the method's inputs for tracing: masks all ones, everything else zeros. Every
     input is its own tensor object (one object passed twice, say lr and eps, makes export treat
     the two as one aliased input, silently)."""
-    make = {"attention_mask": torch.ones}
+    make = {"attention_mask": torch.ones, "length": torch.ones}  # a prompt has at least one token
     return tuple(make.get(a.name, torch.zeros)(*shapes.resolve(a), dtype=DTYPES[a.dtype])
                  for a in inputs_of(method, shapes.loss))
 

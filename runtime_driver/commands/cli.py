@@ -15,6 +15,7 @@ from models import console  # noqa: E402
 console.configure(verbose="--verbose" in sys.argv[1:])
 
 from models.adapters import DEFAULT_ALPHA, DEFAULT_RANK  # noqa: E402
+from models.cached_decoder import DEFAULT_CACHE_LEN  # noqa: E402
 from models.causal_lm import DEFAULT_COMPLETION_LEN, AdapterConfig  # noqa: E402
 from models.quantize import DEFAULT_GROUP_SIZE, SCHEMES  # noqa: E402
 from models.sources.packaged import DEFAULT_MODEL_NAME, MODEL_NAMES  # noqa: E402
@@ -221,20 +222,31 @@ def cmd_export(args) -> None:
     from pathlib import Path
 
     from export.contract.methods import ExportShapes
-    from export.pipeline import delegation_table, export_model
+    from export.pipeline import export_generation_program, export_model
     from models.sources.packaged import resolve_model_dir
     from models.tasks.folder import load_folder_spec, resolve_data_dir
 
     model_dir = resolve_model_dir(args.model)
     task = load_folder_spec(resolve_data_dir(args.data), args.loss)
+    if args.generate:
+        manifest = export_generation_program(model_dir, task, _adapter_config(args), args.seq_len, args.cache_len,
+                                             Path(args.out), args.external_weights, rewrites=not args.no_rewrites)
+        _print_export(args.out, manifest)
+        return
     shapes = ExportShapes(args.batch, args.seq_len, args.eval_batch or 2 * args.q * args.batch)
     manifest = export_model(model_dir, task, _adapter_config(args), shapes, Path(args.out), args.external_weights,
                             defaults={"lr": args.lr, "eps": args.eps if args.eps is not None else default_eps(args.quantize)},
                             rewrites=not args.no_rewrites)
+    _print_export(args.out, manifest)
+
+
+def _print_export(out: str, manifest: dict) -> None:
+    from export.pipeline import delegation_table
+
     print(delegation_table(manifest))
     files = manifest["program"]
     size = files["pte"]["bytes"] + (files["ptd"]["bytes"] if files["ptd"] else 0)
-    print(f"Wrote {args.out}/ ({size / 1e6:.1f} MB program) in {manifest['export_seconds']['total_s']:.0f} s")
+    print(f"Wrote {out}/ ({size / 1e6:.1f} MB program) in {manifest['export_seconds']['total_s']:.0f} s")
 
 
 def cmd_compare(args) -> None:
@@ -273,12 +285,26 @@ def cmd_demo(args) -> None:
 def cmd_generate(args) -> None:
     from runtime_driver.generate import generate
 
-    result = generate(args.program, args.prompt, args.adapter, args.max_new_tokens,
-                      on_text=lambda text: print(text, end="", flush=True))
+    stream = (lambda _: None) if args.json else (lambda text: print(text, end="", flush=True))
+    result = generate(args.program, args.prompt, args.adapter, args.max_new_tokens, on_text=stream, native=args.native,
+                      reps=args.reps, compare_hf=args.compare_hf)
+    if args.json:
+        _print(result)
+        return
     print()
-    cut = f", the prompt's first {result['prompt_cut_tokens']} tokens cut to fit" if result["prompt_cut_tokens"] else ""
-    console.say(f"{len(result['tokens'])} tokens in {result['seconds']:.2f} s ({result['tokens_per_s'] or 0:.1f} tokens/s, "
-                f"no KV cache{cut})")
+    cut = f"; the prompt's first {result['prompt_cut_tokens']} tokens cut to fit" if result["prompt_cut_tokens"] else ""
+    speed = f"{result['decode_tokens_per_s']:.1f} tokens/s" if result["decode_tokens_per_s"] else "speed n/a"
+    runner = "native runner" if args.native else "Python runtime"
+    median = f", medians of {args.reps} generations" if args.reps > 1 else ""
+    if result["kv_cache"]:
+        console.say(f"{len(result['tokens'])} tokens ({runner}{median}): prefill {result['prompt_tokens']} prompt tokens "
+                    f"in {result['prefill_s'] * 1e3:.0f} ms, decode {speed}{cut}")
+    else:
+        console.say(f"{len(result['tokens'])} tokens in {result['decode_s']:.2f} s ({speed}, no KV cache: "
+                    f"export a generation program with `prge export --generate` for speed{cut})")
+    if args.compare_hf:
+        console.say(f"Hugging Face generate on the merged adapter: {'the same' if result['equals_hugging_face'] else 'OTHER'} "
+                    f"tokens ({len(result['hugging_face_tokens'])} tokens)")
 
 
 def cmd_eval(args) -> None:
@@ -385,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="default lr recorded in the manifest")
     p.add_argument("--eps", type=float, help=f"default eps recorded in the manifest (default {TrainConfig.eps:g}, "
                                               f"{QUANTIZED_EPS:g} with --quantize)")
+    p.add_argument("--generate", action="store_true",
+                   help="export a generation program instead (prefill + decode with a KV cache, for `prge generate`): "
+                        "--seq-len is then the longest prompt, --model/--data/--rank/--alpha/--targets/--quantize as "
+                        "for the training program whose adapter it will run")
+    p.add_argument("--cache-len", type=int, default=DEFAULT_CACHE_LEN,
+                   help=f"--generate: most positions, prompt plus new tokens (default {DEFAULT_CACHE_LEN})")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_export)
 
@@ -452,12 +484,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_completion_len_arg(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", parents=[common], help="greedy text from a completion program and a trained adapter, "
+    p = sub.add_parser("generate", parents=[common], help="greedy text from a generation program and a trained adapter, "
                                                           "through the ExecuTorch runtime, streamed")
-    p.add_argument("--program", required=True, help="export folder of a completion task (from `prge export`)")
+    p.add_argument("--program", required=True, help="a generation program (`prge export --generate`), or a completion "
+                                                     "task's training program (slower: no KV cache)")
     p.add_argument("--adapter", help="a PEFT adapter folder written by prge, e.g. RUN/adapter (default: none, B = 0)")
     p.add_argument("--prompt", required=True, help="the text the task's template wraps, as a training row's prompt")
-    p.add_argument("--max-new-tokens", type=int, help="stop after this many tokens (default: the program's completion-len)")
+    p.add_argument("--max-new-tokens", type=int, help="stop after this many tokens (default: 64 for a generation program, "
+                                                                  "a training program's completion-len)")
+    p.add_argument("--native", metavar="BINARY", help="decode with the native runner (build/native/prge-native-generate "
+                                                       "from `make native`) instead of the Python runtime")
+    p.add_argument("--reps", type=int, default=1, help="generate this many times, report median timings (default 1)")
+    p.add_argument("--compare-hf", action="store_true",
+                   help="also run Hugging Face's generate on the base model with the adapter merged (PyTorch, from the "
+                        "manifest's model folder) and say whether its greedy tokens are the same")
+    p.add_argument("--json", action="store_true", help="print the result (tokens, text, timings) as JSON instead")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export-data", parents=[common], help="pre-tokenized data file for the native driver (android_harness/)")

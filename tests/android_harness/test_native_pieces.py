@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from export.contract.manifest import MANIFEST_VERSION
-from export.contract.methods import CONTRACT_VERSION, INPUTS, OUTPUTS, TRAINING_METHODS
+from export.contract.methods import CONTRACT_VERSION, GENERATION_METHODS, INPUTS, OUTPUTS, TRAINING_METHODS
 from native_helpers import ROOT
 from prge.estimators import step_seed
 from prge.schedules import learning_rate
@@ -30,10 +30,10 @@ def _cpp_arg(arg) -> str:
     return f'{{"{arg.name}", "{arg.dtype}", {{{dims}}}}}'
 
 
-def _cpp_table() -> str:
-    """contract.hpp's table as export/contract/methods.py defines it."""
+def _cpp_table(methods: tuple[str, ...]) -> str:
+    """A table of contract.hpp as export/contract/methods.py defines it."""
     lines = []
-    for name in TRAINING_METHODS:
+    for name in methods:
         lines.append(f'      {{"{name}",')
         inputs = INPUTS[name]
         if not inputs:
@@ -46,8 +46,9 @@ def _cpp_table() -> str:
 
 def test_the_native_contract_is_the_python_contract():
     text = CONTRACT_HPP.read_text()
-    table = text.split("static const std::vector<Method> methods = {\n", 1)[1].split("\n  };", 1)[0]
-    assert table == _cpp_table(), f"update the table in {CONTRACT_HPP} to:\n{_cpp_table()}"
+    tables = [part.split("\n  };", 1)[0] for part in text.split("static const std::vector<Method> methods = {\n")[1:]]
+    for table, methods in zip(tables, (TRAINING_METHODS, GENERATION_METHODS), strict=True):
+        assert table == _cpp_table(methods), f"update the table in {CONTRACT_HPP} to:\n{_cpp_table(methods)}"
     assert f"constexpr int kVersion = {CONTRACT_VERSION};" in text
     assert f"constexpr int kManifestVersion = {MANIFEST_VERSION};" in text
 

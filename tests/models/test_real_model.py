@@ -49,3 +49,27 @@ def test_parallel_estimate_equals_sequential_on_the_real_model(real):
         sequential = step.sequential_losses(split.input_ids, split.attention_mask, split.labels, torch.tensor([7]), eps)
     assert torch.allclose(parallel, sequential, atol=2e-5)
     assert (parallel[:2] - parallel[2:]).abs().max() > 1e-4  # the perturbations really change the loss
+
+
+def test_kv_cache_decoding_equals_hugging_face_generate_on_the_real_model(real, randomize_adapter, tmp_path):
+    """The generation program's module (prefill + 31 decode calls against its static cache)
+    gives the 32 greedy tokens of Hugging Face's generate on the model with the adapter merged."""
+    from models.cached_decoder import CachedDecoder, greedy_tokens
+    from models.peft_io import save_peft_adapter
+    from runtime_driver.generate import hugging_face_greedy
+
+    model_dir, _ = real
+    adapter = AdapterConfig(num_queries=1, loss="lm")
+    step = build_step(model_dir, adapter, [])
+    flat = randomize_adapter(step, seed=1, scale=0.02)  # moves the logits without wrecking the model
+    tokenizer = load_tokenizer(model_dir)
+    prompt = tokenizer("Word: lantern\nPronunciation:")["input_ids"]
+    window, new_tokens = 16, 32
+    decoder = CachedDecoder(step, window + new_tokens).eval()
+    ours = greedy_tokens(decoder, prompt, window, new_tokens)
+    step.set_adapter(torch.zeros_like(flat))
+    assert greedy_tokens(decoder, prompt, window, new_tokens) != ours  # the adapter changes the text: the LoRA path is exercised
+
+    peft_dir = save_peft_adapter(tmp_path / "peft", step.slots, flat, rank=adapter.rank, alpha=adapter.alpha,
+                                 a_seed=adapter.a_seed, targets=adapter.targets, base_model=str(model_dir))
+    assert ours == hugging_face_greedy(model_dir, peft_dir, prompt, new_tokens, stop=False)

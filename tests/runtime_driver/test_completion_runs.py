@@ -136,7 +136,7 @@ def test_generate_streams_the_trained_adapters_greedy_tokens(completion_run, tin
 
     assert main(["generate", "--program", str(tiny_completion_program), "--prompt", "the end", "--max-new-tokens", "2"]) == 0
     assert main(["generate", "--program", str(tiny_program("llama")), "--prompt", "the end"]) == 2
-    assert "a label-word program has no next_token_logits" in capsys.readouterr().err
+    assert "a label-word program cannot generate" in capsys.readouterr().err
 
 
 def test_summarize_tables_completion_runs_with_their_own_metrics(completion_run, tmp_path):
