@@ -146,3 +146,28 @@ def test_an_adapter_of_another_rank_is_refused(generation_program, tiny_model_di
                                  targets=["q_proj", "v_proj"], base_model=str(tiny_model_dir("llama")))
     with pytest.raises(ValueError, match="rank"):
         generate(generation_program, "hello", peft_dir)
+
+
+def test_a_quantized_generation_program_decodes_like_its_eager_twin(tiny_model_dir, tiny_completion_data_dir,
+                                                                   randomize_adapter, tmp_path):
+    """--quantize 8da4w (int4 frozen linears, the phone-sized setting): the program's greedy
+    tokens equal the eager quantized decoder's. XNNPACK's int8 kernels do not round like
+    torchao's reference, so the logits agree only to a stated tolerance."""
+    from export.pipeline import export_generation_program
+    from models.tasks.folder import load_folder_spec
+
+    settings = dict(rank=4, quantize="8da4w", group_size=32)
+    export_generation_program(tiny_model_dir("llama"), load_folder_spec(tiny_completion_data_dir), AdapterConfig(**settings),
+                              PREFILL_LEN, CACHE_LEN, tmp_path / "q", progress=lambda _: None)
+    assert read_manifest(tmp_path / "q")["model"]["quantization"]["scheme"] == "8da4w"
+    step = build_step(tiny_model_dir("llama"), AdapterConfig(num_queries=1, loss="lm", **settings), [])
+    flat = randomize_adapter(step, seed=5, scale=0.5)
+    decoder = CachedDecoder(step, CACHE_LEN).eval()
+    program = CachedGenerator(tmp_path / "q")
+    program.set_adapter(flat)
+    ids = torch.zeros(1, PREFILL_LEN, dtype=torch.int64)
+    ids[0, : len(PROMPT)] = torch.tensor(PROMPT)
+    with torch.no_grad():
+        eager_logits = decoder.prefill(ids, torch.tensor([len(PROMPT)]))
+    assert (program.prefill(PROMPT) - eager_logits).abs().max() < 0.05 * eager_logits.abs().max()
+    assert program.greedy(PROMPT, NEW_TOKENS, lambda _: None)["tokens"] == _eager_greedy(decoder, PROMPT, NEW_TOKENS)

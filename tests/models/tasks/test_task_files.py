@@ -2,11 +2,8 @@
 movie-review data set (vader_snippets.py)."""
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from models.tasks.vader_snippets import DEFAULT_SENTIMENT_TASK, prepare_data
 from models.tasks.folder import resolve_data_dir
 from models.tasks.readers import Example, read_examples
 from models.tasks.spec import DataError, TaskSpec, load_task_spec, save_task_spec
+from tests.models.tasks.archives import tar_gz
 
 TASK = DEFAULT_SENTIMENT_TASK
 
@@ -217,30 +215,15 @@ def test_long_texts_are_kept(tmp_path: Path) -> None:
 
 # --- default data pipeline on a synthetic sdist ---------------------------------------------
 
-def _tar_gz(files: dict[str, bytes]) -> bytes:
-    """The same bytes for the same files: gzip's header would otherwise carry the current time,
-    and two sdists built in different seconds would differ in their sha256 (info.json's source)."""
-    tar_bytes = io.BytesIO()
-    with tarfile.open(fileobj=tar_bytes, mode="w") as tar:
-        for name, content in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            tar.addfile(info, io.BytesIO(content))
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
-        gz.write(tar_bytes.getvalue())
-    return buf.getvalue()
-
-
 def fake_sdist(path: Path, ground_truth: bytes | None, file: str = "movieReviewSnippets_GroundTruth.txt") -> Path:
     """A tar.gz shaped like the vaderSentiment sdist, with our own ground-truth file."""
     inner_files = {"hutto_ICWSM_2014/_README_.txt": b"readme"}
     if ground_truth is not None:
         inner_files[f"hutto_ICWSM_2014/{file}"] = ground_truth
-    path.write_bytes(_tar_gz({
+    path.write_bytes(tar_gz({
         "vaderSentiment-3.3.2/setup.py": b"",
         "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz":
-            _tar_gz(inner_files)}))
+            tar_gz(inner_files)}))
     return path
 
 
@@ -349,7 +332,7 @@ def test_prepare_bad_archive(tmp_path: Path) -> None:
         prepare(tmp_path, sdist=bad)
     with pytest.raises(DataError, match="file not found"):
         prepare(tmp_path, sdist=tmp_path / "missing.tar.gz")
-    wrong = write(tmp_path, "wrong.tar.gz", _tar_gz({"x/setup.py": b""}))
+    wrong = write(tmp_path, "wrong.tar.gz", tar_gz({"x/setup.py": b""}))
     with pytest.raises(DataError, match="hutto_ICWSM_2014.tar.gz"):
         prepare(tmp_path, sdist=wrong)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
