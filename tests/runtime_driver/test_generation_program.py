@@ -171,3 +171,20 @@ def test_a_quantized_generation_program_decodes_like_its_eager_twin(tiny_model_d
         eager_logits = decoder.prefill(ids, torch.tensor([len(PROMPT)]))
     assert (program.prefill(PROMPT) - eager_logits).abs().max() < 0.05 * eager_logits.abs().max()
     assert program.greedy(PROMPT, NEW_TOKENS, lambda _: None)["tokens"] == _eager_greedy(decoder, PROMPT, NEW_TOKENS)
+
+
+def test_a_sliding_window_familys_generation_program_decodes_like_eager(tiny_model_dir, tiny_completion_data_dir,
+                                                                       randomize_adapter, tmp_path):
+    """Gemma 3's sliding-window layers (window 4 in the tiny config) keep every position in the
+    program's cache and rely on the mask; 25 tokens past a 9-token prompt go well beyond the window."""
+    from export.pipeline import export_generation_program
+    from models.tasks.folder import load_folder_spec
+
+    model_dir = tiny_model_dir("gemma3_text")
+    export_generation_program(model_dir, load_folder_spec(tiny_completion_data_dir), AdapterConfig(rank=4), PREFILL_LEN,
+                              CACHE_LEN, tmp_path / "g", progress=lambda _: None)
+    decoder, _, _, flat = _decoder_with_random_adapter(model_dir, randomize_adapter, seed=5)
+    program = CachedGenerator(tmp_path / "g")
+    program.set_adapter(flat)
+    program.stop_ids = set()  # exactly as many tokens as the eager reference
+    assert program.greedy(PROMPT, 25, lambda _: None)["tokens"] == _eager_greedy(decoder, PROMPT, 25)
