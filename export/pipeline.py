@@ -101,8 +101,7 @@ def export_model(
             pad_token_id=tokenizer.pad_token_id, model=_model_entry(model_dir, step, rewrites),
             defaults=defaults or {}, delegation=delegation, estimator=estimator_named(adapter.estimator),
             vocab_size=step.vocab_size, completion_len=step.completion_len,
-            export_seconds={**{k: round(v, 2) for k, v in timings.items()},
-                            "total_s": round(time.perf_counter() - began, 2)},
+            export_seconds=_export_seconds(timings, began),
         )
         write_manifest(tmp, manifest)
     return manifest
@@ -120,6 +119,11 @@ def _model_entry(model_dir: Path, step, rewrites: bool) -> dict[str, Any]:
     return {"path": str(model_dir.resolve()), "id": model_dir.name, "model_type": step.body.backbone.config.model_type,
             "rewrites": rewrites, "rewritten": step.rewrites.as_json(), "quantization": step.quantization,
             "weights_sha256": model_weights_hash(model_dir)}
+
+
+def _export_seconds(timings: dict[str, float], began: float) -> dict[str, float]:
+    """The manifest's export_seconds: each phase, and the whole export since `began`."""
+    return {**{k: round(v, 2) for k, v in timings.items()}, "total_s": round(time.perf_counter() - began, 2)}
 
 
 def _adapter_entry(adapter: AdapterConfig) -> dict[str, Any]:
@@ -179,8 +183,7 @@ def export_generation_program(
             tokenizer_file=tmp / "tokenizer.json" if (tmp / "tokenizer.json").is_file() else None,
             pad_token_id=tokenizer.pad_token_id, eos_token_ids=_eos_token_ids(model_dir, tokenizer),
             model=_model_entry(model_dir, step, rewrites), delegation=delegation,
-            export_seconds={**{k: round(v, 2) for k, v in timings.items()},
-                            "total_s": round(time.perf_counter() - began, 2)},
+            export_seconds=_export_seconds(timings, began),
         )
         write_manifest(tmp, manifest)
     return manifest

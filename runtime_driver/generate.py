@@ -33,21 +33,37 @@ DEFAULT_MAX_NEW_TOKENS = 64  # a generation program's, when not asked (a trainin
 OnToken = Callable[[int], Any]
 
 
-class CachedGenerator:
+class _GenerationProgram:
+    """What a generation program's manifest says a decoding loop needs, whichever runtime runs it."""
+
+    def __init__(self, manifest: dict[str, Any]) -> None:
+        self.manifest = manifest
+        self.seq_len = int(manifest["shapes"]["seq_len"])  # the longest prompt one prefill takes
+        self.cache_len = int(manifest["shapes"]["cache_len"])
+        self.slots = slots_from_json(manifest["adapter"]["slots"])
+        self.rank, self.a_seed = int(manifest["adapter"]["rank"]), int(manifest["adapter"]["a_seed"])
+        self.stop_ids = set(manifest["tokenizer"]["eos_token_ids"])
+        self.pad_id = int(manifest["tokenizer"]["pad_token_id"])
+        self.default_new_tokens = DEFAULT_MAX_NEW_TOKENS
+
+
+def _cached_result(prompt: list[int], tokens: list[int], prefill_s: float, decode_s: float) -> dict[str, Any]:
+    """A KV-cache generation's tokens and speeds: the first token comes from the prefill, each
+    later one from a decode call."""
+    decode_calls = max(len(tokens) - 1, 0)
+    return {"tokens": tokens, "prefill_s": prefill_s, "decode_s": decode_s,
+            "prefill_tokens_per_s": len(prompt) / prefill_s if prefill_s > 0 else None,
+            "decode_tokens_per_s": decode_calls / decode_s if decode_calls and decode_s > 0 else None}
+
+
+class CachedGenerator(_GenerationProgram):
     """A generation program: prefill(prompt right-padded to seq_len, its length) then
     decode(token, position) per new token; the KV cache lives in the program."""
 
     def __init__(self, program_dir: str | Path) -> None:
         self.program = ExecuTorchProgram(program_dir)
-        m = self.manifest = self.program.manifest
+        super().__init__(self.program.manifest)
         self.program_dir = self.program.program_dir
-        self.seq_len = int(m["shapes"]["seq_len"])  # the longest prompt one prefill takes
-        self.cache_len = int(m["shapes"]["cache_len"])
-        self.slots = slots_from_json(m["adapter"]["slots"])
-        self.rank, self.a_seed = int(m["adapter"]["rank"]), int(m["adapter"]["a_seed"])
-        self.stop_ids = set(m["tokenizer"]["eos_token_ids"])
-        self.pad_id = int(m["tokenizer"]["pad_token_id"])
-        self.default_new_tokens = DEFAULT_MAX_NEW_TOKENS
         self.set_adapter(torch.zeros(sum(s.numel for s in self.slots)))  # the runtime's zeros, made explicit
 
     def set_adapter(self, flat: Tensor) -> None:
@@ -80,14 +96,10 @@ class CachedGenerator:
             on_token(token)
             if len(tokens) < limit:
                 logits = self.decode(token, len(prompt) + len(tokens) - 1)
-        decode_calls = max(len(tokens) - 1, 0)
-        decode_s = time.perf_counter() - began
-        return {"tokens": tokens, "prefill_s": prefill_s, "decode_s": decode_s,
-                "prefill_tokens_per_s": len(prompt) / prefill_s if prefill_s > 0 else None,
-                "decode_tokens_per_s": decode_calls / decode_s if decode_calls and decode_s > 0 else None}
+        return _cached_result(prompt, tokens, prefill_s, time.perf_counter() - began)
 
 
-class NativeGenerator:
+class NativeGenerator(_GenerationProgram):
     """A generation program through the native runner (android_harness/ prge-native-generate):
     token ids in, token ids out, one process per generation; tokens arrive when it ends."""
 
@@ -96,14 +108,10 @@ class NativeGenerator:
         if not self.binary.is_file():
             raise FileNotFoundError(f"{binary}: no native runner (build it with `make native`)")
         self.program_dir = Path(program_dir)
-        m = self.manifest = read_manifest(program_dir)
-        if program_kind(m) != GENERATION:
+        manifest = read_manifest(program_dir)
+        if program_kind(manifest) != GENERATION:
             raise ValueError(f"{program_dir}: the native runner takes a generation program (`prge export --generate`)")
-        self.seq_len = int(m["shapes"]["seq_len"])
-        self.slots = slots_from_json(m["adapter"]["slots"])
-        self.rank, self.a_seed = int(m["adapter"]["rank"]), int(m["adapter"]["a_seed"])
-        self.stop_ids = set(m["tokenizer"]["eos_token_ids"])  # the runner reads them from the manifest too
-        self.default_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        super().__init__(manifest)  # the runner reads the same manifest (stop tokens, windows) itself
         self._adapter: Tensor | None = None
 
     def set_adapter(self, flat: Tensor) -> None:
@@ -126,10 +134,7 @@ class NativeGenerator:
         result = json.loads(done.stdout)
         for token in result["tokens"]:
             on_token(token)
-        decode_calls = max(len(result["tokens"]) - 1, 0)
-        return {"tokens": result["tokens"], "prefill_s": result["prefill_s"], "decode_s": result["decode_s"],
-                "prefill_tokens_per_s": len(prompt) / result["prefill_s"] if result["prefill_s"] > 0 else None,
-                "decode_tokens_per_s": result["decode_tokens_per_s"] if decode_calls else None}
+        return _cached_result(prompt, result["tokens"], result["prefill_s"], result["decode_s"])
 
 
 class WindowGenerator:
