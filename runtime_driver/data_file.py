@@ -10,19 +10,23 @@ Format (all integers little-endian; android_harness/README.md documents it for r
 
   header, 128 bytes:
     0   char[8]  magic "PRGEDATA"
-    8   u32      format version (1)
+    8   u32      format version (2)
     12  u32      seq_len            16  u32  num_labels      20  u32  batch_size
     24  u32      num_train          28  u32  num_validation  32  u32  steps
     36  u32      run_seed
     40  u32      CRC-32 (zlib's) of everything after the header: catches corruption, not just truncation
-    44  u32      reserved (0)
+    44  u32      label_width: labels per row, 1 (a label-word task: the class index) or seq_len
+                 (a completion task: the target token of every position, -100 where not scored)
     48  char[64] sha256 (hex) of the program's .pte
     112 zero padding to 128
   payload, int32 arrays in this order:
-    train_ids [num_train, seq_len], train_mask [num_train, seq_len], train_labels [num_train],
-    val_ids [num_validation, seq_len], val_mask [num_validation, seq_len], val_labels [num_validation],
+    train_ids [num_train, seq_len], train_mask [num_train, seq_len], train_labels [num_train, label_width],
+    val_ids [num_validation, seq_len], val_mask [num_validation, seq_len], val_labels [num_validation, label_width],
     order [steps * batch_size]: the train row of each training position (step t uses
     order[t*b : (t+1)*b]), exactly what batch_indices(num_train, b, t, run_seed) returns.
+
+Version 1 had no label_width (offset 44 was reserved): label words only. A completion task's
+num_labels is 0 (it has no label words).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ import numpy as np
 from models.tasks.batches import TokenizedSplit, batch_indices
 
 MAGIC = b"PRGEDATA"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER_BYTES = 128
 _HEADER = struct.Struct("<8sIIIIIIIIII64s")  # up to the sha256; zero padding follows
 MAX_U32 = (1 << 32) - 1
@@ -47,13 +51,14 @@ class DataFile:
 
     seq_len: int
     num_labels: int
+    label_width: int  # 1: class indices; seq_len: per-position targets (completion)
     batch_size: int
     steps: int
     run_seed: int
     pte_sha256: str
     train_ids: np.ndarray
     train_mask: np.ndarray
-    train_labels: np.ndarray
+    train_labels: np.ndarray  # [num_train] or [num_train, seq_len]
     val_ids: np.ndarray
     val_mask: np.ndarray
     val_labels: np.ndarray
@@ -75,6 +80,7 @@ def _i32(t) -> bytes:
 def encode(train: TokenizedSplit, validation: TokenizedSplit, *, num_labels: int, batch_size: int, steps: int,
            run_seed: int, pte_sha256: str) -> bytes:
     seq_len = int(train.input_ids.shape[1])
+    label_width = 1 if train.labels.dim() == 1 else int(train.labels.shape[1])
     order = training_order(len(train), batch_size, steps, run_seed)
     payload = b"".join(
         _i32(x) for x in (train.input_ids, train.attention_mask, train.labels,
@@ -82,18 +88,21 @@ def encode(train: TokenizedSplit, validation: TokenizedSplit, *, num_labels: int
                           validation.labels, order)
     )
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, seq_len, num_labels, batch_size, len(train), len(validation),
-                          steps, run_seed, zlib.crc32(payload), 0, pte_sha256.encode("ascii"))
+                          steps, run_seed, zlib.crc32(payload), label_width, pte_sha256.encode("ascii"))
     return header.ljust(HEADER_BYTES, b"\0") + payload
 
 
 def decode(blob: bytes) -> DataFile:
     if len(blob) < HEADER_BYTES or blob[:8] != MAGIC:
         raise ValueError("not a prge data file (bad magic or shorter than its header)")
-    (_, version, seq_len, num_labels, b, n_train, n_val, steps, seed, checksum, _, sha) = _HEADER.unpack_from(blob)
+    (_, version, seq_len, num_labels, b, n_train, n_val, steps, seed, checksum, width, sha) = _HEADER.unpack_from(blob)
     if version != FORMAT_VERSION:
-        raise ValueError(f"data file format {version}, this prge reads {FORMAT_VERSION}")
+        raise ValueError(f"data file format {version}, this prge reads {FORMAT_VERSION}; re-run `prge export-data`")
+    if width not in (1, seq_len):
+        raise ValueError(f"label_width {width}: neither 1 nor seq_len {seq_len} (corrupted)")
     arr = np.frombuffer(blob, dtype="<i4", offset=HEADER_BYTES)
-    sizes = [n_train * seq_len, n_train * seq_len, n_train, n_val * seq_len, n_val * seq_len, n_val, steps * b]
+    sizes = [n_train * seq_len, n_train * seq_len, n_train * width, n_val * seq_len, n_val * seq_len, n_val * width,
+             steps * b]
     if arr.size != sum(sizes) or (len(blob) - HEADER_BYTES) % 4:
         raise ValueError("data file is truncated or has trailing bytes")
     if zlib.crc32(blob[HEADER_BYTES:]) != checksum:
@@ -102,6 +111,8 @@ def decode(blob: bytes) -> DataFile:
     for size in sizes:
         parts.append(arr[at:at + size].astype(np.int64))
         at += size
-    return DataFile(seq_len, num_labels, b, steps, seed, sha.decode("ascii"),
-                    parts[0].reshape(n_train, seq_len), parts[1].reshape(n_train, seq_len), parts[2],
-                    parts[3].reshape(n_val, seq_len), parts[4].reshape(n_val, seq_len), parts[5], parts[6])
+    labels_shape = (lambda n: (n,)) if width == 1 else (lambda n: (n, width))
+    return DataFile(seq_len, num_labels, width, b, steps, seed, sha.decode("ascii"),
+                    parts[0].reshape(n_train, seq_len), parts[1].reshape(n_train, seq_len), parts[2].reshape(labels_shape(n_train)),
+                    parts[3].reshape(n_val, seq_len), parts[4].reshape(n_val, seq_len), parts[5].reshape(labels_shape(n_val)),
+                    parts[6])

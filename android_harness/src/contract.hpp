@@ -1,7 +1,8 @@
 // The program contract this driver is built for: the methods it calls, their inputs in order
-// (name, dtype, named dimensions) and outputs, for training programs and for generation
-// programs. The definition is export/contract/methods.py; the tables below must equal it (tests/android_harness/test_native_pieces.py renders it from
-// the Python module and compares). A manifest whose contract differs is refused.
+// (name, dtype, named dimensions) and outputs, for training programs (label-word and completion)
+// and for generation programs. The definition is export/contract/methods.py; the tables below
+// must equal it (tests/android_harness/test_native_pieces.py renders them from the Python module
+// and compares). A manifest whose contract differs is refused.
 #pragma once
 
 #include <string>
@@ -46,6 +47,45 @@ inline const std::vector<Method>& training_methods() {
        {{"input_ids", "int64", {"eval_batch", "seq_len"}},
         {"attention_mask", "int64", {"eval_batch", "seq_len"}}},
        {"logits", "float32", {"eval_batch", "num_labels"}}},
+      {"get_adapter",
+       {},
+       {"adapter", "float32", {"adapter_numel"}}},
+      {"set_adapter",
+       {{"flat", "float32", {"adapter_numel"}}},
+       {"adapter", "float32", {"adapter_numel"}}},
+  };
+  return methods;
+}
+// END TABLE
+
+// BEGIN TABLE (generated from export/contract/methods.py COMPLETION_TRAINING_METHODS, inputs_of(m, COMPLETION))
+// A completion program's: labels are per-position targets, eval_losses replaces eval_logits.
+inline const std::vector<Method>& completion_training_methods() {
+  static const std::vector<Method> methods = {
+      {"train_step",
+       {{"input_ids", "int64", {"batch", "seq_len"}},
+        {"attention_mask", "int64", {"batch", "seq_len"}},
+        {"labels", "int64", {"batch", "seq_len"}},
+        {"prev_seed", "int64", {"1"}},
+        {"new_seed", "int64", {"1"}},
+        {"prev_g", "float32", {"num_queries"}},
+        {"lr", "float32", {"1"}},
+        {"eps", "float32", {"1"}}},
+       {"losses", "float32", {"2q"}}},
+      {"apply_update",
+       {{"prev_seed", "int64", {"1"}},
+        {"prev_g", "float32", {"num_queries"}},
+        {"lr", "float32", {"1"}}},
+       {"adapter", "float32", {"adapter_numel"}}},
+      {"eval_losses",
+       {{"input_ids", "int64", {"eval_batch", "seq_len"}},
+        {"attention_mask", "int64", {"eval_batch", "seq_len"}},
+        {"labels", "int64", {"eval_batch", "seq_len"}}},
+       {"losses", "float32", {"eval_batch"}}},
+      {"next_token_logits",
+       {{"input_ids", "int64", {"eval_batch", "seq_len"}},
+        {"attention_mask", "int64", {"eval_batch", "seq_len"}}},
+       {"logits", "float32", {"eval_batch", "vocab"}}},
       {"get_adapter",
        {},
        {"adapter", "float32", {"adapter_numel"}}},

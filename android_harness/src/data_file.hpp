@@ -13,13 +13,17 @@ namespace prge {
 struct Rows {
   int count = 0;
   int seq_len = 0;
+  int label_width = 1;          // labels per row: 1 (class index) or seq_len (completion targets)
   std::vector<int64_t> ids;     // [count, seq_len]
   std::vector<int64_t> mask;    // [count, seq_len]
-  std::vector<int64_t> labels;  // [count]
+  std::vector<int64_t> labels;  // [count, label_width]
 };
 
+// A completion target not scored (prompt or padding position): prge/step.py IGNORE_TARGET.
+constexpr int64_t kIgnoreTarget = -100;
+
 struct DataFile {
-  int seq_len = 0, num_labels = 0, batch_size = 0, steps = 0;
+  int seq_len = 0, num_labels = 0, label_width = 1, batch_size = 0, steps = 0;
   uint32_t run_seed = 0;
   std::string pte_sha256;
   Rows train, validation;
@@ -27,7 +31,8 @@ struct DataFile {
 };
 
 // Reads and validates the file against the program it will feed (sha256 of the .pte, seq_len,
-// batch size, labels). Throws std::runtime_error naming the file and the problem.
+// batch size, labels: class indices for a label-word program, per-position targets for a
+// completion program). Throws std::runtime_error naming the file and the problem.
 DataFile read_data_file(const std::string& path, const Manifest& manifest);
 
 }  // namespace prge

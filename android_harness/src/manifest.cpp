@@ -145,19 +145,19 @@ Manifest read_manifest(const std::string& program_dir, bool verify_files) {
     std::string kind = check_versions(j);
     if (kind != "training")
       throw JsonError("kind: a " + kind + " program, which trains nothing (run it with prge-native-generate)");
-    // Completion programs (per-position targets, eval_losses) are trained by the Python driver
-    // only: this driver's data file and evaluation are label words.
-    if (j.at("task").at("loss").string("task.loss") == "completion")
-      throw JsonError("task.loss: a completion program; the native driver trains label-word programs only "
-                      "(train it with `prge train --engine executorch`)");
+    // A completion program's labels are per-position targets and eval_losses replaces eval_logits.
+    m.completion = j.at("task").at("loss").string("task.loss") == "completion";
+    const auto& table = m.completion ? contract::completion_training_methods() : contract::training_methods();
     read_program_paths(j, program_dir, m.pte_path, m.ptd_path);
     m.pte_sha256 = j.at("program").at("pte").at("sha256").string("program.pte.sha256");
     std::vector<std::string> methods;
     for (const Json& name : j.at("methods").array("methods")) methods.push_back(name.string("methods[]"));
-    for (const auto& spec : contract::training_methods()) {
+    for (const auto& spec : table) {
       bool found = false;
       for (const auto& have : methods) found = found || have == spec.name;
-      if (!found) throw JsonError("methods: no '" + spec.name + "' (not a training program)");
+      if (!found)
+        throw JsonError("methods: no '" + spec.name + "', which a " + (m.completion ? "completion" : "label-word") +
+                        " training program has");
     }
     const Json& shapes = j.at("shapes");
     m.batch_size = positive_int(shapes.at("batch_size"), "shapes.batch_size");
@@ -165,8 +165,9 @@ Manifest read_manifest(const std::string& program_dir, bool verify_files) {
     m.eval_batch_size = positive_int(shapes.at("eval_batch_size"), "shapes.eval_batch_size");
     m.num_queries = positive_int(j.at("num_queries"), "num_queries");
     m.adapter_numel = positive_int(j.at("adapter").at("numel"), "adapter.numel");
+    m.vocab_size = positive_int(shapes.at("vocab_size"), "shapes.vocab_size");
     m.num_labels = static_cast<int>(j.at("task").at("label_token_ids").array("task.label_token_ids").size());
-    if (m.num_labels < 2) throw JsonError("task.label_token_ids: need at least 2 labels");
+    if (!m.completion && m.num_labels < 2) throw JsonError("task.label_token_ids: need at least 2 labels");
     m.model_path = j.at("model").at("path").string("model.path");
     m.prng_version = j.at("prng_version").string("prng_version");
     if (j.has("estimator")) {
@@ -178,9 +179,13 @@ Manifest read_manifest(const std::string& program_dir, bool verify_files) {
     m.adapter_layout = layout_hash(j.at("adapter").at("slots"), m.adapter_numel);
     const std::map<std::string, int> dims = {
         {"batch", m.batch_size}, {"seq_len", m.seq_len}, {"eval_batch", m.eval_batch_size}, {"num_queries", m.num_queries},
-        {"2q", 2 * m.num_queries}, {"adapter_numel", static_cast<int>(m.adapter_numel)}, {"num_labels", m.num_labels}};
-    for (const auto& spec : contract::training_methods())
-      m.methods[spec.name] = check_method(j.at("contract").at("methods").at(spec.name), spec, dims);
+        {"2q", 2 * m.num_queries}, {"adapter_numel", static_cast<int>(m.adapter_numel)}, {"num_labels", m.num_labels},
+        {"vocab", m.vocab_size}};
+    for (const auto& spec : table) {
+      MethodShapes checked = check_method(j.at("contract").at("methods").at(spec.name), spec, dims);
+      // Checked, not loaded: this driver decodes nothing (its arena would only cost memory).
+      if (spec.name != "next_token_logits") m.methods[spec.name] = checked;
+    }
     const Json& defaults = j.at("defaults");
     if (defaults.has("lr")) m.default_lr = defaults.at("lr").number("defaults.lr");
     if (defaults.has("eps")) m.default_eps = defaults.at("eps").number("defaults.eps");

@@ -29,7 +29,9 @@ struct Manifest {
   int seq_len = 0;
   int eval_batch_size = 0;
   long long adapter_numel = 0;
-  int num_labels = 0;
+  int num_labels = 0;        // label words; 0 for a completion program
+  int vocab_size = 0;
+  bool completion = false;   // task.loss "completion": labels [batch, seq_len] of targets, eval_losses
   std::string model_path;  // recorded in checkpoint fingerprints, as the Python driver does
   double default_lr = 1e-3;  // TrainConfig's defaults unless the export recorded others
   double default_eps = 1e-2;
@@ -41,7 +43,7 @@ struct Manifest {
   std::string noise = "gaussian";
   bool normalize = false;
   std::string adapter_layout;  // export/contract/manifest.py layout_hash: sha256 of the slots as json.dumps writes them, 16 hex
-  std::map<std::string, MethodShapes> methods;  // the training methods, by name
+  std::map<std::string, MethodShapes> methods;  // the training methods this driver calls, by name
 };
 
 // A generation program's manifest (`prge export --generate`): prefill and decode over a KV cache.

@@ -162,10 +162,11 @@ std::vector<float> PrgeProgram::train_step(const std::vector<int64_t>& ids, cons
   std::vector<float> g(prev_g.begin(), prev_g.end());
   float lr_f = static_cast<float>(lr), eps_f = static_cast<float>(eps);
   int64_t prev = prev_seed, next = new_seed;
+  std::vector<int32_t> label_shape = m_.completion ? std::vector<int32_t>{b, t} : std::vector<int32_t>{b};
   return program_.run("train_step",
              {const_cast<int64_t*>(ids.data()), const_cast<int64_t*>(mask.data()), const_cast<int64_t*>(labels.data()), &prev, &next,
               g.data(), &lr_f, &eps_f},
-             {{b, t}, {b, t}, {b}, {1}, {1}, {q}, {1}, {1}},
+             {{b, t}, {b, t}, label_shape, {1}, {1}, {q}, {1}, {1}},
              {kLong, kLong, kLong, kLong, kLong, kFloat, kFloat, kFloat}, size_t(2 * q));
 }
 
@@ -180,6 +181,14 @@ std::vector<float> PrgeProgram::eval_logits(const std::vector<int64_t>& ids, con
   const int e = m_.eval_batch_size, t = m_.seq_len;
   return program_.run("eval_logits", {const_cast<int64_t*>(ids.data()), const_cast<int64_t*>(mask.data())}, {{e, t}, {e, t}},
              {kLong, kLong}, size_t(e) * m_.num_labels);
+}
+
+std::vector<float> PrgeProgram::eval_losses(const std::vector<int64_t>& ids, const std::vector<int64_t>& mask,
+                                            const std::vector<int64_t>& targets) {
+  const int e = m_.eval_batch_size, t = m_.seq_len;
+  return program_.run("eval_losses",
+             {const_cast<int64_t*>(ids.data()), const_cast<int64_t*>(mask.data()), const_cast<int64_t*>(targets.data())},
+             {{e, t}, {e, t}, {e, t}}, {kLong, kLong, kLong}, size_t(e));
 }
 
 std::vector<float> PrgeProgram::get_adapter() { return program_.run("get_adapter", {}, {}, {}, size_t(m_.adapter_numel)); }

@@ -43,13 +43,18 @@ class PrgeProgram {
   // Loads the training program (+ .ptd) and checks the methods' shapes against the manifest.
   explicit PrgeProgram(const Manifest& manifest);
 
-  // ids/mask [batch, seq_len], labels [batch]; returns the 2q losses (+ copies first).
+  // ids/mask [batch, seq_len], labels [batch] (a completion program's: targets [batch, seq_len]);
+  // returns the 2q losses (+ copies first).
   std::vector<float> train_step(const std::vector<int64_t>& ids, const std::vector<int64_t>& mask,
                                 const std::vector<int64_t>& labels, int64_t prev_seed, int64_t new_seed,
                                 const std::vector<double>& prev_g, double lr, double eps);
   void apply_update(int64_t prev_seed, const std::vector<double>& prev_g, double lr);
   // ids/mask [eval_batch, seq_len]; returns label-word logits [eval_batch, num_labels].
   std::vector<float> eval_logits(const std::vector<int64_t>& ids, const std::vector<int64_t>& mask);
+  // A completion program's: ids/mask/targets [eval_batch, seq_len]; the mean loss of each row's
+  // scored targets [eval_batch].
+  std::vector<float> eval_losses(const std::vector<int64_t>& ids, const std::vector<int64_t>& mask,
+                                 const std::vector<int64_t>& targets);
   std::vector<float> get_adapter();
   void set_adapter(const std::vector<float>& flat);
 

@@ -70,22 +70,28 @@ std::string train(PrgeProgram& program, const Manifest& m, const DataFile& data,
   }
   const int start = resumed.step;
   const std::string fingerprint = fingerprint_json(m, opt);
-  StepJudge judge(opt.eps, m.normalize, opt.diverge_factor, m.num_labels, opt.max_bad_steps, resumed.baseline_losses);
+  // A completion task has no guessing floor for the divergence check (ln 1 = 0), as in run.py.
+  StepJudge judge(opt.eps, m.normalize, opt.diverge_factor, m.completion ? 1 : m.num_labels, opt.max_bad_steps,
+                  resumed.baseline_losses);
   PendingUpdate pending(m.num_queries);
   MetricsLog metrics(join(out_dir, "metrics.jsonl"), start);
   const auto started = Clock::now();
-  double last_accuracy = NAN;
+  bool evaluated = false;
+  EvalResult last;
   auto run_eval = [&](int done) {
-    EvalResult r = evaluate(program, m, data.validation);
-    last_accuracy = r.accuracy;
-    metrics.write("{\"type\": \"eval\", \"step\": " + std::to_string(done) + ", \"split\": \"validation\", \"accuracy\": " +
-                  format_double(r.accuracy) + ", \"loss\": " + format_double(r.loss) + "}");
-    if (!opt.quiet) std::fprintf(stderr, "step %d: validation accuracy %.4f loss %.4f\n", done, r.accuracy, r.loss);
+    last = evaluate(program, m, data.validation);
+    evaluated = true;
+    metrics.write("{\"type\": \"eval\", \"step\": " + std::to_string(done) + ", \"split\": \"validation\", " +
+                  last.json_fields() + "}");
+    if (opt.quiet) return;
+    if (last.completion) std::fprintf(stderr, "step %d: validation loss %.4f perplexity %.2f\n", done, last.loss, last.perplexity);
+    else std::fprintf(stderr, "step %d: validation accuracy %.4f loss %.4f\n", done, last.accuracy, last.loss);
   };
   if (start == 0 && opt.eval_every > 0) run_eval(0);  // the zero-shot baseline on the same rows
 
   std::vector<double> step_ms;
-  std::vector<int64_t> ids(size_t(b) * t), mask(size_t(b) * t), labels(static_cast<size_t>(b));
+  const int w = data.label_width;  // labels per row: 1, or a completion's seq_len targets
+  std::vector<int64_t> ids(size_t(b) * t), mask(size_t(b) * t), labels(size_t(b) * w);
   for (int step = start; step < opt.steps; ++step) {
     int64_t seed = step_seed(opt.seed, uint64_t(step));
     double lr = learning_rate(opt.schedule, opt.lr, step, opt.steps);
@@ -93,7 +99,7 @@ std::string train(PrgeProgram& program, const Manifest& m, const DataFile& data,
       int row = data.order[size_t(step) * b + i];
       std::copy_n(data.train.ids.begin() + size_t(row) * t, t, ids.begin() + size_t(i) * t);
       std::copy_n(data.train.mask.begin() + size_t(row) * t, t, mask.begin() + size_t(i) * t);
-      labels[size_t(i)] = data.train.labels[size_t(row)];
+      std::copy_n(data.train.labels.begin() + size_t(row) * w, w, labels.begin() + size_t(i) * w);
     }
     auto began = Clock::now();
     std::vector<float> losses = program.train_step(ids, mask, labels, pending.seed, seed, pending.g, pending.lr, opt.eps);
@@ -127,7 +133,8 @@ std::string train(PrgeProgram& program, const Manifest& m, const DataFile& data,
   const double median = step_ms.empty() ? NAN : lower_median(step_ms);  // torch.median's choice too
   std::string summary = "{\"engine\": \"native\", \"method\": \"prge\", \"steps_run\": " + std::to_string(opt.steps - start) +
                         ", \"bad_steps\": " + std::to_string(judge.bad_total()) + ", \"median_step_ms\": " + format_double(median) +
-                        ", \"last_validation_accuracy\": " + format_double(last_accuracy) +
+                        ", \"last_validation_accuracy\": " + format_double(evaluated && !last.completion ? last.accuracy : NAN) +
+                        (evaluated && last.completion ? ", \"last_validation_loss\": " + format_double(last.loss) : "") +
                         ", \"wall_s\": " + format_double(ms_since(started) / 1000.0) + "}";
   write_file_atomic(join(out_dir, "summary.json"), summary + "\n");
   return summary;

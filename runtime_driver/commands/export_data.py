@@ -7,7 +7,6 @@ from export.contract.manifest import read_manifest, verify_program_files
 from models.files import write_file_atomic
 from models.tasks.folder import resolve_data_dir
 from runtime_driver.data_file import MAX_U32, encode
-from prge.step import COMPLETION
 from runtime_driver.run import program_task
 
 
@@ -23,9 +22,6 @@ def export_data(program_dir: str | Path, data_dir: str | Path | None, out: str |
     program_dir = Path(program_dir)
     manifest = read_manifest(program_dir)
     verify_program_files(program_dir, manifest)
-    if manifest["task"]["loss"] == COMPLETION:
-        raise ValueError(f"{program_dir}: a completion program; the native driver's data file holds label-word tasks "
-                         "only (train completion programs with `prge train --engine executorch`)")
     task = program_task(program_dir, manifest, resolve_data_dir(str(data_dir) if data_dir else None))
     seq_len = int(manifest["shapes"]["seq_len"])
     train = task.split("train", seq_len)

@@ -30,3 +30,26 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def deterministic(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("time", "step_ms")}
+
+
+def assert_same_metrics_rows(native_run: Path, python_run: Path) -> list[dict]:
+    """The native run logged the Python run's rows: the same steps, seeds, lr and eps, losses
+    within float32 rounding (1e-6), g within that over eps, and the same validation metrics
+    (accuracy exactly; loss and perplexity to float64 rounding). Returns the native rows."""
+    import pytest
+
+    native, python = metrics(native_run), metrics(python_run)
+    assert [(r["type"], r["step"]) for r in native] == [(r["type"], r["step"]) for r in python]
+    for n, p in zip(native, python):
+        assert set(n) == set(p)
+        if n["type"] == "train":
+            assert (n["seed"], n["lr"], n["eps"]) == (p["seed"], p["lr"], p["eps"])
+            assert max(abs(a - b) for a, b in zip(n["losses"], p["losses"])) <= 1e-6
+            assert n["g"] == pytest.approx(p["g"], abs=1e-6 / EPS)
+        else:
+            assert n.get("accuracy") == p.get("accuracy")
+            assert n["loss"] == pytest.approx(p["loss"], abs=1e-9)
+            if "perplexity" in p:  # a completion task's
+                assert n["perplexity"] == pytest.approx(p["perplexity"], rel=1e-9)
+    return native
+

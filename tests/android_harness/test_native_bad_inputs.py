@@ -79,10 +79,10 @@ CASES = {
         lambda p, d: _edit_manifest(p, lambda m: _set(m, ("contract", "version"), 99)), (), "re-export the program"),
     "manifest without a training method": (
         lambda p, d: _edit_manifest(p, lambda m: _consistent(m, methods=["train_step", "eval_logits"])), ("--no-verify",),
-        "methods: no 'apply_update' (not a training program)"),
-    "a completion program": (
+        "methods: no 'apply_update', which a label-word training program has"),
+    "a label-word program's manifest saying completion": (
         lambda p, d: _edit_manifest(p, lambda m: _set(m, ("task", "loss"), "completion")), ("--no-verify",),
-        "task.loss: a completion program; the native driver trains label-word programs only"),
+        "methods: no 'eval_losses', which a completion training program has"),
     "data file missing": (lambda p, d: d.unlink(), (), "data.bin: not found"),
     "data file truncated": (lambda p, d: _truncate(d, 0.9), (), "truncated"),
     "data file header only": (lambda p, d: _truncate(d, 0.0), (), "not a prge data file"),
@@ -120,13 +120,6 @@ def test_export_data_errors_are_user_errors(tmp_path, program, capsys):
     assert "manifest.json: not found" in capsys.readouterr().err
     assert main(["export-data", "--program", str(program), "--steps", "0", "--out", str(tmp_path / "d.bin")]) == 2
     assert "--steps 0" in capsys.readouterr().err
-    assert not (tmp_path / "d.bin").exists()
-
-
-def test_export_data_refuses_a_completion_program(tmp_path, tiny_completion_program, tiny_completion_data_dir, capsys):
-    assert main(["export-data", "--program", str(tiny_completion_program), "--data", str(tiny_completion_data_dir),
-                 "--out", str(tmp_path / "d.bin")]) == 2
-    assert "the native driver's data file holds label-word tasks only" in capsys.readouterr().err
     assert not (tmp_path / "d.bin").exists()
 
 

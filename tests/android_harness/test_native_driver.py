@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from native_helpers import EPS, EVAL_EXAMPLES, LR, SEED, STEPS, deterministic, metrics
+from native_helpers import EPS, EVAL_EXAMPLES, LR, SEED, STEPS, assert_same_metrics_rows, deterministic, metrics
 from runtime_driver.commands.cli import main
 from runtime_driver.data_file import decode
 from runtime_driver.run import RunConfig, program_task, run_training
@@ -46,17 +46,7 @@ def test_data_file_holds_the_python_drivers_rows_and_order(program, tiny_data_di
 
 
 def test_native_run_matches_python_executorch_driver(native_run, python_run):
-    native, python = metrics(native_run), metrics(python_run)
-    assert [(r["type"], r["step"]) for r in native] == [(r["type"], r["step"]) for r in python]
-    for n, p in zip(native, python):
-        assert set(n) == set(p)
-        if n["type"] == "train":
-            assert (n["seed"], n["lr"], n["eps"]) == (p["seed"], p["lr"], p["eps"])
-            assert max(abs(a - b) for a, b in zip(n["losses"], p["losses"])) <= 1e-6
-            assert n["g"] == pytest.approx(p["g"], abs=1e-6 / EPS)
-        else:
-            assert n["accuracy"] == p["accuracy"]
-            assert n["loss"] == pytest.approx(p["loss"], abs=1e-9)
+    assert_same_metrics_rows(native_run, python_run)
     native_b = load_file(str(native_run / "adapter.safetensors"))["adapter"]
     python_ckpt = load_file(str(python_run / "ckpt" / "adapter.safetensors"))["adapter"]  # taken at the last step
     assert native_b.abs().max() > 0  # training moved B

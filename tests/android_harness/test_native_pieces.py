@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from export.contract.manifest import MANIFEST_VERSION
-from export.contract.methods import CONTRACT_VERSION, GENERATION_METHODS, INPUTS, OUTPUTS, TRAINING_METHODS
+from export.contract.methods import (COMPLETION_TRAINING_METHODS, CONTRACT_VERSION, GENERATION_METHODS, OUTPUTS,
+                                     TRAINING_METHODS, inputs_of)
 from native_helpers import ROOT
 from prge.estimators import step_seed
+from prge.step import COMPLETION
 from prge.schedules import learning_rate
 from runtime_driver.judge import StepJudge
 from runtime_driver.train import TrainConfig, due_after
@@ -30,12 +32,12 @@ def _cpp_arg(arg) -> str:
     return f'{{"{arg.name}", "{arg.dtype}", {{{dims}}}}}'
 
 
-def _cpp_table(methods: tuple[str, ...]) -> str:
-    """A table of contract.hpp as export/contract/methods.py defines it."""
+def _cpp_table(methods: tuple[str, ...], loss: str) -> str:
+    """A table of contract.hpp as export/contract/methods.py defines it for programs of this loss."""
     lines = []
     for name in methods:
         lines.append(f'      {{"{name}",')
-        inputs = INPUTS[name]
+        inputs = inputs_of(name, loss)
         if not inputs:
             lines.append("       {},")
         for i, arg in enumerate(inputs):
@@ -47,8 +49,10 @@ def _cpp_table(methods: tuple[str, ...]) -> str:
 def test_the_native_contract_is_the_python_contract():
     text = CONTRACT_HPP.read_text()
     tables = [part.split("\n  };", 1)[0] for part in text.split("static const std::vector<Method> methods = {\n")[1:]]
-    for table, methods in zip(tables, (TRAINING_METHODS, GENERATION_METHODS), strict=True):
-        assert table == _cpp_table(methods), f"update the table in {CONTRACT_HPP} to:\n{_cpp_table(methods)}"
+    expected = [_cpp_table(TRAINING_METHODS, "classification"), _cpp_table(COMPLETION_TRAINING_METHODS, COMPLETION),
+                _cpp_table(GENERATION_METHODS, "lm")]
+    for table, want in zip(tables, expected, strict=True):
+        assert table == want, f"update the table in {CONTRACT_HPP} to:\n{want}"
     assert f"constexpr int kVersion = {CONTRACT_VERSION};" in text
     assert f"constexpr int kManifestVersion = {MANIFEST_VERSION};" in text
 
