@@ -24,6 +24,7 @@ from models.tasks.prepared import PREPARED_TASKS  # noqa: E402
 from models.tasks.vader_snippets import DEFAULT_DATA  # noqa: E402
 from prge.estimators import DEFAULT_ESTIMATOR, ESTIMATORS  # noqa: E402
 from prge.pieces import DEFAULT_MICRO_BATCH  # noqa: E402
+from runtime_driver.federation.protocol import DEFAULT_MAX_ABS_G  # noqa: E402
 from runtime_driver.train import METHODS, QUANTIZED_EPS, TrainConfig, default_eps  # noqa: E402
 
 # Errors a user can fix: printed as one line, exit code 2, no traceback (PRGE_DEBUG=1 shows it).
@@ -314,6 +315,17 @@ def cmd_eval(args) -> None:
     _print({"split": args.split, "adapter": args.adapter, **result})
 
 
+def cmd_federate(args) -> int:
+    from runtime_driver.commands.federate import FederateConfig, federate
+
+    cfg = FederateConfig(program=args.program, out=args.out, data=args.data or "", clients=args.clients,
+                         rounds=args.rounds, local_steps=args.local_steps, lr=args.lr, eps=args.eps, seed=args.seed,
+                         non_iid=args.non_iid, max_abs_g=args.max_abs_g, timeout=args.timeout,
+                         eval_every=args.eval_every, eval_examples=args.eval_examples, test_examples=args.test_examples)
+    _print(federate(cfg))
+    return 0
+
+
 def cmd_replay(args) -> int:
     from runtime_driver.replay import replay_run
 
@@ -519,6 +531,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summarize", parents=[common], help="the accuracy table (markdown) of finished runs and `prge eval` results")
     p.add_argument("runs", nargs="+", help="run directories of `prge train`, or JSON files printed by `prge eval` (zero-shot rows)")
     p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("federate", parents=[common], help="federated P-RGE on Flower's deployment engine (this machine): "
+                       "clients send only (seed, g, lr), every participant replays them")
+    p.add_argument("--program", required=True, help="export folder (from `prge export`) every client trains")
+    p.add_argument("--data", help="task folder or prepared task split among the clients (default: movie reviews)")
+    p.add_argument("--out", required=True, help="the server's run directory: rounds.jsonl, adapter/, summary.json, logs/")
+    p.add_argument("--clients", type=int, default=3, help="SuperNodes started, one shard of the training rows each")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--local-steps", type=int, default=10, help="P-RGE steps each client runs per round")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--eps", type=float, default=TrainConfig.eps)
+    p.add_argument("--seed", type=int, default=0, help="run seed: step seeds (server-assigned) and shards")
+    p.add_argument("--non-iid", action="store_true", help="shard by label (skewed clients) instead of IID")
+    p.add_argument("--max-abs-g", type=float, default=DEFAULT_MAX_ABS_G, help="replies with a larger |g| are rejected")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a round waits for its replies")
+    p.add_argument("--eval-every", type=int, default=0, help="validate the global adapter every N rounds (0: at the end)")
+    p.add_argument("--eval-examples", type=int, default=TrainConfig.eval_examples)
+    p.add_argument("--test-examples", type=int, default=0, help="test rows evaluated at the end (0: none)")
+    p.set_defaults(func=cmd_federate)
 
     p = sub.add_parser("replay", parents=[common], help="rebuild a zeroth-order run's adapter from its logged (seed, g) and check it")
     p.add_argument("run_dir", help="a run directory written by `prge train` (or `prge demo`'s run/)")
