@@ -10,7 +10,7 @@ PACKAGES = ("prge", "models", "export", "runtime_driver")
 
 def test_readme_layout_matches_the_tree():
     layout = (REPO / "README.md").read_text().split("## Layout", 1)[1]
-    rows = {m.group(1).rstrip("/"): set(re.findall(r"`([\w/]+\.py)`", m.group(2)))
+    rows = {m.group(1).rstrip("/"): set(re.findall(r"`([\w/-]+\.py)`", m.group(2)))
             for m in re.finditer(r"^\| `([^`]+)` \| (.*) \|$", layout, re.M)}
     on_disk: dict[str, set[str]] = {}
     for package in PACKAGES:

@@ -36,6 +36,7 @@ class RoundRecord:
     bytes_up: dict[str, int] = field(default_factory=dict)  # client -> bytes of its reply
     wall_s: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)  # validation of the new global adapter, if evaluated
+    known: dict[str, int] = field(default_factory=dict)  # client -> rounds it has applied, as the server knows after this round
 
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)
@@ -47,7 +48,7 @@ class RoundRecord:
         updates = [Update(int(s), tuple(float(x) for x in g), float(lr)) for s, g, lr in row["updates"]]
         return cls(int(row["round"]), [int(c) for c in row["clients"]], updates, dict(row.get("rejected", {})),
                    dict(row.get("bytes_down", {})), dict(row.get("bytes_up", {})), float(row.get("wall_s", 0.0)),
-                   dict(row.get("metrics", {})))
+                   dict(row.get("metrics", {})), {str(c): int(n) for c, n in row.get("known", {}).items()})
 
 
 def averaged(client_updates: dict[int, list[Update]]) -> tuple[list[int], list[Update]]:

@@ -35,11 +35,10 @@ class Coordinator:
     def __init__(self, cfg: FederationConfig, log: RoundLog, num_queries: int, numel: int, noise: str) -> None:
         self.cfg, self.log, self.num_queries, self.noise = cfg, log, num_queries, noise
         self.adapter: Tensor = log.global_adapter(numel, noise)  # a restarted server resumes from its log
-        # Rounds each client has applied, as far as this process knows: a client accepted in
-        # round r had applied every round before r. A restarted server knows nothing and sends
-        # every round once; a client skips what it already has (and a client that lost its
-        # state, as a new Flower run's nodes have, needs them all).
-        self.known: dict[int, int] = {}
+        # Rounds each client has applied, as far as the server knows (a client accepted in round
+        # r had applied every round before r; a client behind said how many it has). Each round
+        # logs it, so a restarted server sends exactly what an uninterrupted one would.
+        self.known: dict[int, int] = {int(c): n for c, n in log.rounds[-1].known.items()} if log.rounds else {}
         self._started = time.perf_counter()
         self._sent: dict[int, int] = {}  # client -> payload bytes of this round's message
 
@@ -93,7 +92,8 @@ class Coordinator:
         self.adapter = apply_round(self.adapter, updates, self.noise)
         record = RoundRecord(self.round, clients, updates, rejected,
                              bytes_down={str(c): n for c, n in sorted(self._sent.items())}, bytes_up=bytes_up,
-                             wall_s=round(time.perf_counter() - self._started, 4))
+                             wall_s=round(time.perf_counter() - self._started, 4),
+                             known={str(c): n for c, n in sorted(self.known.items())})
         if evaluate is not None:
             record.metrics = evaluate(self.adapter)
         self.log.append(record)
