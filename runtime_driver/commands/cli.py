@@ -316,9 +316,10 @@ def cmd_eval(args) -> None:
 
 
 def cmd_federate(args) -> int:
-    from runtime_driver.commands.federate import FederateConfig, federate
+    from runtime_driver.commands.federate import federate
+    from runtime_driver.federation.settings import FederationSettings
 
-    cfg = FederateConfig(program=args.program, out=args.out, data=args.data or "", clients=args.clients,
+    cfg = FederationSettings(program=args.program, out=args.out, data=args.data or "", clients=args.clients,
                          rounds=args.rounds, local_steps=args.local_steps, lr=args.lr, eps=args.eps, seed=args.seed,
                          non_iid=args.non_iid, max_abs_g=args.max_abs_g, timeout=args.timeout,
                          eval_every=args.eval_every, eval_examples=args.eval_examples, test_examples=args.test_examples)

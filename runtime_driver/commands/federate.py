@@ -16,55 +16,19 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 from export.contract.manifest import TRAINING, program_kind, read_manifest
 from models.console import say
 from models.tasks.folder import resolve_data_dir
-from runtime_driver.federation.protocol import DEFAULT_MAX_ABS_G
+from runtime_driver.federation.settings import FederationSettings
 
 APP_DIR = Path(__file__).resolve().parents[1] / "federation" / "flower-app"
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_LOG_LEVEL": "WARNING"}
 FEDERATION = "prge-local"  # the SuperLink entry `flwr run` reads from FLWR_HOME/config.toml
-
-
-@dataclass(frozen=True)
-class FederateConfig:
-    program: str
-    out: str
-    data: str = ""
-    clients: int = 3
-    rounds: int = 2
-    local_steps: int = 10
-    lr: float = 1e-3
-    eps: float = 1e-2
-    seed: int = 0
-    non_iid: bool = False
-    max_abs_g: float = DEFAULT_MAX_ABS_G
-    timeout: float = 600.0
-    eval_every: int = 0
-    eval_examples: int = 500
-    test_examples: int = 0
-
-    def run_config(self) -> str:
-        """`flwr run --run-config`: TOML values, keys as flower-app/pyproject.toml names them."""
-        def text(v: Any) -> str:
-            if isinstance(v, bool):
-                return "true" if v else "false"
-            if isinstance(v, str):
-                if '"' in v or " " in v:
-                    raise ValueError(f"{v!r}: paths with spaces or quotes cannot pass through Flower's --run-config")
-                return json.dumps(v)
-            return repr(v)
-        values = {"program": str(Path(self.program).resolve()), "data": self.data, "out": str(Path(self.out).resolve()),
-                  "clients": self.clients, "rounds": self.rounds, "local-steps": self.local_steps, "lr": self.lr,
-                  "eps": self.eps, "seed": self.seed, "non-iid": self.non_iid, "max-abs-g": self.max_abs_g,
-                  "timeout": self.timeout, "eval-every": self.eval_every, "eval-examples": self.eval_examples,
-                  "test-examples": self.test_examples}
-        return " ".join(f"{k}={text(v)}" for k, v in values.items())
 
 
 def _free_ports(n: int) -> list[int]:
@@ -132,7 +96,7 @@ def _stop(processes: list[subprocess.Popen], home: Path) -> None:
         deadline = time.monotonic() + 5
 
 
-def federate(cfg: FederateConfig, client_env: dict[int, dict[str, str]] | None = None,
+def federate(cfg: FederationSettings, client_env: dict[int, dict[str, str]] | None = None,
              progress: Callable[[str], None] = say) -> dict[str, Any]:
     """Run the federation; returns the server's summary. client_env: extra environment of a
     client's SuperNode (the crash tests arm a failpoint in one client)."""

@@ -77,15 +77,11 @@ def local_updates(engine: Engine, train: TokenizedSplit, adapter: Tensor, assign
     return updates
 
 
-CATCH_UP = "catch_up_"  # the message keys of the rounds to catch up on (protocol.encode_rounds)
-
-
 def answer(state: ClientState, message: dict[str, Any], engine: Engine, train: TokenizedSplit,
            how: LocalTraining) -> dict[str, Any]:
     """A client's reply to the server's message: catch up, train k steps, send the scalars; or,
     if the client has fewer rounds than the server sent from, say so ({"behind": n})."""
-    missed = decode_rounds({k[len(CATCH_UP):]: v for k, v in message.items() if k.startswith(CATCH_UP)},
-                           engine.num_queries)
+    missed = decode_rounds(message, engine.num_queries)
     try:
         state.catch_up(missed, int(message["since"]), engine.estimator.noise)
     except ClientBehind as e:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,39 +26,13 @@ from runtime_driver.engines import ExecuTorchPRGE
 from runtime_driver.failpoints import reached
 from runtime_driver.federation.client import ClientState, LocalTraining, answer
 from runtime_driver.federation.ledger import RoundLog
-from runtime_driver.federation.server import Coordinator, FederationConfig
+from runtime_driver.federation.server import Coordinator
+from runtime_driver.federation.settings import FederationSettings
 from runtime_driver.federation.shards import client_shard
 from runtime_driver.run import program_task, save_adapter, split_evaluator
 
 server_app = ServerApp()
 client_app = ClientApp()
-
-
-@dataclass(frozen=True)
-class Settings:
-    program: str  # the exported training program every participant runs
-    data: str  # task folder or prepared task name ("" : the default task)
-    out: str  # the server's run directory (rounds.jsonl, summary.json, adapter/)
-    clients: int
-    rounds: int
-    local_steps: int
-    lr: float
-    eps: float
-    seed: int
-    non_iid: bool  # shards by label instead of IID
-    max_abs_g: float
-    timeout: float  # seconds a round waits for replies
-    eval_every: int  # validate the global adapter every N rounds (0: only at the end)
-    eval_examples: int
-    test_examples: int
-
-    @classmethod
-    def of(cls, run_config: dict[str, Any]) -> "Settings":
-        c = run_config
-        return cls(str(c["program"]), str(c.get("data", "")), str(c["out"]), int(c["clients"]), int(c["rounds"]),
-                   int(c["local-steps"]), float(c["lr"]), float(c["eps"]), int(c["seed"]), bool(c["non-iid"]),
-                   float(c["max-abs-g"]), float(c["timeout"]), int(c["eval-every"]), int(c["eval-examples"]),
-                   int(c["test-examples"]))
 
 
 def _open(program: str, data: str):
@@ -78,7 +51,7 @@ def identify(msg: Message, context: Context) -> Message:
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    s = Settings.of(context.run_config)
+    s = FederationSettings.from_run_config(context.run_config)
     message = dict(msg.content["assignment"])
     reached("federated-client", int(message["round"]))  # crash tests: a client that dies mid-round
     slot = int(context.node_config["partition-id"])
@@ -142,12 +115,11 @@ def _slots(grid: Grid, nodes: list[int], clients: int, timeout: float) -> dict[i
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    s = Settings.of(context.run_config)
+    s = FederationSettings.from_run_config(context.run_config)
     out = Path(s.out)
     engine, task = _open(s.program, s.data)
     numel = sum(x.numel for x in engine.slots)
-    cfg = FederationConfig(s.clients, s.rounds, s.local_steps, s.lr, s.eps, s.seed, s.max_abs_g)
-    coordinator = Coordinator(cfg, RoundLog(out / "rounds.jsonl"), engine.num_queries, numel, engine.estimator.noise)
+    coordinator = Coordinator(s.coordinator(), RoundLog(out / "rounds.jsonl"), engine.num_queries, numel, engine.estimator.noise)
     evaluate_split = split_evaluator(engine, task)
     validation = task.split("validation", engine.seq_len, limit=s.eval_examples)
 

@@ -123,16 +123,20 @@ def record_bytes(record: Mapping[str, Any]) -> int:
     return total
 
 
+CATCH_UP = "catch_up_"  # the prefix of a message's keys that carry the rounds to catch up on
+
+
 def encode_rounds(rounds: list[list[Update]]) -> dict[str, list]:
-    """Several rounds' updates as flat lists (a ConfigRecord holds no nesting)."""
-    return {"counts": [len(r) for r in rounds], "seeds": [u.seed for r in rounds for u in r],
-            "g": [x for r in rounds for u in r for x in u.g], "lr": [u.lr for r in rounds for u in r]}
+    """Several rounds' updates as flat lists under CATCH_UP keys (a ConfigRecord holds no nesting)."""
+    return {f"{CATCH_UP}counts": [len(r) for r in rounds], f"{CATCH_UP}seeds": [u.seed for r in rounds for u in r],
+            f"{CATCH_UP}g": [x for r in rounds for u in r for x in u.g], f"{CATCH_UP}lr": [u.lr for r in rounds for u in r]}
 
 
-def decode_rounds(record: Mapping[str, Any], num_queries: int) -> list[list[Update]]:
+def decode_rounds(message: Mapping[str, Any], num_queries: int) -> list[list[Update]]:
+    """The rounds encode_rounds put into a message."""
     rounds, at = [], 0
-    seeds, g, lrs = record["seeds"], record["g"], record["lr"]
-    for count in record["counts"]:
+    seeds, g, lrs = message[f"{CATCH_UP}seeds"], message[f"{CATCH_UP}g"], message[f"{CATCH_UP}lr"]
+    for count in message[f"{CATCH_UP}counts"]:
         rounds.append([Update(int(seeds[i]), tuple(float(x) for x in g[i * num_queries:(i + 1) * num_queries]),
                               float(lrs[i])) for i in range(at, at + count)])
         at += count

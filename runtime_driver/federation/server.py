@@ -60,9 +60,8 @@ class Coordinator:
         if not self._sent:
             self._started = time.perf_counter()  # the round's wall time starts with its first message
         since = self.known.get(client, 0)
-        missed = encode_rounds([record.updates for record in self.log.rounds[since:]])
         message = {**self.assignment(client).to_record(), "client": client, "since": since,
-                   **{f"catch_up_{k}": v for k, v in missed.items()}}
+                   **encode_rounds([record.updates for record in self.log.rounds[since:]])}
         self._sent[client] = record_bytes(message)
         return message
 

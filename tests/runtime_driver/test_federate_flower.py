@@ -9,7 +9,8 @@ import socket
 import pytest
 from safetensors.torch import load_file
 
-from runtime_driver.commands.federate import FederateConfig, federate, flower_processes
+from runtime_driver.commands.federate import federate, flower_processes
+from runtime_driver.federation.settings import FederationSettings
 from runtime_driver.federation.ledger import RoundLog
 
 pytestmark = pytest.mark.slow
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.slow
 def test_three_clients_on_the_deployment_engine(tiny_program, tiny_data_dir, tmp_path):
     program = tiny_program("llama")
     out = tmp_path / "fed"
-    cfg = FederateConfig(program=str(program), data=str(tiny_data_dir), out=str(out), clients=3, rounds=3,
+    cfg = FederationSettings(program=str(program), data=str(tiny_data_dir), out=str(out), clients=3, rounds=3,
                          local_steps=2, lr=0.05, eps=0.01, timeout=300, eval_every=1, eval_examples=8)
     # Client 2's ClientApp process is killed (SIGKILL) in round 1, mid-round.
     summary = federate(cfg, client_env={2: {"PRGE_FAILPOINT": "federated-client@1"}}, progress=lambda _: None)
