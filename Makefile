@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.prge-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast bench bench-accuracy clean native native-aarch64
+.PHONY: install demo test test-fast bench bench-accuracy bench-federation clean native native-aarch64
 
 install: $(STAMP)
 
@@ -53,6 +53,25 @@ bench-accuracy: install
 	$(BIN)/prge train --method mezo --q 1 --batch 4 --steps $$(( 4 * $(BENCH_STEPS) )) --lr 1e-3 --eps 1e-2 --eval-every 200 --eval-examples 200 --out runs/bench-mezo-lr1e-3
 	$(BIN)/prge train --method fo --optimizer adam --batch 16 --steps $(BENCH_STEPS) --lr 1e-3 --eval-every 50 --eval-examples 200 --out runs/bench-fo
 	$(BIN)/prge summarize runs/zero-shot-test.json runs/bench-prge runs/bench-mezo-lr3e-3 runs/bench-mezo-lr1e-3 runs/bench-fo | tee runs/accuracy.md
+
+# Federated P-RGE against its baselines (BENCHMARKS.md, "Many phones"): Flower's simulation
+# engine, the default model and task, 8 and 32 clients, IID and by-label shards, every run at
+# the forward passes of FED_STEPS centralized P-RGE steps (clients * rounds * local steps); lr
+# and eps are the demo's (chosen on validation for centralized P-RGE). About 1 h on 2 cores.
+FED_STEPS ?= 160
+FED_ARGS = --program runs/fed/program --lr 3e-3 --eps 1e-2 --eval-every 1 --eval-examples 200 --test-examples 1000 --engine simulation
+bench-federation: install
+	test -f runs/fed/program/manifest.json || $(BIN)/prge export --q 4 --batch 4 --seq-len 64 --out runs/fed/program
+	set -e; run() { test -f runs/fed/$$1/summary.json || $(BIN)/prge federate $(FED_ARGS) --out runs/fed/"$$@"; }; \
+	run centralized --method centralized --clients 8 --rounds 5 --local-steps $$(( $(FED_STEPS) / 40 )); \
+	for shards in iid non-iid; do flag=$$([ $$shards = iid ] || echo --non-iid); \
+	  run prge-8-$$shards --method prge $$flag --clients 8 --rounds 5 --local-steps $$(( $(FED_STEPS) / 40 )); \
+	  run fedavg-8-$$shards --method fedavg $$flag --clients 8 --rounds 5 --local-steps $$(( $(FED_STEPS) / 40 )); \
+	done; \
+	for shards in iid non-iid; do flag=$$([ $$shards = iid ] || echo --non-iid); \
+	  run prge-32-$$shards --method prge $$flag --clients 32 --rounds 5 --local-steps $$(( $(FED_STEPS) / 160 )); \
+	done
+	$(BIN)/prge summarize runs/fed/centralized runs/fed/prge-* runs/fed/fedavg-* --plot runs/fed/federation.png | tee runs/fed/federation.md
 
 # Speed and memory (BENCHMARKS.md, "Performance (`prge bench`)"): parallel_speedup grid,
 # step_overhead, et_vs_eager, peak RSS per engine. Exports its programs once into

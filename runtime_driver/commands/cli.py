@@ -319,11 +319,13 @@ def cmd_federate(args) -> int:
     from runtime_driver.commands.federate import federate
     from runtime_driver.federation.settings import FederationSettings
 
-    cfg = FederationSettings(program=args.program, out=args.out, data=args.data or "", clients=args.clients,
-                         rounds=args.rounds, local_steps=args.local_steps, lr=args.lr, eps=args.eps, seed=args.seed,
-                         non_iid=args.non_iid, max_abs_g=args.max_abs_g, timeout=args.timeout,
-                         eval_every=args.eval_every, eval_examples=args.eval_examples, test_examples=args.test_examples)
-    _print(federate(cfg))
+    cfg = FederationSettings(program=args.program, out=args.out, data=args.data or "", method=args.method,
+                             aggregate=args.aggregate, clients=args.clients,
+                             rounds=args.rounds, local_steps=args.local_steps, lr=args.lr, eps=args.eps, seed=args.seed,
+                             non_iid=args.non_iid, max_abs_g=args.max_abs_g, timeout=args.timeout,
+                             eval_every=args.eval_every, eval_examples=args.eval_examples,
+                             test_examples=args.test_examples)
+    _print(federate(cfg, engine=args.engine))
     return 0
 
 
@@ -351,7 +353,7 @@ def cmd_export_data(args) -> None:
 def cmd_summarize(args) -> None:
     from runtime_driver.commands.summarize import summarize
 
-    print(summarize(args.runs))
+    print(summarize(args.runs, args.plot))
 
 
 def cmd_native_adapter(args) -> None:
@@ -530,14 +532,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_native_adapter)
 
     p = sub.add_parser("summarize", parents=[common], help="the accuracy table (markdown) of finished runs and `prge eval` results")
-    p.add_argument("runs", nargs="+", help="run directories of `prge train`, or JSON files printed by `prge eval` (zero-shot rows)")
+    p.add_argument("runs", nargs="+", help="run directories of `prge train`, or JSON files printed by `prge eval` "
+                   "(zero-shot rows); or run directories of `prge federate` (the federation table)")
+    p.add_argument("--plot", help="federation runs: also draw validation accuracy against forward rows into this PNG")
     p.set_defaults(func=cmd_summarize)
 
-    p = sub.add_parser("federate", parents=[common], help="federated P-RGE on Flower's deployment engine (this machine): "
+    p = sub.add_parser("federate", parents=[common], help="federated P-RGE on Flower (this machine), and its FedAvg and centralized baselines: "
                        "clients send only (seed, g, lr), every participant replays them")
     p.add_argument("--program", required=True, help="export folder (from `prge export`) every client trains")
     p.add_argument("--data", help="task folder or prepared task split among the clients (default: movie reviews)")
     p.add_argument("--out", required=True, help="the server's run directory: rounds.jsonl, adapter/, summary.json, logs/")
+    p.add_argument("--method", choices=["prge", "fedavg", "centralized"], default="prge",
+                   help="prge: clients send (seed, g, lr); fedavg (baseline): the same local steps, clients send "
+                   "their adapters, Flower's FedAvg averages them; centralized (baseline): one device, all rows, "
+                   "clients*rounds*local-steps steps (the same forward passes)")
+    p.add_argument("--engine", choices=["deployment", "simulation"], default="deployment",
+                   help="Flower's deployment engine (a SuperLink and a SuperNode process per client) or its "
+                   "simulation engine (virtual clients on Ray workers, one at a time: for many clients)")
+    p.add_argument("--aggregate", choices=["sum", "mean"], default="sum",
+                   help="prge: a round applies every client's updates at lr (sum: as one device running them all) "
+                   "or at lr/clients (mean: FedAvg of the local changes)")
     p.add_argument("--clients", type=int, default=3, help="SuperNodes started, one shard of the training rows each")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--local-steps", type=int, default=10, help="P-RGE steps each client runs per round")

@@ -1,29 +1,39 @@
-"""`prge federate`: federated P-RGE on Flower's deployment engine, on this machine.
+"""`prge federate`: federated P-RGE on Flower, on this machine, and its two baselines.
 
-A SuperLink and one SuperNode per client start as separate processes (each SuperNode runs its
-ClientApp in a fresh process per round), the ServerApp runs with `flwr run` on the app folder
-runtime_driver/federation/flower-app, and every process is stopped at the end, also on an
-error or Ctrl-C, so nothing is left listening. Flower's telemetry, update check and run-time
-dependency installation are off: nothing but localhost is contacted.
+Deployment engine: a SuperLink and one SuperNode per client start as separate processes (each
+SuperNode runs its ClientApp in a fresh process per round). Simulation engine: `flwr run`
+starts a simulation SuperLink that runs N virtual clients on Ray workers. Either way the
+ServerApp runs with `flwr run` on the app folder runtime_driver/federation/flower-app, and every
+process is stopped at the end, also on an error or Ctrl-C, so nothing is left listening.
+Flower's telemetry, update check and run-time dependency installation and Ray's usage report
+are off: nothing but localhost is contacted.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from export.contract.manifest import TRAINING, program_kind, read_manifest
 from models.console import say
+from models.files import cache_dir, write_json_atomic
 from models.tasks.folder import resolve_data_dir
-from runtime_driver.federation.settings import FederationSettings
+from runtime_driver.checkpoint import write_flat_adapter
+from runtime_driver.federation.ledger import AGGREGATES
+from runtime_driver.federation.settings import METHODS, FederationSettings
+from runtime_driver.replay import replay_run
+from runtime_driver.run import RunConfig, run_training
+from runtime_driver.train import TrainConfig
 
 APP_DIR = Path(__file__).resolve().parents[1] / "federation" / "flower-app"
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -96,17 +106,57 @@ def _stop(processes: list[subprocess.Popen], home: Path) -> None:
         deadline = time.monotonic() + 5
 
 
-def federate(cfg: FederationSettings, client_env: dict[int, dict[str, str]] | None = None,
+def centralized(cfg: FederationSettings, manifest: dict[str, Any], progress: Callable[[str], None] = say) -> dict[str, Any]:
+    """The baseline a federation is measured against: one device trains on all the training
+    rows (no shards) for clients * rounds * local_steps P-RGE steps, the federation's forward
+    passes, through the same program; validated as often (every eval_every rounds' steps)."""
+    steps_per_round = cfg.clients * cfg.local_steps
+    train = TrainConfig(method="prge", steps=cfg.rounds * steps_per_round, batch_size=int(manifest["shapes"]["batch_size"]),
+                        lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, eval_every=cfg.eval_every * steps_per_round,
+                        eval_examples=cfg.eval_examples)
+    progress(f"Centralized P-RGE: {train.steps} steps on one device, the federation's forward passes ...")
+    summary = run_training(RunConfig(program=cfg.program, data=cfg.data, out=cfg.out, engine="executorch",
+                                     test_examples=cfg.test_examples, train=train), progress=progress)
+    # The federated runs' flat adapter file, here from the run's own log (replay checks it
+    # against the saved PEFT adapter).
+    replayed = replay_run(cfg.out)
+    if not replayed.identical:
+        raise RuntimeError(f"{cfg.out}: the centralized run's log does not replay to its adapter")
+    write_flat_adapter(Path(cfg.out) / "adapter.safetensors", replayed.adapter)
+    summary.update(method="centralized", rounds=cfg.rounds, clients=cfg.clients, local_steps=cfg.local_steps,
+                   forward_rows=train.steps * 2 * int(manifest["num_queries"]) * train.batch_size,
+                   bytes_per_client_round={"down": 0.0, "up": 0.0})
+    write_json_atomic(Path(cfg.out) / "summary.json", summary)
+    return summary
+
+
+ENGINES = ("deployment", "simulation")
+# Ray (the simulation engine's backend) on localhost only: no usage report, its services bound
+# to 127.0.0.1 (this flag also skips the 8.8.8.8 "which address am I" probe), and, with a
+# ray_bootstrap_config.yaml in HOME, no cloud-metadata probe by its dashboard process
+# (ray/_private/services.py and ray/_common/usage/usage_lib.py of ray 2.55).
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def federate(cfg: FederationSettings, engine: str = "deployment", client_env: dict[int, dict[str, str]] | None = None,
              progress: Callable[[str], None] = say) -> dict[str, Any]:
-    """Run the federation; returns the server's summary. client_env: extra environment of a
-    client's SuperNode (the crash tests arm a failpoint in one client)."""
+    """Run the federation on Flower's deployment or simulation engine (or the centralized
+    baseline); returns the server's summary. client_env: extra environment of a client's
+    SuperNode, deployment engine (the crash tests arm a failpoint in one client)."""
     if cfg.clients < 1 or cfg.rounds < 1 or cfg.local_steps < 1:
         raise ValueError("--clients, --rounds and --local-steps must be at least 1")
+    if cfg.method not in METHODS or cfg.aggregate not in AGGREGATES or engine not in ENGINES:
+        raise ValueError(f"--method is one of {', '.join(METHODS)}, --aggregate one of {', '.join(AGGREGATES)} "
+                         f"and --engine one of {', '.join(ENGINES)}")
     # Bad input fails here, before any process starts; the task is prepared once, not by every client.
     manifest = read_manifest(cfg.program)
     if program_kind(manifest) != TRAINING:
         raise ValueError(f"{cfg.program}: a generation program; federate a training program (`prge export`)")
     cfg = replace(cfg, data=str(resolve_data_dir(cfg.data or None, progress=progress)))
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(cfg.out) / "federation.json", {**asdict(cfg), "engine": engine})  # what `prge summarize` reads
+    if cfg.method == "centralized":
+        return centralized(cfg, manifest, progress)
     run_config = cfg.run_config()
     out = Path(cfg.out)
     logs, home = out / "logs", out / "flower-home"
@@ -114,14 +164,12 @@ def federate(cfg: FederationSettings, client_env: dict[int, dict[str, str]] | No
     (out / "summary.json").unlink(missing_ok=True)  # written again when the last round is done
     home.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
-    superlink_port, *node_ports = _free_ports(1 + cfg.clients)
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
-                                      f'address = "127.0.0.1:{superlink_port}"\ninsecure = true\n')
-    # Flower starts its helper processes (flower-superexec, flwr-clientapp) by name: the
-    # environment prge runs in must come first on PATH.
+    # Flower starts its helper processes (flower-superlink, flower-superexec, flwr-clientapp)
+    # by name: the environment prge runs in must come first on PATH.
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home.resolve()),
            "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])}
     processes: list[subprocess.Popen] = []
+    ray_tmp = None
 
     def start(name: str, command: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(logs / f"{name}.log", "w") as log:
@@ -130,28 +178,50 @@ def federate(cfg: FederationSettings, client_env: dict[int, dict[str, str]] | No
         return p
 
     try:
-        superlink = start("superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                        "--port", str(superlink_port)])
-        _wait_healthy(superlink_port, superlink, logs / "superlink.log")
-        for i, port in enumerate(node_ports):
-            start(f"supernode-{i}", [str(bin_dir / "flower-supernode"), "--insecure", "--superlink",
-                                     f"127.0.0.1:{superlink_port}", "--port", str(port), "--node-config",
-                                     f"partition-id={i} num-partitions={cfg.clients}"], (client_env or {}).get(i))
-        progress(f"Flower: a SuperLink and {cfg.clients} SuperNodes on 127.0.0.1 (logs in {logs}); "
-                 f"{cfg.rounds} rounds of {cfg.local_steps} local steps ...")
+        run = [str(bin_dir / "flwr"), "run", str(APP_DIR), FEDERATION, "--stream", "--run-config", run_config]
+        if engine == "simulation":
+            # `flwr run` starts a simulation SuperLink of its own (detached; stopped with the
+            # rest by FLWR_HOME), which runs the N virtual nodes' ClientApps on Ray workers:
+            # one at a time, each with every core (a client's step already uses them all).
+            http_port, control_port = _free_ports(2)
+            (home / "config.toml").write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
+                                              'address = ":local-in-memory:"\n')
+            (home / "ray_bootstrap_config.yaml").write_text("provider:\n  type: local\n")
+            ray_tmp = tempfile.mkdtemp(prefix="prge-ray-")  # short: Ray's socket paths must fit 107 bytes
+            cpus = os.cpu_count() or 1
+            env.update(RAY_ENV, HOME=str(home.resolve()), RAY_TMPDIR=ray_tmp, PRGE_CACHE=str(cache_dir()),
+                       FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port), FLWR_LOCAL_CONTROL_API_PORT=str(control_port))
+            run += ["--federation-config",
+                    f"num-supernodes={cfg.clients} client-resources-num-cpus={cpus} init-args-num-cpus={cpus}"]
+            progress(f"Flower simulation engine: {cfg.clients} virtual clients (logs in {logs}); "
+                     f"{cfg.rounds} rounds of {cfg.local_steps} local steps ...")
+        else:
+            superlink_port, *node_ports = _free_ports(1 + cfg.clients)
+            (home / "config.toml").write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
+                                              f'address = "127.0.0.1:{superlink_port}"\ninsecure = true\n')
+            superlink = start("superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                                            "--port", str(superlink_port)])
+            _wait_healthy(superlink_port, superlink, logs / "superlink.log")
+            for i, port in enumerate(node_ports):
+                start(f"supernode-{i}", [str(bin_dir / "flower-supernode"), "--insecure", "--superlink",
+                                         f"127.0.0.1:{superlink_port}", "--port", str(port), "--node-config",
+                                         f"partition-id={i} num-partitions={cfg.clients}"], (client_env or {}).get(i))
+            progress(f"Flower: a SuperLink and {cfg.clients} SuperNodes on 127.0.0.1 (logs in {logs}); "
+                     f"{cfg.rounds} rounds of {cfg.local_steps} local steps ...")
         with open(logs / "server.log", "w") as server_log:
-            run = subprocess.Popen([str(bin_dir / "flwr"), "run", str(APP_DIR), FEDERATION, "--stream",
-                                    "--run-config", run_config], env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
-            processes.append(run)
-            for line in run.stdout:  # the ServerApp's log, streamed: one JSON line a round
+            flwr_run = subprocess.Popen(run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            processes.append(flwr_run)
+            for line in flwr_run.stdout:  # the ServerApp's log, streamed: one JSON line a round
                 server_log.write(line)
                 if line.lstrip().startswith('{"round"'):
                     progress("  " + line.strip())
-            code = run.wait()
+            code = flwr_run.wait()
+        # `flwr run --stream` exits 0 even when the ServerApp failed: the summary, written last, tells.
         summary_path = out / "summary.json"
         if code != 0 or not summary_path.exists():
             raise RuntimeError(f"the federation did not finish (flwr run exited {code}); see {logs / 'server.log'}")
         return json.loads(summary_path.read_text())
     finally:
         _stop(processes, home)
+        if ray_tmp:
+            shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -1,5 +1,6 @@
 """`prge summarize`: the accuracy table (markdown) of finished runs, as BENCHMARKS.md shows it
-(for a completion task: loss, perplexity, exact match and token F1).
+(for a completion task: loss, perplexity, exact match and token F1; for `prge federate` runs,
+summarize_federation.py's table).
 
 Each argument is a run directory of `prge train` (config.json, summary.json, metrics.jsonl) or
 the JSON that `prge eval` prints (a zero-shot row). Every figure comes from those files; the
@@ -11,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from runtime_driver.commands.summarize_federation import is_federation_run, summarize_federation
 from runtime_driver.metrics import read_metrics
 
 COLUMNS = ("run", "method", "q", "b", "steps", "lr", "eps", "test acc", "test loss", "median ms/step", "train wall s")
@@ -77,7 +79,14 @@ def _cell(column: str, value: Any) -> str:
     return str(value)
 
 
-def summarize(paths: list[str]) -> str:
+def summarize(paths: list[str], plot: str | None = None) -> str:
+    federations = [is_federation_run(p) for p in paths]
+    if all(federations):
+        return summarize_federation(paths, Path(plot) if plot else None)
+    if any(federations):
+        raise ValueError("these are `prge federate` runs and `prge train` runs; summarize each kind on its own")
+    if plot:
+        raise ValueError("--plot draws `prge federate` runs (the table lists a training run's validation curve)")
     rows = [describe(p) for p in paths]
     kinds = {row["completion"] for row in rows}
     if len(kinds) > 1:

@@ -6,9 +6,11 @@ time. The global adapter is nothing but the replay of these lines from B = 0, so
 restarts reads the log, replays it, and goes on from the next round with the very adapter an
 uninterrupted run would have (a torn last line from a kill is dropped: that round is redone).
 
-Averaging: each client's k updates are replayed with lr / n (n clients accepted this round),
-so the round moves B by the mean of the clients' local changes: FedAvg of the adapters,
-computed from scalars.
+Combining a round's clients (`--aggregate`): "sum" replays every client's k updates at their
+lr, one after another, as if one device had run all n * k steps (the total step count, hence
+the progress, of centralized P-RGE at the same forward passes); "mean" replays them with lr / n
+(n clients accepted this round), so the round moves B by the mean of the clients' local
+changes: FedAvg of the adapters, computed from scalars.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from runtime_driver.replay import apply_logged_update
 class RoundRecord:
     round: int
     clients: list[int]  # accepted, in the order their updates are applied
-    updates: list[Update]  # applied: each client's k updates with lr / len(clients)
+    updates: list[Update]  # applied: each client's k updates, lr as applied (scaled by 1 / n for "mean")
     rejected: dict[str, str] = field(default_factory=dict)  # client -> reason (JSON keys are strings)
     bytes_down: dict[str, int] = field(default_factory=dict)  # client -> bytes of its assignment message
     bytes_up: dict[str, int] = field(default_factory=dict)  # client -> bytes of its reply
@@ -51,11 +53,17 @@ class RoundRecord:
                    dict(row.get("metrics", {})), {str(c): int(n) for c, n in row.get("known", {}).items()})
 
 
-def averaged(client_updates: dict[int, list[Update]]) -> tuple[list[int], list[Update]]:
-    """(clients in id order, their updates with lr / n): the round's mean of local changes."""
+AGGREGATES = ("sum", "mean")
+
+
+def combined(client_updates: dict[int, list[Update]], aggregate: str) -> tuple[list[int], list[Update]]:
+    """(clients in id order, the round's updates in that order): every client's updates at
+    their lr ("sum"), or at lr / n ("mean": the mean of the clients' local changes)."""
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate {aggregate!r}: one of {', '.join(AGGREGATES)}")
     clients = sorted(client_updates)
-    n = len(clients)
-    return clients, [Update(u.seed, u.g, u.lr / n) for c in clients for u in client_updates[c]]
+    scale = 1.0 / len(clients) if aggregate == "mean" and clients else 1.0
+    return clients, [Update(u.seed, u.g, u.lr * scale) for c in clients for u in client_updates[c]]
 
 
 def apply_round(adapter: Tensor, updates: list[Update], noise: str) -> Tensor:
@@ -63,6 +71,14 @@ def apply_round(adapter: Tensor, updates: list[Update], noise: str) -> Tensor:
     for u in updates:
         adapter = apply_logged_update(adapter, u.seed, list(u.g), u.lr, noise)
     return adapter
+
+
+def traffic(rounds: list[RoundRecord]) -> dict[str, float]:
+    """Mean payload bytes a client received ("down") and sent ("up") per round it was part of."""
+    def mean(values: list[int]) -> float:
+        return round(sum(values) / len(values), 1) if values else 0.0
+    return {"down": mean([n for r in rounds for n in r.bytes_down.values()]),
+            "up": mean([n for r in rounds for n in r.bytes_up.values()])}
 
 
 class RoundLog:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
-from runtime_driver.federation.ledger import RoundLog, RoundRecord, apply_round, averaged
+from runtime_driver.federation.ledger import RoundLog, RoundRecord, apply_round, combined
 from runtime_driver.federation.protocol import (DEFAULT_MAX_ABS_G, Assignment, RejectedReply, Update, assigned_seeds,
                                                 encode_rounds, parse_reply, record_bytes)
 
@@ -29,6 +29,7 @@ class FederationConfig:
     eps: float
     seed: int = 0  # the run seed all step seeds derive from
     max_abs_g: float = DEFAULT_MAX_ABS_G  # replies with a larger |g| are rejected
+    aggregate: str = "sum"  # how a round combines its clients' updates (ledger.combined)
 
 
 class Coordinator:
@@ -87,7 +88,7 @@ class Coordinator:
                 self.known[client] = self.round
             except RejectedReply as e:
                 rejected[str(client)] = str(e)
-        clients, updates = averaged(accepted)
+        clients, updates = combined(accepted, self.cfg.aggregate)
         self.adapter = apply_round(self.adapter, updates, self.noise)
         record = RoundRecord(self.round, clients, updates, rejected,
                              bytes_down={str(c): n for c, n in sorted(self._sent.items())}, bytes_up=bytes_up,

@@ -11,6 +11,7 @@ from typing import Any
 from runtime_driver.federation.protocol import DEFAULT_MAX_ABS_G
 from runtime_driver.federation.server import FederationConfig
 
+METHODS = ("prge", "fedavg", "centralized")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
@@ -19,6 +20,11 @@ class FederationSettings:
     program: str  # the exported training program every participant runs
     out: str  # the server's run directory (rounds.jsonl, summary.json, adapter/, logs/)
     data: str = ""  # task folder or prepared task name ("": the default task)
+    # prge: clients send (seed, g, lr), the round is replayed; fedavg (baseline): the same local
+    # P-RGE steps, but clients send their adapters and Flower's FedAvg averages them;
+    # centralized (baseline): one `prge train` run of clients * rounds * local_steps steps.
+    method: str = "prge"
+    aggregate: str = "sum"  # prge: how a round combines the clients' updates (ledger.combined)
     clients: int = 3
     rounds: int = 2
     local_steps: int = 10  # k: P-RGE steps each client runs per round
@@ -51,4 +57,5 @@ class FederationSettings:
         return cls(**{f.name: _TYPES[f.type](run_config[f.name.replace("_", "-")]) for f in fields(cls)})
 
     def coordinator(self) -> FederationConfig:
-        return FederationConfig(self.clients, self.rounds, self.local_steps, self.lr, self.eps, self.seed, self.max_abs_g)
+        return FederationConfig(self.clients, self.rounds, self.local_steps, self.lr, self.eps, self.seed, self.max_abs_g,
+                                self.aggregate)

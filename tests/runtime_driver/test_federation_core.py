@@ -14,7 +14,7 @@ from export.contract.manifest import read_manifest
 from models.tasks.batches import TokenizedSplit
 from runtime_driver.engines import ExecuTorchPRGE
 from runtime_driver.federation.client import ClientBehind, ClientState, LocalTraining, answer, local_updates
-from runtime_driver.federation.ledger import RoundLog, RoundRecord, apply_round, averaged
+from runtime_driver.federation.ledger import RoundLog, RoundRecord, apply_round, combined
 from runtime_driver.federation.protocol import (Assignment, RejectedReply, Update, assigned_seeds, parse_reply,
                                                 reply_record)
 from runtime_driver.federation.server import Coordinator, FederationConfig
@@ -97,15 +97,20 @@ def test_a_clients_scalars_rebuild_its_trained_adapter_bit_for_bit(federation):
     assert torch.equal(apply_round(start, updates, engine.estimator.noise), trained)
 
 
-def test_a_round_is_fedavg_of_the_clients_adapters(federation):
+def test_a_mean_round_is_fedavg_of_the_clients_adapters_and_a_sum_round_adds_their_changes(federation):
     engine, shards = federation
     noise = engine.estimator.noise
     start = torch.zeros(engine.get_adapter().numel())
     replies = _round(engine, shards, start, 0)
-    clients, updates = averaged(replies)
+    local = torch.stack([apply_round(start, replies[c], noise) for c in sorted(replies)])
+    clients, updates = combined(replies, "mean")
     assert clients == [0, 1, 2] and len(updates) == 9 and all(u.lr == pytest.approx(0.05 / 3) for u in updates)
-    fedavg = torch.stack([apply_round(start, replies[c], noise) for c in clients]).mean(0)
-    torch.testing.assert_close(apply_round(start, updates, noise), fedavg, atol=1e-7, rtol=0)
+    torch.testing.assert_close(apply_round(start, updates, noise), local.mean(0), atol=1e-7, rtol=0)
+    clients, updates = combined(replies, "sum")
+    assert [u.seed for u in updates] == [u.seed for c in clients for u in replies[c]] and all(u.lr == 0.05 for u in updates)
+    torch.testing.assert_close(apply_round(start, updates, noise), (local - start).sum(0) + start, atol=1e-7, rtol=1e-6)
+    with pytest.raises(ValueError, match="aggregate 'median'"):
+        combined(replies, "median")
 
 
 def test_the_round_log_rebuilds_the_global_adapter_after_a_restart(federation, tmp_path):
@@ -114,7 +119,7 @@ def test_the_round_log_rebuilds_the_global_adapter_after_a_restart(federation, t
     log = RoundLog(tmp_path / "rounds.jsonl")
     adapter = torch.zeros(numel)
     for r in range(3):
-        clients, updates = averaged(_round(engine, shards, adapter, r))
+        clients, updates = combined(_round(engine, shards, adapter, r), "sum")
         adapter = apply_round(adapter, updates, noise)
         log.append(RoundRecord(r, clients, updates, rejected={"3": "a non-finite g"}))
     with open(tmp_path / "rounds.jsonl", "a") as f:
