@@ -22,7 +22,7 @@ demo: install
 
 # Everything, including the few tests marked real_model (they prepare the default model).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # Tiny random-weight models only.
 test-fast: install
@@ -67,8 +67,6 @@ bench-federation: install
 	for shards in iid non-iid; do flag=$$([ $$shards = iid ] || echo --non-iid); \
 	  run prge-8-$$shards --method prge $$flag --clients 8 --rounds 5 --local-steps $$(( $(FED_STEPS) / 40 )); \
 	  run fedavg-8-$$shards --method fedavg $$flag --clients 8 --rounds 5 --local-steps $$(( $(FED_STEPS) / 40 )); \
-	done; \
-	for shards in iid non-iid; do flag=$$([ $$shards = iid ] || echo --non-iid); \
 	  run prge-32-$$shards --method prge $$flag --clients 32 --rounds 5 --local-steps $$(( $(FED_STEPS) / 160 )); \
 	done
 	$(BIN)/prge summarize runs/fed/centralized runs/fed/prge-* runs/fed/fedavg-* --plot runs/fed/federation.png | tee runs/fed/federation.md

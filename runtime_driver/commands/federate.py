@@ -29,7 +29,7 @@ from models.console import say
 from models.files import cache_dir, write_json_atomic
 from models.tasks.folder import resolve_data_dir
 from runtime_driver.checkpoint import write_flat_adapter
-from runtime_driver.federation.ledger import AGGREGATES
+from runtime_driver.federation.protocol import AGGREGATES
 from runtime_driver.federation.settings import METHODS, FederationSettings
 from runtime_driver.replay import replay_run
 from runtime_driver.run import RunConfig, run_training

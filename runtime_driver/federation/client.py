@@ -17,7 +17,7 @@ from torch import Tensor
 from models.tasks.batches import TokenizedSplit, batch_indices
 from runtime_driver.engines import Engine
 from runtime_driver.federation.ledger import apply_round
-from runtime_driver.federation.protocol import Assignment, Update, decode_rounds, reply_record
+from runtime_driver.federation.protocol import Assignment, FederationConfig, Update, decode_rounds, reply_record
 from runtime_driver.judge import StepJudge
 from runtime_driver.train import PendingUpdate, TrainingDiverged
 
@@ -77,11 +77,11 @@ def local_updates(engine: Engine, train: TokenizedSplit, adapter: Tensor, assign
     return updates
 
 
-def answer(state: ClientState, message: dict[str, Any], engine: Engine, train: TokenizedSplit,
-           how: LocalTraining) -> dict[str, Any]:
+def answer(state: ClientState, message: dict[str, Any], federation: FederationConfig, engine: Engine,
+           train: TokenizedSplit, how: LocalTraining) -> dict[str, Any]:
     """A client's reply to the server's message: catch up, train k steps, send the scalars; or,
     if the client has fewer rounds than the server sent from, say so ({"behind": n})."""
-    missed = decode_rounds(message, engine.num_queries)
+    missed = decode_rounds(message, federation, engine.num_queries)
     try:
         state.catch_up(missed, int(message["since"]), engine.estimator.noise)
     except ClientBehind as e:

@@ -88,7 +88,7 @@ def train(msg: Message, context: Context) -> Message:
                             int(context.state[_STATE]["rounds_applied"]))
     else:
         state = ClientState(torch.zeros(sum(x.numel for x in engine.slots)))
-    reply = answer(state, message, engine, shard, how)
+    reply = answer(state, message, s.coordinator(), engine, shard, how)
     context.state[_STATE] = ConfigRecord({"rounds_applied": state.rounds_applied})
     context.state[_ADAPTER] = ArrayRecord({"adapter": state.adapter})
     return Message(RecordDict({"reply": ConfigRecord(reply)}), reply_to=msg)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from models.files import write_file_atomic
-from runtime_driver.federation.protocol import Update
+from runtime_driver.federation.protocol import Update, lr_scale
 from runtime_driver.metrics import read_metrics
 from runtime_driver.replay import apply_logged_update
 
@@ -53,16 +53,11 @@ class RoundRecord:
                    dict(row.get("metrics", {})), {str(c): int(n) for c, n in row.get("known", {}).items()})
 
 
-AGGREGATES = ("sum", "mean")
-
-
 def combined(client_updates: dict[int, list[Update]], aggregate: str) -> tuple[list[int], list[Update]]:
     """(clients in id order, the round's updates in that order): every client's updates at
     their lr ("sum"), or at lr / n ("mean": the mean of the clients' local changes)."""
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"aggregate {aggregate!r}: one of {', '.join(AGGREGATES)}")
     clients = sorted(client_updates)
-    scale = 1.0 / len(clients) if aggregate == "mean" and clients else 1.0
+    scale = lr_scale(aggregate, len(clients))
     return clients, [Update(u.seed, u.g, u.lr * scale) for c in clients for u in client_updates[c]]
 
 

@@ -3,11 +3,17 @@
 Round r, for each client it picks, the server sends an assignment: the round, the k step seeds
 the client must use (server-assigned, so two clients never draw the same direction), lr and
 eps. The client replies with its k local updates: for step i, the seed it was given, its q
-projected gradients g and the lr. Both travel as flat records of ints, floats and lists of
-them (a Flower ConfigRecord holds exactly these). A reply is checked before it counts: a
+projected gradients g and the lr. Both travel as flat records of ints, floats, bytes and lists
+of them (a Flower ConfigRecord holds exactly these). A reply is checked before it counts: a
 malformed record, another round, a seed it was not assigned, another lr, or a g that is not
 finite or beyond the server's bound is rejected with the reason, and the round goes on
 without it.
+
+The rounds a client must catch up on travel compactly: per round, which clients were accepted
+and their g as float32. Everything else of an update follows from the federation's settings:
+its seed is the one assigned to (round, client, step), its lr the assigned lr scaled by the
+round's aggregate. float32 loses nothing: an update applies g and lr as float32, as the
+program receives them (replay.apply_logged_update).
 """
 from __future__ import annotations
 
@@ -15,12 +21,41 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
+
 from prge.estimators import SEED_MODULUS
 
 # The bound on |g| a server accepts by default. A healthy g is a loss difference over 2 eps:
 # a few units on the default task (BENCHMARKS.md); a client's own judge already zeros a
 # faulty step's g, so a larger one is a broken or hostile client.
 DEFAULT_MAX_ABS_G = 1e3
+
+
+AGGREGATES = ("sum", "mean")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """What the server and every client agree on for a whole run."""
+
+    num_clients: int  # client slots 0..n-1, one shard of the data each
+    rounds: int
+    local_steps: int  # k: P-RGE steps each client runs per round
+    lr: float
+    eps: float
+    seed: int = 0  # the run seed all step seeds derive from
+    max_abs_g: float = DEFAULT_MAX_ABS_G  # replies with a larger |g| are rejected
+    aggregate: str = "sum"  # how a round combines its clients' updates (lr_scale)
+
+    def __post_init__(self) -> None:
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate {self.aggregate!r}: one of {', '.join(AGGREGATES)}")
+
+
+def lr_scale(aggregate: str, accepted: int) -> float:
+    """The factor on lr of a round's updates: "sum" applies every client's updates at their lr
+    (as one device running all n * k steps), "mean" at lr / n (FedAvg of the local changes)."""
+    return 1.0 / accepted if aggregate == "mean" and accepted else 1.0
 
 
 class RejectedReply(ValueError):
@@ -116,28 +151,45 @@ def parse_reply(record: Mapping[str, Any], assignment: Assignment, num_queries: 
 
 def record_bytes(record: Mapping[str, Any]) -> int:
     """The payload of a record as Flower's ConfigRecord carries it: 8 bytes for each int64 or
-    double, plus the key names (framing aside)."""
+    double, the length of a bytes value, plus the key names (framing aside)."""
     total = 0
     for key, value in record.items():
-        total += len(key.encode()) + 8 * (len(value) if isinstance(value, (list, tuple)) else 1)
+        if isinstance(value, bytes):
+            total += len(key.encode()) + len(value)
+        else:
+            total += len(key.encode()) + 8 * (len(value) if isinstance(value, (list, tuple)) else 1)
     return total
 
 
 CATCH_UP = "catch_up_"  # the prefix of a message's keys that carry the rounds to catch up on
 
 
-def encode_rounds(rounds: list[list[Update]]) -> dict[str, list]:
-    """Several rounds' updates as flat lists under CATCH_UP keys (a ConfigRecord holds no nesting)."""
-    return {f"{CATCH_UP}counts": [len(r) for r in rounds], f"{CATCH_UP}seeds": [u.seed for r in rounds for u in r],
-            f"{CATCH_UP}g": [x for r in rounds for u in r for x in u.g], f"{CATCH_UP}lr": [u.lr for r in rounds for u in r]}
+def encode_rounds(rounds: list[tuple[list[int], list[Update]]]) -> dict[str, Any]:
+    """Several rounds' (accepted clients, updates) under CATCH_UP keys: the number of clients
+    of each round, their slots (uint16) and their g (float32), in the order applied."""
+    clients = [c for accepted, _ in rounds for c in accepted]
+    g = [x for _, updates in rounds for u in updates for x in u.g]
+    return {f"{CATCH_UP}counts": [len(accepted) for accepted, _ in rounds],
+            f"{CATCH_UP}clients": np.asarray(clients, dtype="<u2").tobytes(),
+            f"{CATCH_UP}g": np.asarray(g, dtype="<f4").tobytes()}
 
 
-def decode_rounds(message: Mapping[str, Any], num_queries: int) -> list[list[Update]]:
-    """The rounds encode_rounds put into a message."""
-    rounds, at = [], 0
-    seeds, g, lrs = message[f"{CATCH_UP}seeds"], message[f"{CATCH_UP}g"], message[f"{CATCH_UP}lr"]
-    for count in message[f"{CATCH_UP}counts"]:
-        rounds.append([Update(int(seeds[i]), tuple(float(x) for x in g[i * num_queries:(i + 1) * num_queries]),
-                              float(lrs[i])) for i in range(at, at + count)])
+def decode_rounds(message: Mapping[str, Any], cfg: FederationConfig, num_queries: int) -> list[list[Update]]:
+    """The updates of the rounds encode_rounds put into a message, from round message["since"]
+    on: seeds and lr rebuilt from cfg, g as sent."""
+    clients = np.frombuffer(message[f"{CATCH_UP}clients"], dtype="<u2").tolist()
+    g = np.frombuffer(message[f"{CATCH_UP}g"], dtype="<f4").tolist()
+    per_client = cfg.local_steps * num_queries
+    if len(clients) != sum(message[f"{CATCH_UP}counts"]) or len(g) != len(clients) * per_client:
+        raise ValueError("malformed catch-up: the counts, clients and g of the rounds do not agree")
+    rounds, at, next_g = [], 0, 0
+    for offset, count in enumerate(message[f"{CATCH_UP}counts"]):
+        r, lr = int(message["since"]) + offset, cfg.lr * lr_scale(cfg.aggregate, count)
+        updates = []
+        for c in clients[at:at + count]:
+            for seed in assigned_seeds(cfg.seed, r, c, cfg.num_clients, cfg.local_steps):
+                updates.append(Update(seed, tuple(g[next_g:next_g + num_queries]), lr))
+                next_g += num_queries
+        rounds.append(updates)
         at += count
     return rounds

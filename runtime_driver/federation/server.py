@@ -10,26 +10,13 @@ the server then resends from where the client is, next round.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
 from runtime_driver.federation.ledger import RoundLog, RoundRecord, apply_round, combined
-from runtime_driver.federation.protocol import (DEFAULT_MAX_ABS_G, Assignment, RejectedReply, Update, assigned_seeds,
+from runtime_driver.federation.protocol import (Assignment, FederationConfig, RejectedReply, Update, assigned_seeds,
                                                 encode_rounds, parse_reply, record_bytes)
-
-
-@dataclass(frozen=True)
-class FederationConfig:
-    num_clients: int  # client slots 0..n-1, one shard of the data each
-    rounds: int
-    local_steps: int  # k: P-RGE steps each client runs per round
-    lr: float
-    eps: float
-    seed: int = 0  # the run seed all step seeds derive from
-    max_abs_g: float = DEFAULT_MAX_ABS_G  # replies with a larger |g| are rejected
-    aggregate: str = "sum"  # how a round combines its clients' updates (ledger.combined)
 
 
 class Coordinator:
@@ -62,7 +49,7 @@ class Coordinator:
             self._started = time.perf_counter()  # the round's wall time starts with its first message
         since = self.known.get(client, 0)
         message = {**self.assignment(client).to_record(), "client": client, "since": since,
-                   **encode_rounds([record.updates for record in self.log.rounds[since:]])}
+                   **encode_rounds([(record.clients, record.updates) for record in self.log.rounds[since:]])}
         self._sent[client] = record_bytes(message)
         return message
 

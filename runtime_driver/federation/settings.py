@@ -8,8 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from runtime_driver.federation.protocol import DEFAULT_MAX_ABS_G
-from runtime_driver.federation.server import FederationConfig
+from runtime_driver.federation.protocol import DEFAULT_MAX_ABS_G, FederationConfig
 
 METHODS = ("prge", "fedavg", "centralized")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}

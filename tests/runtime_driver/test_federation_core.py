@@ -15,9 +15,9 @@ from models.tasks.batches import TokenizedSplit
 from runtime_driver.engines import ExecuTorchPRGE
 from runtime_driver.federation.client import ClientBehind, ClientState, LocalTraining, answer, local_updates
 from runtime_driver.federation.ledger import RoundLog, RoundRecord, apply_round, combined
-from runtime_driver.federation.protocol import (Assignment, RejectedReply, Update, assigned_seeds, parse_reply,
-                                                reply_record)
-from runtime_driver.federation.server import Coordinator, FederationConfig
+from runtime_driver.federation.protocol import (Assignment, FederationConfig, RejectedReply, Update, assigned_seeds,
+                                                decode_rounds, encode_rounds, parse_reply, reply_record)
+from runtime_driver.federation.server import Coordinator
 from runtime_driver.run import program_task
 
 Q = 2
@@ -110,7 +110,33 @@ def test_a_mean_round_is_fedavg_of_the_clients_adapters_and_a_sum_round_adds_the
     assert [u.seed for u in updates] == [u.seed for c in clients for u in replies[c]] and all(u.lr == 0.05 for u in updates)
     torch.testing.assert_close(apply_round(start, updates, noise), (local - start).sum(0) + start, atol=1e-7, rtol=1e-6)
     with pytest.raises(ValueError, match="aggregate 'median'"):
-        combined(replies, "median")
+        FederationConfig(num_clients=3, rounds=1, local_steps=3, lr=0.05, eps=0.01, aggregate="median")
+
+
+@pytest.mark.parametrize("aggregate", ["sum", "mean"])
+def test_catch_up_rounds_travel_as_slots_and_float32_g_and_replay_to_the_same_adapter(federation, aggregate):
+    """Seeds and lr are rebuilt from the settings, g crosses as float32: the rounds a client
+    decodes apply to the server's adapter bit for bit (updates apply g and lr as float32)."""
+    engine, shards = federation
+    noise = engine.estimator.noise
+    cfg = FederationConfig(num_clients=3, rounds=3, local_steps=3, lr=0.05, eps=0.01, seed=0, aggregate=aggregate)
+    start = torch.zeros(engine.get_adapter().numel())
+    round0 = combined(_round(engine, shards, start, 0), aggregate)
+    after0 = apply_round(start, round0[1], noise)
+    replies1 = _round(engine, shards, after0, 1)
+    round1 = combined({c: replies1[c] for c in (0, 2)}, aggregate)  # client 1 dropped in round 1
+    message = {"since": 0, **encode_rounds([round0, round1])}
+    decoded = decode_rounds(message, cfg, engine.num_queries)
+    for (clients, sent), got in zip([round0, round1], decoded):
+        assert [(u.seed, u.lr) for u in got] == [(u.seed, u.lr) for u in sent]
+        assert all(torch.equal(torch.tensor(a.g, dtype=torch.float32), torch.tensor(b.g, dtype=torch.float32))
+                   for a, b in zip(got, sent))
+    server = apply_round(after0, round1[1], noise)
+    assert torch.equal(apply_round(apply_round(start, decoded[0], noise), decoded[1], noise), server)
+    # 2 rounds, 5 client-rounds of 3 steps x q=2: one float32 per g, two bytes per client.
+    assert len(message["catch_up_g"]) == 5 * 3 * 2 * 4 and len(message["catch_up_clients"]) == 5 * 2
+    with pytest.raises(ValueError, match="malformed catch-up"):
+        decode_rounds({**message, "catch_up_g": message["catch_up_g"][:-4]}, cfg, engine.num_queries)
 
 
 def test_the_round_log_rebuilds_the_global_adapter_after_a_restart(federation, tmp_path):
@@ -167,7 +193,7 @@ def _federate(engine, shards, log_path, rounds: int, restart_after: int | None =
             if (c, r) == (2, 1):
                 replies[c] = "no reply (dropped)"
                 continue
-            reply = answer(states[c], message, engine, shards[c], LocalTraining(batch_size=2, data_seed=c, num_labels=2))
+            reply = answer(states[c], message, cfg, engine, shards[c], LocalTraining(batch_size=2, data_seed=c, num_labels=2))
             if (c, r) == (1, 2):
                 reply = _tamper(reply, "g", [math.nan] + reply["g"][1:])
             if (c, r) == (0, 2):
