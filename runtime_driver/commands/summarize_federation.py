@@ -27,17 +27,17 @@ def _method(settings: dict[str, Any]) -> str:
     return "centralized P-RGE (one device, all rows)"
 
 
-def _curve(path: Path, settings: dict[str, Any], summary: dict[str, Any]) -> list[tuple[int, float]]:
-    """(forward rows so far, validation accuracy) at each validation."""
+def _curve(path: Path, settings: dict[str, Any], summary: dict[str, Any]) -> list[tuple[int, float, float]]:
+    """(forward rows so far, validation accuracy, validation loss) at each validation."""
     rows_per_step = summary["forward_rows"] // max(1, _steps(path, settings, summary))
     if settings["method"] == "centralized":
-        return [(r["step"] * rows_per_step, r["accuracy"]) for r in read_metrics(path / "metrics.jsonl")
+        return [(r["step"] * rows_per_step, r["accuracy"], r["loss"]) for r in read_metrics(path / "metrics.jsonl")
                 if r.get("type") == "eval" and r.get("accuracy") is not None]
     points, steps = [], 0
     for r in read_metrics(path / "rounds.jsonl"):
         steps += len(r["clients"]) * settings["local_steps"]
         if "accuracy" in r.get("metrics", {}):
-            points.append((steps * rows_per_step, r["metrics"]["accuracy"]))
+            points.append((steps * rows_per_step, r["metrics"]["accuracy"], r["metrics"]["loss"]))
     return points
 
 
@@ -74,8 +74,9 @@ def summarize_federation(paths: list[str], plot: Path | None = None) -> str:
     rows = [describe_federation(p) for p in paths]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
-    lines += ["", "Validation (forward rows: accuracy):"]
-    lines += [f"- `{row['run']}`: " + ", ".join(f"{n:,}: {a:.3f}" for n, a in row["curve"]) for row in rows if row["curve"]]
+    lines += ["", "Validation (forward rows: accuracy / loss):"]
+    lines += [f"- `{row['run']}`: " + ", ".join(f"{n:,}: {a:.3f} / {loss:.3f}" for n, a, loss in row["curve"])
+              for row in rows if row["curve"]]
     if plot is not None:
         _plot(rows, plot)
         lines += ["", f"Plot: {plot}"]
@@ -88,15 +89,17 @@ def _plot(rows: list[dict[str, Any]], out_png: Path) -> None:
     matplotlib.use("Agg")  # no display on servers or in CI
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in rows:
         if row["curve"]:
-            xs, ys = zip(*row["curve"])
-            ax.plot(xs, ys, "o-", label=row["run"])
-    ax.set_xlabel("forward rows (all clients)")
-    ax.set_ylabel("validation accuracy")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+            xs, accuracy, loss = zip(*row["curve"])
+            ax_acc.plot(xs, accuracy, "o-", label=row["run"])
+            ax_loss.plot(xs, loss, "o-", label=row["run"])
+    for ax, name in ((ax_acc, "validation accuracy"), (ax_loss, "validation loss")):
+        ax.set_xlabel("forward rows (all clients)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    ax_loss.legend(fontsize=8)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=120)
