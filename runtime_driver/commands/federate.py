@@ -153,11 +153,11 @@ def federate(cfg: FederationSettings, engine: str = "deployment", client_env: di
     if program_kind(manifest) != TRAINING:
         raise ValueError(f"{cfg.program}: a generation program; federate a training program (`prge export`)")
     cfg = replace(cfg, data=str(resolve_data_dir(cfg.data or None, progress=progress)))
+    run_config = "" if cfg.method == "centralized" else cfg.run_config()  # refuses paths Flower cannot carry
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(cfg.out) / "federation.json", {**asdict(cfg), "engine": engine})  # what `prge summarize` reads
     if cfg.method == "centralized":
         return centralized(cfg, manifest, progress)
-    run_config = cfg.run_config()
     out = Path(cfg.out)
     logs, home = out / "logs", out / "flower-home"
     logs.mkdir(parents=True, exist_ok=True)
