@@ -29,22 +29,17 @@ def _method(settings: dict[str, Any]) -> str:
 
 def _curve(path: Path, settings: dict[str, Any], summary: dict[str, Any]) -> list[tuple[int, float, float]]:
     """(forward rows so far, validation accuracy, validation loss) at each validation."""
-    rows_per_step = summary["forward_rows"] // max(1, _steps(path, settings, summary))
     if settings["method"] == "centralized":
+        rows_per_step = summary["forward_rows"] // max(1, summary["steps_run"])
         return [(r["step"] * rows_per_step, r["accuracy"], r["loss"]) for r in read_metrics(path / "metrics.jsonl")
                 if r.get("type") == "eval" and r.get("accuracy") is not None]
-    points, steps = [], 0
+    points, steps = [], 0  # (steps so far, accuracy, loss); forward rows once the total is known
     for r in read_metrics(path / "rounds.jsonl"):
         steps += len(r["clients"]) * settings["local_steps"]
         if "accuracy" in r.get("metrics", {}):
-            points.append((steps * rows_per_step, r["metrics"]["accuracy"], r["metrics"]["loss"]))
-    return points
-
-
-def _steps(path: Path, settings: dict[str, Any], summary: dict[str, Any]) -> int:
-    if settings["method"] == "centralized":
-        return summary["steps_run"]
-    return sum(len(r["clients"]) for r in read_metrics(path / "rounds.jsonl")) * settings["local_steps"]
+            points.append((steps, r["metrics"]["accuracy"], r["metrics"]["loss"]))
+    rows_per_step = summary["forward_rows"] // max(1, steps)
+    return [(n * rows_per_step, accuracy, loss) for n, accuracy, loss in points]
 
 
 def describe_federation(path: str | Path) -> dict[str, Any]:
