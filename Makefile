@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.prge-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast bench bench-accuracy bench-federation clean native native-aarch64
+.PHONY: install demo test test-fast bench bench-accuracy bench-federation bench-first-order clean native native-aarch64
 
 install: $(STAMP)
 
@@ -70,6 +70,22 @@ bench-federation: install
 	  run prge-32-$$shards --method prge $$flag --clients 32 --rounds 5 --local-steps $$(( $(FED_STEPS) / 160 )); \
 	done
 	$(BIN)/prge summarize runs/fed/centralized runs/fed/prge-* runs/fed/fedavg-* --plot runs/fed/federation.png | tee runs/fed/federation.md
+
+# First-order LoRA-FA through ExecuTorch's training extension against P-RGE (BENCHMARKS.md, "First-order
+# through ExecuTorch"): both programs, their step and peak RSS side by side, the SGD lr chosen on
+# validation (eager first-order SGD: the program takes the same steps, tests/runtime_driver/
+# test_first_order_program.py), then the program trained at that lr. About 1 h on 2 cores.
+FO_LR ?= 0.03
+bench-first-order: install
+	mkdir -p runs/fo
+	test -f runs/fo/program/manifest.json || $(BIN)/prge export --first-order --batch 16 --seq-len 64 --out runs/fo/program
+	test -f runs/fo/prge-program/manifest.json || $(BIN)/prge export --q 4 --batch 4 --seq-len 64 --out runs/fo/prge-program
+	$(BIN)/prge bench --programs runs/fo/prge-program runs/fo/program --reps 5 --json runs/fo/bench.json
+	for lr in 0.01 0.03 0.1 0.3; do test -f runs/fo/sweep-sgd-$$lr/summary.json || $(BIN)/prge train --method fo --optimizer sgd \
+	  --batch 16 --steps 50 --lr $$lr --eval-every 50 --eval-examples 200 --test-examples 0 --out runs/fo/sweep-sgd-$$lr; done
+	$(BIN)/prge train --engine executorch --program runs/fo/program --method fo --batch 16 --steps 150 --lr $(FO_LR) \
+	  --eval-every 50 --eval-examples 200 --threads 2 --out runs/fo/executorch-fo
+	$(BIN)/prge summarize runs/fo/executorch-fo | tee runs/fo/accuracy.md
 
 # Speed and memory (BENCHMARKS.md, "Performance (`prge bench`)"): parallel_speedup grid,
 # step_overhead, et_vs_eager, peak RSS per engine. Exports its programs once into

@@ -56,7 +56,7 @@ class _Method(nn.Module):
         return getattr(self.step, self.method_name)(*args)
 
 
-def _delegation_summary(edge_manager, method: str) -> dict[str, Any]:
+def delegation_summary(edge_manager, method: str) -> dict[str, Any]:
     """Delegated vs portable nodes of a method, counting loop bodies (a micro-batched
     forward's piece) once, as they appear in the program."""
     from collections import Counter
@@ -131,7 +131,7 @@ def lower_methods(target: nn.Module, dims: ProgramShapes, methods: tuple[str, ..
     # force_non_static_weights: the adapter matmuls multiply by B, a buffer, not a constant.
     partitioner = LoopAwareXnnpackPartitioner(force_non_static_weights_for_f32_linear=True)
     edge = to_edge_transform_and_lower(programs, partitioner=[partitioner])
-    delegation = {name: _delegation_summary(edge, name) for name in methods}
+    delegation = {name: delegation_summary(edge, name) for name in methods}
     timings["lower_s"] = time.perf_counter() - began
 
     began = time.perf_counter()

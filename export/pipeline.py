@@ -91,23 +91,23 @@ def export_model(
     program, delegation, timings = export_step(step, shapes, external_weights, progress, methods)
 
     with replace_dir_atomically(Path(out_dir)) as tmp:
-        pte, ptd = _write_program_and_tokenizer(program, model_dir, tmp)
+        pte, ptd = write_program_and_tokenizer(program, model_dir, tmp)
         manifest = build_manifest(
             pte=pte, ptd=ptd, methods=methods, shapes=shapes, micro_batch=adapter.micro_batch,
             num_queries=adapter.num_queries,
-            adapter=_adapter_entry(adapter),
+            adapter=adapter_entry(adapter),
             slots=step.slots, task=task, label_ids=label_ids,
             tokenizer_file=tmp / "tokenizer.json" if (tmp / "tokenizer.json").is_file() else None,
-            pad_token_id=tokenizer.pad_token_id, model=_model_entry(model_dir, step, rewrites),
+            pad_token_id=tokenizer.pad_token_id, model=model_entry(model_dir, step, rewrites),
             defaults=defaults or {}, delegation=delegation, estimator=estimator_named(adapter.estimator),
             vocab_size=step.vocab_size, completion_len=step.completion_len,
-            export_seconds=_export_seconds(timings, began),
+            export_seconds=export_seconds(timings, began),
         )
         write_manifest(tmp, manifest)
     return manifest
 
 
-def _write_program_and_tokenizer(program, model_dir: Path, out_dir: Path) -> tuple[Path, Path | None]:
+def write_program_and_tokenizer(program, model_dir: Path, out_dir: Path) -> tuple[Path, Path | None]:
     pte, ptd = write_program(program, out_dir)
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
@@ -115,18 +115,18 @@ def _write_program_and_tokenizer(program, model_dir: Path, out_dir: Path) -> tup
     return pte, ptd
 
 
-def _model_entry(model_dir: Path, step, rewrites: bool) -> dict[str, Any]:
+def model_entry(model_dir: Path, step, rewrites: bool) -> dict[str, Any]:
     return {"path": str(model_dir.resolve()), "id": model_dir.name, "model_type": step.body.backbone.config.model_type,
             "rewrites": rewrites, "rewritten": step.rewrites.as_json(), "quantization": step.quantization,
             "weights_sha256": model_weights_hash(model_dir)}
 
 
-def _export_seconds(timings: dict[str, float], began: float) -> dict[str, float]:
+def export_seconds(timings: dict[str, float], began: float) -> dict[str, float]:
     """The manifest's export_seconds: each phase, and the whole export since `began`."""
     return {**{k: round(v, 2) for k, v in timings.items()}, "total_s": round(time.perf_counter() - began, 2)}
 
 
-def _adapter_entry(adapter: AdapterConfig) -> dict[str, Any]:
+def adapter_entry(adapter: AdapterConfig) -> dict[str, Any]:
     return {"kind": "lora-fa", "rank": adapter.rank, "alpha": adapter.alpha, "targets": adapter.targets,
             "a_seed": adapter.a_seed}
 
@@ -176,14 +176,14 @@ def export_generation_program(
     program, delegation, timings = lower_methods(CachedDecoder(step, cache_len), dims, GENERATION_METHODS,
                                                  external_weights, progress)
     with replace_dir_atomically(Path(out_dir)) as tmp:
-        pte, ptd = _write_program_and_tokenizer(program, model_dir, tmp)
+        pte, ptd = write_program_and_tokenizer(program, model_dir, tmp)
         manifest = build_generation_manifest(
             pte=pte, ptd=ptd, seq_len=seq_len, cache_len=cache_len, vocab_size=step.vocab_size,
-            adapter=_adapter_entry(adapter), slots=step.slots, task=task,
+            adapter=adapter_entry(adapter), slots=step.slots, task=task,
             tokenizer_file=tmp / "tokenizer.json" if (tmp / "tokenizer.json").is_file() else None,
             pad_token_id=tokenizer.pad_token_id, eos_token_ids=_eos_token_ids(model_dir, tokenizer),
-            model=_model_entry(model_dir, step, rewrites), delegation=delegation,
-            export_seconds=_export_seconds(timings, began),
+            model=model_entry(model_dir, step, rewrites), delegation=delegation,
+            export_seconds=export_seconds(timings, began),
         )
         write_manifest(tmp, manifest)
     return manifest

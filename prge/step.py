@@ -191,8 +191,13 @@ class PRGEStep(nn.Module):
         else:
             logits = self.head_logits(hidden, full_vocab=True)
             targets = self.label_token_ids.index_select(0, labels)
-        log_probs = torch.log_softmax(logits, dim=-1)
-        return -log_probs.gather(1, targets.reshape(-1, 1)).reshape(-1)
+        return _nll(logits, targets)
+
+    def label_losses_and_logits(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """A classification step's per-example cross-entropy [B] and label-word logits [B, num_labels]
+        from one forward: what a first-order program returns (export/first_order.py)."""
+        logits = self.head_logits(self.body(input_ids, attention_mask)[:, -1, :], full_vocab=False)
+        return _nll(logits, labels), logits
 
     def _completion_loss(self, hidden: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy over each row's scored positions, [B].
@@ -316,3 +321,8 @@ class PRGEStep(nn.Module):
     def set_adapter(self, flat: Tensor) -> Tensor:
         self._write_adapter(flat.reshape(-1).to(torch.float32))
         return self.flat_adapter().clone()
+
+
+def _nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of each row's target class, [B]."""
+    return -torch.log_softmax(logits, dim=-1).gather(1, targets.reshape(-1, 1)).reshape(-1)

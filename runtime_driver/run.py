@@ -22,8 +22,11 @@ from models.tasks.folder import Task, load_folder_spec, load_task, resolve_data_
 from runtime_driver.engines import EagerPRGE, EagerSequential, Engine, ExecuTorchPRGE
 from runtime_driver.evaluate import completion_loss, evaluate, generation_metrics
 from runtime_driver.failpoints import reached
+from runtime_driver.first_order_engine import ExecuTorchFirstOrder
 from runtime_driver.replay import INITIAL_ZEROS
-from runtime_driver.train import TrainConfig, check_resumable, train_first_order, train_zero_order, zero_order_fingerprint
+from runtime_driver.train import (TrainConfig, check_first_order_checkpoints, check_resumable, first_order_fingerprint,
+                                  first_order_loop, first_order_resume_point, train_first_order, train_zero_order,
+                                  zero_order_fingerprint)
 
 
 @dataclass
@@ -56,11 +59,16 @@ def build_engine(cfg: RunConfig, data_dir: Path) -> tuple[Engine, Task]:
         return eager_engine(model_dir, cfg.adapter, task.label_ids, cfg.seq_len, cfg.train.method), task
     if cfg.engine != "executorch":
         raise ValueError(f"unknown engine {cfg.engine!r}")
-    if cfg.train.method != "prge":
-        raise ValueError(f"the executorch engine runs P-RGE programs; --method {cfg.train.method} is eager-only")
+    if cfg.train.method not in ("prge", "fo"):
+        raise ValueError(f"the executorch engine runs P-RGE and first-order programs; --method {cfg.train.method} is eager-only")
     if not cfg.program:
         raise ValueError("--engine executorch needs --program DIR (the output of `prge export`)")
-    engine = ExecuTorchPRGE(cfg.program)
+    if cfg.train.method == "fo":
+        if cfg.train.optimizer != "sgd":
+            raise ValueError(f"--optimizer {cfg.train.optimizer}: ExecuTorch's training extension has SGD only")
+        engine = ExecuTorchFirstOrder(cfg.program)
+    else:
+        engine = ExecuTorchPRGE(cfg.program)
     if cfg.train.batch_size != engine.batch_size:
         raise ValueError(f"--batch {cfg.train.batch_size} differs from the program's batch {engine.batch_size} (fixed at export)")
     return engine, program_task(engine.program_dir, engine.manifest, data_dir)
@@ -110,12 +118,18 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, prog
     run_dir = Path(cfg.out)
     fingerprint = {"model": engine.base_model, "seq_len": engine.seq_len, "adapter_layout": layout_hash(engine.slots),
                    **({"program_sha256": engine.program_sha256} if engine.program_sha256 else {})}
-    if resume and t.method != "fo":  # a checkpoint that cannot be resumed fails before anything is written
+    # A checkpoint that cannot be resumed fails before anything is written.
+    resume_point = (0, None)
+    if t.method == "fo":
+        check_first_order_checkpoints(t)
+    if resume and t.method == "fo":
+        resume_point = first_order_resume_point(t, run_dir, fingerprint)
+    elif resume:
         check_resumable(run_dir, zero_order_fingerprint(t, engine, fingerprint))
     run_dir.mkdir(parents=True, exist_ok=True)
     # The layout lets `prge replay` rebuild the adapter from the log without the model.
     layout = {"numel": sum(s.numel for s in engine.slots), "slots": slots_to_json(engine.slots), "initial": INITIAL_ZEROS,
-              "noise": engine.estimator.noise}
+              **({} if t.method == "fo" else {"noise": engine.estimator.noise})}
     write_json_atomic(run_dir / "config.json", {**asdict(cfg), "data_dir": str(data_dir), "base_model": engine.base_model,
                                                 "adapter_layout": layout})
 
@@ -125,8 +139,14 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, prog
         progress("Evaluating the test split before training ...")
         summary["test_before"] = evaluate_split(splits["test"], final=True)
     evaluator = lambda: evaluate_split(splits["validation"])  # noqa: E731
-    if t.method == "fo":
-        summary.update(train_first_order(engine.step, splits["train"], evaluator, t, run_dir, quiet=quiet))
+    if t.method == "fo" and cfg.engine == "executorch":
+        if resume_point[1] is not None:
+            engine.set_adapter(resume_point[1])
+        summary.update(first_order_loop(engine.first_order_step, engine.get_adapter, splits["train"], evaluator, t, run_dir,
+                                        quiet, resume_point[0], first_order_fingerprint(t, fingerprint)))
+    elif t.method == "fo":
+        summary.update(train_first_order(engine.step, splits["train"], evaluator, t, run_dir, quiet, resume_point,
+                                         first_order_fingerprint(t, fingerprint)))
     else:
         # A completion task has no guessing floor for the divergence check (ln 1 = 0: the baseline alone sets it).
         num_labels = 1 if task.is_completion else len(task.spec.labels)

@@ -297,27 +297,90 @@ def train_first_order(
     cfg: TrainConfig,
     run_dir: Path,
     quiet: bool = False,
+    resume_point: tuple[int, torch.Tensor | None] = (0, None),
+    fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """First-order LoRA-FA (autograd on B only): the accuracy reference for the ZO methods."""
+    """First-order LoRA-FA (autograd on B only): the accuracy reference for the ZO methods.
+    resume_point: first_order_resume_point's (next step, adapter) when resuming."""
+    start, adapter = resume_point
+    if adapter is not None:  # before B requires grad: a plain in-place write
+        with torch.no_grad():
+            step.set_adapter(adapter)
     optimizer = first_order_optimizer(step, cfg.optimizer, cfg.lr)
-    progress = _Progress(cfg, run_dir, 0, evaluator, quiet)
-    with torch.no_grad():
-        progress.eval_at_start(0)
+
+    def take_step(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, lr: float) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return first_order_step(step, optimizer, ids, mask, labels)
+
     try:
-        for t in range(cfg.steps):
-            lr = learning_rate(cfg.schedule, cfg.lr, t, cfg.steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            ids, mask, labels = train.rows(batch_indices(len(train), cfg.batch_size, t, cfg.seed))
-            began = time.perf_counter()
-            loss = first_order_step(step, optimizer, ids, mask, labels)
-            progress.step_ms.append((time.perf_counter() - began) * 1000)
-            progress.log_step({"type": "train", "step": t, "lr": lr, "loss": loss, "step_ms": round(progress.step_ms[-1], 3)}, loss)
-            if due_after(t + 1, cfg).eval:
-                with torch.no_grad():
-                    progress.run_eval(t + 1)
+        return first_order_loop(take_step, lambda: step.flat_adapter().detach().clone(), train, evaluator, cfg, run_dir,
+                                quiet, start, fingerprint)
     finally:
         for layer in step.adapter_layers:
             layer.lora_B.requires_grad_(False)
+
+
+def first_order_fingerprint(cfg: TrainConfig, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """What a first-order checkpoint records and a resume must match."""
+    return {**cfg.fingerprint(), **(extra or {})}
+
+
+def check_first_order_checkpoints(cfg: TrainConfig) -> None:
+    if cfg.checkpoint_every and cfg.optimizer != "sgd":
+        raise CheckpointError(f"--checkpoint-every with --optimizer {cfg.optimizer}: its moments are not checkpointed; "
+                              "first-order runs checkpoint with sgd")
+
+
+def first_order_resume_point(cfg: TrainConfig, run_dir: Path, extra: dict[str, Any] | None) -> tuple[int, torch.Tensor | None]:
+    """(next step, adapter) of a first-order run's checkpoint ((0, None): none yet, said so). Only
+    SGD resumes exactly from B alone; Adam's moments are not checkpointed, so it is refused."""
+    if cfg.optimizer != "sgd":
+        raise CheckpointError(f"--optimizer {cfg.optimizer}: its moments are not checkpointed; "
+                              "first-order runs checkpoint and resume with sgd")
+    start, adapter, _ = check_resumable(run_dir, first_order_fingerprint(cfg, extra))
+    if adapter is None:
+        say(f"{run_dir / 'ckpt'}: no checkpoint yet; starting from step 0")
+    return start, adapter
+
+
+def first_order_loop(
+    take_step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], float],
+    get_adapter: Callable[[], torch.Tensor],
+    train: TokenizedSplit,
+    evaluator: Evaluator,
+    cfg: TrainConfig,
+    run_dir: Path,
+    quiet: bool = False,
+    start: int = 0,
+    fingerprint: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Steps start..cfg.steps-1 of a first-order run, each take_step(ids, mask, labels, lr) -> loss
+    (the eager optimizer, or an ExecuTorch first-order program's SGD), with the same batches,
+    schedule, metrics and evals as every other method. With SGD, B and the step are the whole
+    state (the data order is a function of the step): a checkpoint holds them, and a resumed run
+    (start and B from first_order_resume_point, B set by the caller) takes the same steps as an
+    uninterrupted one. fingerprint: first_order_fingerprint, recorded in each checkpoint."""
+    check_first_order_checkpoints(cfg)
+    progress = _Progress(cfg, run_dir, start, evaluator, quiet)
+    with torch.no_grad():
+        progress.eval_at_start(start)
+    try:
+        for t in range(start, cfg.steps):
+            lr = learning_rate(cfg.schedule, cfg.lr, t, cfg.steps)
+            ids, mask, labels = train.rows(batch_indices(len(train), cfg.batch_size, t, cfg.seed))
+            began = time.perf_counter()
+            loss = take_step(ids, mask, labels, lr)
+            progress.step_ms.append((time.perf_counter() - began) * 1000)
+            progress.log_step({"type": "train", "step": t, "lr": lr, "loss": loss, "step_ms": round(progress.step_ms[-1], 3)}, loss)
+            reached("after-step", t)
+            due = due_after(t + 1, cfg)
+            if due.eval:
+                with torch.no_grad():
+                    progress.run_eval(t + 1)
+            if due.checkpoint:
+                save_checkpoint(run_dir / "ckpt", get_adapter(),
+                                {"step": t + 1, "data_position": (t + 1) * cfg.batch_size, "fingerprint": fingerprint or {}})
+    finally:
         progress.close()
-    return progress.summary(cfg.steps)
+    return progress.summary(cfg.steps - start)

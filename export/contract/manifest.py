@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from export.contract.methods import CONTRACT_VERSION, GENERATION_METHODS, ExportShapes, ProgramShapes, signatures_json
+from export.contract.methods import (CONTRACT_VERSION, FIRST_ORDER_METHODS, GENERATION_METHODS, ExportShapes, ProgramShapes,
+                                     signatures_json)
 from models.files import sha256_file, write_json_atomic
 from models.tasks.spec import TaskSpec
 from prge.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, Estimator
@@ -18,8 +19,11 @@ from prge.step import COMPLETION, LOSS_KINDS, AdapterSlot
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 2
 # What a program is for: training (the default, and every program before generation ones) or
-# generation (`prge export --generate`: prefill and decode over a KV cache, no noise, no step).
-TRAINING, GENERATION = "training", "generation"
+# generation (`prge export --generate`: prefill and decode over a KV cache, no noise, no step), or
+# first-order (`prge export --first-order`: ExecuTorch's training extension, a joint
+# forward-backward method whose gradients its SGD applies; the baseline a user of that route runs).
+TRAINING, GENERATION, FIRST_ORDER = "training", "generation", "first-order"
+KINDS = (TRAINING, GENERATION, FIRST_ORDER)
 # Keys a driver relies on; a manifest missing any of them is rejected.
 REQUIRED_KEYS = (
     "manifest_version", "contract", "program", "methods", "shapes", "num_queries", "adapter", "task",
@@ -27,6 +31,8 @@ REQUIRED_KEYS = (
 )
 GENERATION_KEYS = ("manifest_version", "kind", "contract", "program", "methods", "shapes", "adapter", "task",
                    "tokenizer", "model", "versions")
+FIRST_ORDER_KEYS = GENERATION_KEYS + ("defaults", "parameters")
+_KEYS = {TRAINING: REQUIRED_KEYS, GENERATION: GENERATION_KEYS, FIRST_ORDER: FIRST_ORDER_KEYS}
 # Packages whose versions change what a program computes or how it was made.
 VERSIONED_PACKAGES = ("torch", "executorch", "torchao", "transformers", "peft")
 
@@ -97,6 +103,16 @@ def file_entry(path: Path) -> dict[str, Any]:
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def _label_task_entry(task: TaskSpec, label_ids: list[int]) -> dict[str, Any]:
+    return {"template": task.template, "labels": task.label_names, "label_words": task.label_words,
+            "label_token_ids": label_ids, "loss": task.loss, "padding": "left", "chat_template": task.chat_template}
+
+
+def _tokenizer_entry(tokenizer_file: Path | None, pad_token_id: int) -> dict[str, Any]:
+    return {"file": tokenizer_file.name if tokenizer_file else None,
+            "sha256": sha256_file(tokenizer_file) if tokenizer_file else None, "pad_token_id": pad_token_id}
+
+
 def build_manifest(
     *,
     pte: Path,
@@ -134,12 +150,8 @@ def build_manifest(
                    **({"completion_len": completion_len} if task.loss == COMPLETION else {})},
         "num_queries": num_queries,
         "adapter": {**adapter, "numel": numel, "slots": slots_to_json(slots)},
-        "task": {"template": task.template, "labels": task.label_names, "label_words": task.label_words,
-                 "label_token_ids": label_ids, "loss": task.loss, "padding": "left",
-                 "chat_template": task.chat_template},
-        "tokenizer": {"file": tokenizer_file.name if tokenizer_file else None,
-                      "sha256": sha256_file(tokenizer_file) if tokenizer_file else None,
-                      "pad_token_id": pad_token_id},
+        "task": _label_task_entry(task, label_ids),
+        "tokenizer": _tokenizer_entry(tokenizer_file, pad_token_id),
         "estimator": estimator.to_json(),
         "prng_version": estimator.prng_version,
         "model": model,
@@ -182,12 +194,53 @@ def build_generation_manifest(
         "shapes": {"seq_len": seq_len, "cache_len": cache_len, "vocab_size": vocab_size},
         "adapter": {**adapter, "numel": numel, "slots": slots_to_json(slots)},
         "task": {"template": task.template, "loss": task.loss, "chat_template": task.chat_template},
-        "tokenizer": {"file": tokenizer_file.name if tokenizer_file else None,
-                      "sha256": sha256_file(tokenizer_file) if tokenizer_file else None,
-                      "pad_token_id": pad_token_id, "eos_token_ids": eos_token_ids},
+        "tokenizer": {**_tokenizer_entry(tokenizer_file, pad_token_id), "eos_token_ids": eos_token_ids},
         "model": model,
         "versions": package_versions(),
         "code_version": program_code_version(),
+        "delegation": delegation,
+        "export_seconds": export_seconds,
+    }
+
+
+def build_first_order_manifest(
+    *,
+    pte: Path,
+    shapes: ExportShapes,
+    adapter: dict[str, Any],
+    slots: tuple[AdapterSlot, ...],
+    parameters: list[str],
+    task: TaskSpec,
+    label_ids: list[int],
+    tokenizer_file: Path | None,
+    pad_token_id: int,
+    model: dict[str, Any],
+    defaults: dict[str, float],
+    vocab_size: int,
+    delegation: dict[str, Any],
+    export_seconds: dict[str, float],
+) -> dict[str, Any]:
+    """The manifest of a first-order program: parameters are the program's names of the trainable
+    B tensors, one per slot in slot order (how a driver maps the extension's named parameters
+    onto the flat adapter)."""
+    numel = sum(s.numel for s in slots)
+    methods = FIRST_ORDER_METHODS
+    dims = ProgramShapes.for_first_order(shapes.batch_size, shapes.seq_len, numel, len(label_ids), vocab_size)
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "kind": FIRST_ORDER,
+        "contract": signatures_json(methods, dims),
+        "program": {"pte": file_entry(pte), "ptd": None},
+        "methods": list(methods),
+        "shapes": {"batch_size": shapes.batch_size, "seq_len": shapes.seq_len, "vocab_size": vocab_size},
+        "adapter": {**adapter, "numel": numel, "slots": slots_to_json(slots)},
+        "parameters": parameters,
+        "task": _label_task_entry(task, label_ids),
+        "tokenizer": _tokenizer_entry(tokenizer_file, pad_token_id),
+        "model": model,
+        "versions": package_versions(),
+        "code_version": program_code_version(),
+        "defaults": defaults,
         "delegation": delegation,
         "export_seconds": export_seconds,
     }
@@ -206,6 +259,9 @@ def program_shapes(manifest: dict[str, Any]) -> ProgramShapes:
     shapes = manifest["shapes"]
     if program_kind(manifest) == GENERATION:
         return ProgramShapes.for_generation(shapes["seq_len"], manifest["adapter"]["numel"], shapes["vocab_size"])
+    if program_kind(manifest) == FIRST_ORDER:
+        return ProgramShapes.for_first_order(shapes["batch_size"], shapes["seq_len"], manifest["adapter"]["numel"],
+                                             len(manifest["task"]["label_token_ids"]), shapes["vocab_size"])
     # vocab_size: absent from manifests of before completion tasks, whose methods never read it.
     return ProgramShapes(shapes["batch_size"], shapes["seq_len"], shapes["eval_batch_size"], manifest["num_queries"],
                          manifest["adapter"]["numel"], len(manifest["task"]["label_token_ids"]),
@@ -236,9 +292,9 @@ def read_manifest(program_dir: str | Path) -> dict[str, Any]:
         raise ManifestError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise ManifestError(f"{path}: expected a JSON object")
-    if manifest.get("kind", TRAINING) not in (TRAINING, GENERATION):
-        raise ManifestError(f"{path}: kind {manifest['kind']!r}: expected {TRAINING!r} or {GENERATION!r}")
-    missing = [k for k in (GENERATION_KEYS if program_kind(manifest) == GENERATION else REQUIRED_KEYS) if k not in manifest]
+    if manifest.get("kind", TRAINING) not in KINDS:
+        raise ManifestError(f"{path}: kind {manifest['kind']!r}: expected one of {', '.join(map(repr, KINDS))}")
+    missing = [k for k in _KEYS[program_kind(manifest)] if k not in manifest]
     if missing:
         raise ManifestError(f"{path}: missing keys {', '.join(missing)}")
     if manifest["manifest_version"] != MANIFEST_VERSION:
@@ -282,13 +338,17 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
         raise fail("methods", "expected a list of method names")
     if not isinstance(m["shapes"], dict):
         raise fail("shapes", "expected an object")
-    training = program_kind(m) == TRAINING
+    kind = program_kind(m)
+    training = kind == TRAINING
     if training:
         for key in ("batch_size", "seq_len", "eval_batch_size"):
             positive_int(m["shapes"].get(key), f"shapes.{key}")
         if m["shapes"].get("micro_batch") is not None:  # absent or null: one pass over all rows
             positive_int(m["shapes"]["micro_batch"], "shapes.micro_batch")
         positive_int(m["num_queries"], "num_queries")
+    elif kind == FIRST_ORDER:
+        for key in ("batch_size", "seq_len", "vocab_size"):
+            positive_int(m["shapes"].get(key), f"shapes.{key}")
     else:
         for key in ("seq_len", "cache_len", "vocab_size"):
             positive_int(m["shapes"].get(key), f"shapes.{key}")
@@ -328,7 +388,13 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
     if not isinstance(m["versions"], dict):
         raise fail("versions", "expected an object")
     if training:
-        _check_training_fields(m, fail, positive_int)
+        _check_label_fields(m, fail, positive_int)
+        _check_estimator_fields(m, fail)
+    elif kind == FIRST_ORDER:
+        _check_label_fields(m, fail, positive_int)
+        names = m["parameters"]
+        if not (isinstance(names, list) and len(names) == len(slots) and all(isinstance(n, str) and n for n in names)):
+            raise fail("parameters", f"expected one parameter name per adapter slot ({len(slots)})")
     else:
         eos = m["tokenizer"].get("eos_token_ids")
         if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
@@ -337,8 +403,9 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
     if not isinstance(contract, dict) or contract.get("version") != CONTRACT_VERSION:
         got = contract.get("version") if isinstance(contract, dict) else contract
         raise fail("contract", f"version {got!r}: this prge drives programs of contract {CONTRACT_VERSION}; re-export the program")
-    if not training and m["methods"] != list(GENERATION_METHODS):
-        raise fail("methods", f"a generation program has the methods {', '.join(GENERATION_METHODS)}")
+    fixed = {GENERATION: GENERATION_METHODS, FIRST_ORDER: FIRST_ORDER_METHODS}.get(kind)
+    if fixed and m["methods"] != list(fixed):
+        raise fail("methods", f"a {kind} program has the methods {', '.join(fixed)}")
     try:
         expected = signatures_json(m["methods"], program_shapes(m))
     except KeyError as e:
@@ -348,8 +415,8 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
                                "prge's program contract imply")
 
 
-def _check_training_fields(m: dict[str, Any], fail, positive_int) -> None:
-    """The fields only a training program has: label words, completion shapes, the estimator."""
+def _check_label_fields(m: dict[str, Any], fail, positive_int) -> None:
+    """The label words (and a completion task's shapes) of a training or first-order program."""
     task = m["task"]
     labels, words, ids = task.get("labels"), task.get("label_words"), task.get("label_token_ids")
     classes = 0 if task["loss"] == COMPLETION else 2  # a completion task has no label words
@@ -361,6 +428,10 @@ def _check_training_fields(m: dict[str, Any], fail, positive_int) -> None:
     if task["loss"] == COMPLETION:
         positive_int(m["shapes"].get("completion_len"), "shapes.completion_len")
         positive_int(m["shapes"].get("vocab_size"), "shapes.vocab_size")
+
+
+def _check_estimator_fields(m: dict[str, Any], fail) -> None:
+    """A training program's estimator: one this prge knows, with its noise generator's version."""
     estimator = m.get("estimator", {"name": DEFAULT_ESTIMATOR})
     if not isinstance(estimator, dict) or ESTIMATORS.get(estimator.get("name")) is None:
         raise fail("estimator", f"{estimator!r}: expected an object naming one of {', '.join(ESTIMATORS)}")

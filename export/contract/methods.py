@@ -16,7 +16,9 @@ eval_logits scores the label words) or for a completion task (labels are per-pos
 [batch, seq_len], prge/step.py; eval_losses and next_token_logits replace eval_logits).
 inputs_of and training_methods give a method's inputs and a program's methods for its loss.
 A generation program (GENERATION_METHODS) decodes one row with a KV cache; its seq_len is the
-prefill window.
+prefill window. A first-order program (FIRST_ORDER_METHODS, ExecuTorch's training extension)
+has one joint forward-backward method; its outputs after OUTPUTS' loss are the label-word
+logits [batch, num_labels], then the gradients and the parameters the extension appends.
 """
 from __future__ import annotations
 
@@ -70,6 +72,8 @@ INPUTS: dict[str, tuple[Arg, ...]] = {
     # seq_len and its true length, then one token at a time at its absolute position.
     "prefill": (Arg("input_ids", "int64", (1, "seq_len")), Arg("length", "int64", (1,))),
     "decode": (Arg("token", "int64", (1, 1)), Arg("position", "int64", (1,))),
+    # First-order programs: the batch's mean loss and its gradient in B, in one call.
+    "first_order_step": (*_tokens(), _LABELS),
 }
 OUTPUTS: dict[str, Arg] = {
     "train_step": Arg("losses", "float32", ("2q",)),  # + copies first, then - copies
@@ -82,16 +86,19 @@ OUTPUTS: dict[str, Arg] = {
     "next_token_logits": Arg("logits", "float32", ("eval_batch", "vocab")),
     "prefill": Arg("logits", "float32", (1, "vocab")),  # at the prompt's last token
     "decode": Arg("logits", "float32", (1, "vocab")),
+    "first_order_step": Arg("loss", "float32", ()),  # a scalar: the extension differentiates output 0
 }
 # What a training driver calls; all of them share one adapter state inside the program.
 TRAINING_METHODS = ("train_step", "apply_update", "eval_logits", "get_adapter", "set_adapter")
 COMPLETION_TRAINING_METHODS = ("train_step", "apply_update", "eval_losses", "next_token_logits", "get_adapter", "set_adapter")
 # A generation program (`prge export --generate`): what a decoding loop calls.
 GENERATION_METHODS = ("prefill", "decode", "get_adapter", "set_adapter")
+# A first-order program (`prge export --first-order`): what its SGD driver calls.
+FIRST_ORDER_METHODS = ("first_order_step",)
 # Exported only on request.
 OPTIONAL_METHODS = ("perturbed_loss",)
 KNOWN_METHODS = tuple(dict.fromkeys(TRAINING_METHODS + COMPLETION_TRAINING_METHODS + OPTIONAL_METHODS
-                                    + GENERATION_METHODS))
+                                    + GENERATION_METHODS + FIRST_ORDER_METHODS))
 
 
 def training_methods(loss: str) -> tuple[str, ...]:
@@ -138,6 +145,11 @@ class ProgramShapes:
     def for_generation(cls, seq_len: int, adapter_numel: int, vocab: int) -> "ProgramShapes":
         """A generation program's: one row, seq_len the prefill window, no queries or labels."""
         return cls(1, seq_len, 1, 0, adapter_numel, 0, vocab, "lm")
+
+    @classmethod
+    def for_first_order(cls, batch: int, seq_len: int, adapter_numel: int, num_labels: int, vocab: int) -> "ProgramShapes":
+        """A first-order program's: one call takes the batch (of a label-word task); no queries."""
+        return cls(batch, seq_len, batch, 1, adapter_numel, num_labels, vocab, "classification")
 
     def size(self, dim: str | int) -> int:
         if isinstance(dim, int):

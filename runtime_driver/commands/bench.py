@@ -26,13 +26,14 @@ from typing import Any, Callable
 
 import torch
 
-from export.contract.manifest import package_versions
+from export.contract.manifest import FIRST_ORDER, package_versions, program_kind, read_manifest
 from export.contract.methods import step_scalars
 from models.console import say
 from models.files import cache_dir, write_json_atomic
 from prge.pieces import DEFAULT_MICRO_BATCH
 from runtime_driver.commands.bench_worker import plain_forward
 from runtime_driver.engines import ExecuTorchProgram, program_adapter_config, set_runtime_threads
+from runtime_driver.first_order_engine import ExecuTorchFirstOrder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_METHODS = ("train_step",)
@@ -412,12 +413,21 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
     of its own, and its size. A before/after measurement of a change to the exported code, of
     one model stored several ways (float32 and quantized bases), or of a completion task's step
     beside a classification one: ratios are to the first. The plain forward is eval_logits, or
-    a completion program's eval_losses (the same forward, scored at its completion positions)."""
+    a completion program's eval_losses (the same forward, scored at its completion positions).
+    A first-order program (`prge export --first-order`) is timed by its whole step (forward,
+    backward, SGD); it has no plain forward of its own, so no step_overhead."""
     torch.set_num_threads(threads)
     set_runtime_threads(threads)
     calls: dict[str, Callable[[], Any]] = {}
     keep = []
     for path in program_dirs:
+        if program_kind(read_manifest(path)) == FIRST_ORDER:
+            engine = ExecuTorchFirstOrder(path)
+            keep.append(engine)
+            _, vocab, _ = plain_forward(engine.manifest)
+            batch = _batch(engine.batch_size, engine.seq_len, vocab)
+            calls[f"{path}:train_step"] = lambda e=engine, b=batch: e.first_order_step(*b, lr=1e-3)
+            continue
         program = ExecuTorchProgram(Path(path))  # the training methods of its task's kind
         keep.append(program)
         manifest = program.manifest
@@ -432,15 +442,19 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
     del keep, calls  # the RSS workers measure one program each; nothing here should crowd them
     rows: dict[str, dict[str, Any]] = {}
     for path in program_dirs:
-        files, adapter = manifests[path]["program"], program_adapter_config(manifests[path])
+        m = manifests[path]
+        files, first_order = m["program"], program_kind(m) == FIRST_ORDER
+        plain = None if first_order else ms[f"{path}:eval_logits"]
         rows[path] = {
-            "quantization": adapter.quantize,
-            "estimator": adapter.estimator,
+            "method": "first-order (SGD)" if first_order else "P-RGE",
+            "rows_per_step": m["shapes"]["batch_size"] * (1 if first_order else 2 * m["num_queries"]),
+            "quantization": "none" if first_order else program_adapter_config(m).quantize,
+            "estimator": "-" if first_order else program_adapter_config(m).estimator,
             "program_mb": round((files["pte"]["bytes"] + (files["ptd"]["bytes"] if files["ptd"] else 0)) / 1e6, 1),
-            "train_step_ms": round(ms[f"{path}:train_step"], 3), "eval_logits_ms": round(ms[f"{path}:eval_logits"], 3),
-            "step_overhead": round(ms[f"{path}:train_step"] / ms[f"{path}:eval_logits"], 3),
-            "peak_rss_train_step_mb": run_worker(["executorch-prge", "--program", str(path), "--steps", "2",
-                                                  "--threads", str(threads)])["vm_hwm_mb"] if rss else None,
+            "train_step_ms": round(ms[f"{path}:train_step"], 3), "eval_logits_ms": plain and round(plain, 3),
+            "step_overhead": plain and round(ms[f"{path}:train_step"] / plain, 3),
+            "peak_rss_train_step_mb": run_worker(["executorch-fo" if first_order else "executorch-prge", "--program", str(path),
+                                                  "--steps", "2", "--threads", str(threads)])["vm_hwm_mb"] if rss else None,
         }
     first = rows[program_dirs[0]]
     for row in rows.values():
@@ -451,12 +465,14 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
 
 def format_programs(rows: dict[str, dict[str, Any]]) -> str:
     """The side-by-side table of `prge bench --programs` (markdown)."""
-    lines = ["| program | base | estimator | program MB | peak RSS train_step MB | train_step ms | eval_logits ms | "
-             "step_overhead | step vs first | RSS vs first |", "|" + "---|" * 10]
+    lines = ["| program | method | rows per step | base | estimator | program MB | peak RSS train_step MB | train_step ms | "
+             "eval_logits ms | step_overhead | step vs first | RSS vs first |", "|" + "---|" * 12]
     for path, r in rows.items():
         rss = "-" if r["peak_rss_train_step_mb"] is None else f"{r['peak_rss_train_step_mb']:,.0f}"
         ratio = "-" if r["rss_vs_first"] is None else f"{r['rss_vs_first']:.2f}"
-        lines.append(f"| {path} | {r['quantization']} | {r['estimator']} | {r['program_mb']:,.1f} | {rss} | "
-                     f"{r['train_step_ms']:,.0f} | {r['eval_logits_ms']:,.0f} | {r['step_overhead']:.3f} | "
+        plain = "-" if r["eval_logits_ms"] is None else f"{r['eval_logits_ms']:,.0f}"
+        overhead = "-" if r["step_overhead"] is None else f"{r['step_overhead']:.3f}"
+        lines.append(f"| {path} | {r['method']} | {r['rows_per_step']} | {r['quantization']} | {r['estimator']} | "
+                     f"{r['program_mb']:,.1f} | {rss} | {r['train_step_ms']:,.0f} | {plain} | {overhead} | "
                      f"{r['train_step_vs_first']:.2f} | {ratio} |")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ only what that engine needs, runs a couple of steps and reports its own VmHWM (e
 fresh address space, so nothing of the parent is counted). Modes:
   executorch-prge   ExecuTorch program, `train_step` only (no eager model is ever built)
   executorch-infer  ExecuTorch program, `eval_logits` only (inference over the same rows)
+  executorch-fo     first-order program (ExecuTorch's training extension): forward, backward, SGD
   eager-prge        PRGEStep.train_step in PyTorch under no_grad
   eager-fo          first-order LoRA-FA: autograd into B, SGD (the backprop reference); with
                     --fo-micro-batch and --checkpointing, the lean way a user would run it:
@@ -24,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from models import console  # noqa: E402
 
-MODES = ("executorch-prge", "executorch-infer", "eager-prge", "eager-fo")
+MODES = ("executorch-prge", "executorch-infer", "executorch-fo", "eager-prge", "eager-fo")
 
 
 def vm_hwm_mb() -> float:
@@ -59,6 +60,18 @@ def plain_forward(manifest: dict) -> tuple[str, int, bool]:
     completion = manifest["task"]["loss"] == COMPLETION
     vocab = max(manifest["task"]["label_token_ids"] or [manifest["shapes"]["vocab_size"] - 1]) + 1
     return ("eval_losses" if completion else "eval_logits"), vocab, completion
+
+
+def _run_executorch_first_order(args) -> None:
+    from runtime_driver.engines import set_runtime_threads
+    from runtime_driver.first_order_engine import ExecuTorchFirstOrder
+
+    set_runtime_threads(args.threads)
+    engine = ExecuTorchFirstOrder(args.program)
+    _, vocab, _ = plain_forward(engine.manifest)
+    batch = random_batch(engine.batch_size, engine.seq_len, vocab, len(engine.manifest["task"]["label_token_ids"]))
+    for _ in range(args.steps):
+        engine.first_order_step(*batch, lr=1e-3)
 
 
 def _run_executorch(args) -> None:
@@ -126,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console.configure(verbose=False)  # a failed worker's stderr tail must show its error, not noise
     began = time.perf_counter()
-    if args.mode.startswith("executorch"):
+    if args.mode == "executorch-fo":
+        _run_executorch_first_order(args)
+    elif args.mode.startswith("executorch"):
         _run_executorch(args)
     else:
         _run_eager(args)

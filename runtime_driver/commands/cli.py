@@ -234,6 +234,13 @@ def cmd_export(args) -> None:
                                              Path(args.out), args.external_weights, rewrites=not args.no_rewrites)
         _print_export(args.out, manifest)
         return
+    if args.first_order:
+        from export.first_order import export_first_order
+
+        manifest = export_first_order(model_dir, task, _adapter_config(args), ExportShapes(args.batch, args.seq_len, args.batch),
+                                      Path(args.out), defaults={"lr": args.lr})
+        _print_export(args.out, manifest)
+        return
     shapes = ExportShapes(args.batch, args.seq_len, args.eval_batch or 2 * args.q * args.batch)
     manifest = export_model(model_dir, task, _adapter_config(args), shapes, Path(args.out), args.external_weights,
                             defaults={"lr": args.lr, "eps": args.eps if args.eps is not None else default_eps(args.quantize)},
@@ -430,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export a generation program instead (prefill + decode with a KV cache, for `prge generate`): "
                         "--seq-len is then the longest prompt, --model/--data/--rank/--alpha/--targets/--quantize as "
                         "for the training program whose adapter it will run")
+    p.add_argument("--first-order", action="store_true",
+                   help="export a first-order program instead, for ExecuTorch's training extension (a joint forward-"
+                        "backward method, SGD in the runtime; `prge train --engine executorch --method fo`): "
+                        "--batch is the rows per step; label-word tasks, float32 base")
     p.add_argument("--cache-len", type=int, default=DEFAULT_CACHE_LEN,
                    help=f"--generate: most positions, prompt plus new tokens (default {DEFAULT_CACHE_LEN})")
     p.add_argument("--out", required=True, help="output folder")

@@ -30,12 +30,13 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def _method(train: dict[str, Any], q: int) -> str:
+def _method(train: dict[str, Any], q: int, engine: str) -> str:
     if train["method"] == "prge":
         return f"P-RGE (q={q}, +/- in one batch)"
     if train["method"] == "mezo":
         return f"MeZO-style (q={q}, sequential)"
-    return f"first-order LoRA-FA ({train['optimizer'].capitalize()})"
+    through = ", ExecuTorch training extension" if engine == "executorch" else ""
+    return f"first-order LoRA-FA ({train['optimizer'].upper() if train['optimizer'] == 'sgd' else 'Adam'}{through})"
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -53,7 +54,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     zeroth = train["method"] != "fo"
     curve = [(r["step"], r.get("accuracy"), r["loss"]) for r in read_metrics(path / "metrics.jsonl") if r.get("type") == "eval"]
     return {
-        "run": path.name, "method": _method(train, q), "q": q if zeroth else "-", "b": train["batch_size"],
+        "run": path.name, "method": _method(train, q, config.get("engine", "eager")), "q": q if zeroth else "-", "b": train["batch_size"],
         "steps": train["steps"], "lr": train["lr"], "eps": train["eps"] if zeroth else "-",
         **_test_metrics(summary["test"]),
         "median ms/step": summary["median_step_ms"], "train wall s": summary["wall_s"],
