@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from export.contract.manifest import build_first_order_manifest, write_manifest
-from export.contract.methods import ExportShapes, ProgramShapes, example_inputs
+from export.contract.methods import FIRST_ORDER_METHODS, ExportShapes, ProgramShapes, example_inputs
 from export.exporter import delegation_summary
 from export.pipeline import adapter_entry, check_shapes, export_seconds, model_entry, write_program_and_tokenizer
 from models.causal_lm import AdapterConfig, ModelError, build_step, load_tokenizer
@@ -38,7 +38,7 @@ from models.tasks.labels import label_token_ids
 from models.tasks.spec import TaskSpec
 from prge.step import PRGEStep
 
-METHOD = "first_order_step"
+METHOD = FIRST_ORDER_METHODS[0]
 
 
 class FirstOrderLoss(nn.Module):

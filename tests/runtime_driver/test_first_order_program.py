@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SEQ_LEN
 from export.contract.manifest import MANIFEST_FILE, ManifestError
 from export.contract.methods import ExportShapes
 from models.causal_lm import AdapterConfig, ModelError
@@ -21,6 +20,7 @@ from runtime_driver.run import RunConfig, run_training
 from runtime_driver.train import TrainConfig, first_order_optimizer, first_order_step
 
 BATCH = 4
+SEQ_LEN = 16  # the tiny batches' prompt length (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
