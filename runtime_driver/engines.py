@@ -199,10 +199,12 @@ class ExecuTorchProgram:
 
 
 def program_adapter_config(manifest: dict) -> AdapterConfig:
-    """The adapter settings a program was exported with (an eager twin is built from them)."""
+    """The adapter settings a training or first-order program was exported with (an eager twin is
+    built from them)."""
     a = manifest["adapter"]
     quantization = manifest["model"].get("quantization") or {"scheme": "none"}  # older programs: float32
-    return AdapterConfig(num_queries=int(manifest["num_queries"]), rank=a["rank"], alpha=a["alpha"], targets=a["targets"],
+    # A first-order program records no queries: one call takes the batch.
+    return AdapterConfig(num_queries=int(manifest.get("num_queries", 1)), rank=a["rank"], alpha=a["alpha"], targets=a["targets"],
                          loss=manifest["task"]["loss"], a_seed=a["a_seed"], adapted=[s["name"] for s in a["slots"]],
                          completion_len=manifest["shapes"].get("completion_len") or DEFAULT_COMPLETION_LEN,
                          micro_batch=manifest["shapes"].get("micro_batch"), quantize=quantization["scheme"],

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from export.contract.manifest import FIRST_ORDER, ManifestError, program_kind, read_manifest, slots_from_json, verify_program_files
 from export.contract.methods import FIRST_ORDER_METHODS
-from models.causal_lm import AdapterConfig
-from runtime_driver.engines import runtime_logs_filtered
+from models.console import runtime_logs_filtered
+from runtime_driver.engines import program_adapter_config
 
 METHOD = FIRST_ORDER_METHODS[0]
 
@@ -39,9 +39,7 @@ class ExecuTorchFirstOrder:
         self.seq_len = int(m["shapes"]["seq_len"])
         self.slots = slots_from_json(m["adapter"]["slots"])
         self.adapter_numel = int(m["adapter"]["numel"])
-        a = m["adapter"]
-        self.adapter = AdapterConfig(num_queries=1, rank=a["rank"], alpha=a["alpha"], targets=a["targets"], loss="classification",
-                                     a_seed=a["a_seed"], adapted=[s["name"] for s in a["slots"]], micro_batch=None)
+        self.adapter = program_adapter_config(m)
         self.base_model = m["model"]["path"]
         self.model_type = m["model"]["model_type"]
         self.program_sha256 = m["program"]["pte"]["sha256"]
