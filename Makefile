@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.prge-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast bench bench-accuracy bench-federation bench-first-order clean native native-aarch64
+.PHONY: install demo test test-fast bench bench-accuracy bench-federation bench-first-order bench-full-mezo clean native native-aarch64
 
 install: $(STAMP)
 
@@ -86,6 +86,18 @@ bench-first-order: install
 	$(BIN)/prge train --engine executorch --program runs/fo/program --method fo --batch 16 --steps 150 --lr $(FO_LR) \
 	  --eval-every 50 --eval-examples 200 --threads 2 --out runs/fo/executorch-fo
 	$(BIN)/prge summarize runs/fo/executorch-fo | tee runs/fo/accuracy.md
+
+# Full-parameter MeZO on the default model beside P-RGE and first-order through ExecuTorch
+# (BENCHMARKS.md, "Full-parameter MeZO"): its program, step and memory beside theirs, and 30
+# eager steps at two learning rates (each step draws the noise of all 135M weights twice).
+bench-full-mezo: install
+	mkdir -p runs/full runs/fo
+	test -f runs/full/program/manifest.json || $(BIN)/prge export --mezo-full --batch 16 --seq-len 64 --eval-batch 32 --out runs/full/program
+	test -f runs/fo/program/manifest.json || $(BIN)/prge export --first-order --batch 16 --seq-len 64 --out runs/fo/program
+	test -f runs/fo/prge-program/manifest.json || $(BIN)/prge export --q 4 --batch 4 --seq-len 64 --out runs/fo/prge-program
+	$(BIN)/prge bench --programs runs/fo/prge-program runs/fo/program runs/full/program --reps 3 --json runs/full/bench.json
+	for lr in 1e-5 1e-6; do test -f runs/full/probe-$$lr/summary.json || $(BIN)/prge train --method mezo-full --batch 16 \
+	  --steps 30 --lr $$lr --eps 1e-3 --eval-every 30 --eval-examples 200 --test-examples 0 --threads 1 --out runs/full/probe-$$lr; done
 
 # Speed and memory (BENCHMARKS.md, "Performance (`prge bench`)"): parallel_speedup grid,
 # step_overhead, et_vs_eager, peak RSS per engine. Exports its programs once into

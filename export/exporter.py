@@ -103,13 +103,16 @@ def export_step(
 
 
 def lower_methods(target: nn.Module, dims: ProgramShapes, methods: tuple[str, ...], external_weights: bool = False,
-                  progress: Callable[[str], Any] = say):
+                  progress: Callable[[str], Any] = say, initialized_buffers: tuple[str, ...] = ()):
     """Trace target's methods (contract names, traced with example inputs of dims) and lower them
     to one XNNPACK-delegated program whose methods share target's mutable buffers.
+    initialized_buffers: name fragments of mutable buffers whose values at export are serialized
+    as their initial state (a full-parameter program's weights); the others start at zero.
 
     Returns (ExecutorchProgramManager, {method: delegation summary}, {phase: seconds}).
     """
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
     from export.loops import LoopAwareMemoryPlanningPass, LoopAwareXnnpackPartitioner
 
@@ -140,6 +143,7 @@ def lower_methods(target: nn.Module, dims: ProgramShapes, methods: tuple[str, ..
         # One allocation for each mutable buffer, seen by every method: the adapter is shared.
         memory_planning_pass=LoopAwareMemoryPlanningPass(share_mutable_buffers=True),
         emit_mutable_buffer_names=True,
+        passes=[InitializedMutableBufferPass(list(initialized_buffers))] if initialized_buffers else [],
         external_constants=_weight_tagger(target, _param_placeholders(edge)) if external_weights else False,
     )
     program = edge.to_executorch(config)

@@ -18,6 +18,7 @@ from models.delegatable import (
 )
 from models.quantize import DEFAULT_GROUP_SIZE, check_scheme, quantize_frozen_linears, quantize_input_embedding
 from prge.estimators import DEFAULT_ESTIMATOR, estimator_named
+from prge.full_mezo import FullMeZOStep
 from prge.pieces import DEFAULT_MICRO_BATCH
 from prge.step import COMPLETION, PRGEStep
 
@@ -258,3 +259,27 @@ def _quantize(step: PRGEStep, adapter: AdapterConfig, probe: ParityProbe) -> dic
                   embedding="int8 per row", head="label rows, float32" if step.head is None else adapter.quantize,
                   answer_logits_rel_diff=relative_difference(logits, probe.logits))
     return report
+
+
+def build_full_mezo_step(model_dir: str | Path, label_ids: list[int], loss: str = "classification",
+                         noise: str = "gaussian") -> FullMeZOStep:
+    """The FullMeZOStep both engines use (every weight trained), checked like build_step: its
+    next-token logits with the stored weights equal Hugging Face's on the probe batch."""
+    loaded = load_causal_lm(model_dir)
+    model_type = loaded.model.config.model_type
+    step = FullMeZOStep(loaded.model, label_ids, loss, noise, getattr(loaded.model.config, "final_logit_softcapping", None))
+    step.eval()
+    probe = loaded.probe
+    try:
+        with torch.no_grad():
+            logits = step.next_token_logits(probe.input_ids, probe.attention_mask)
+    except Exception as e:
+        raise ModelError(f"{model_dir}: the full-parameter forward of this {model_type!r} model failed: "
+                         f"{type(e).__name__}: {e}") from e
+    gap = relative_difference(logits, probe.logits)
+    if not gap <= PARITY_REL_TOL:
+        raise ModelError(f"{model_dir}: the full-parameter forward of this {model_type!r} model gives other next-token "
+                         f"logits than Hugging Face's (relative difference {gap:.2e} > {PARITY_REL_TOL:g})")
+    step.rewrites = loaded.rewrites
+    step.rewrites.parity = gap
+    return step

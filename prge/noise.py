@@ -59,8 +59,9 @@ def hash32(x: Tensor) -> Tensor:
     return torch.bitwise_xor(x, torch.floor_divide(x, 1 << 16))
 
 
-def _stream_keys(seed: Tensor, num_streams: int, first_stream: int) -> tuple[Tensor, Tensor]:
-    """Two 32-bit keys per stream, shape [num_streams, 1], from an int64 seed tensor."""
+def stream_keys(seed: Tensor, num_streams: int = 1, first_stream: int = 0) -> tuple[Tensor, Tensor]:
+    """Two 32-bit keys per stream, shape [num_streams, 1], from an int64 seed tensor. A caller
+    drawing one stream in many chunks computes them once (keyed_gaussian, keyed_rademacher)."""
     seed = torch.remainder(seed.reshape(1, 1).to(torch.int64), _MASK32)
     streams = torch.arange(first_stream, first_stream + num_streams, dtype=torch.int64).reshape(num_streams, 1)
     k1 = hash32(torch.bitwise_xor(hash32(seed), _mul32(streams + 1, _STREAM_MUL)))
@@ -70,8 +71,15 @@ def _stream_keys(seed: Tensor, num_streams: int, first_stream: int) -> tuple[Ten
 
 def uniform_bits(seed: Tensor, num_streams: int, numel: int, first_stream: int = 0) -> Tensor:
     """Uniform 32-bit integers (as int64), shape [num_streams, numel]."""
-    k1, k2 = _stream_keys(seed, num_streams, first_stream)
-    counters = torch.arange(numel, dtype=torch.int64).reshape(1, numel)
+    return keyed_bits(stream_keys(seed, num_streams, first_stream), numel)
+
+
+def keyed_bits(keys: tuple[Tensor, Tensor], numel: int, first_counter: int = 0) -> Tensor:
+    """uniform_bits of the streams whose stream_keys are given, for counters first_counter ..
+    first_counter + numel - 1 (a long stream drawn in chunks: each value is a pure function of
+    its counter)."""
+    k1, k2 = keys
+    counters = torch.arange(first_counter, first_counter + numel, dtype=torch.int64).reshape(1, numel)
     return hash32(torch.bitwise_xor(hash32(torch.bitwise_xor(counters, k1)), k2))
 
 
@@ -79,13 +87,22 @@ def gaussian(seed: Tensor, num_streams: int, numel: int, first_stream: int = 0) 
     """Standard normal float64 noise [num_streams, numel] for streams first_stream, first_stream+1, ...
 
     A pure function of (seed, stream, element index): stream s is the same whichever block of
-    streams it is generated in.
+    streams it is generated in, and a chunk of it (keyed_gaussian) equals the same slice of the whole.
 
     Box-Muller turns each pair of uniforms into two normals (cos and sin branch), so element
-    2p and 2p+1 of a stream come from counters 2p and 2p+1.
+    2p and 2p+1 of a stream come from counters 2p and 2p+1: a chunk starts at an even element.
     """
+    return keyed_gaussian(stream_keys(seed, num_streams, first_stream), numel)
+
+
+def keyed_gaussian(keys: tuple[Tensor, Tensor], numel: int, first_element: int = 0) -> Tensor:
+    """gaussian of the streams whose stream_keys are given, elements first_element ..
+    first_element + numel - 1."""
+    if first_element % 2:
+        raise ValueError(f"a Gaussian chunk starts at an even element (Box-Muller pairs), not {first_element}")
+    num_streams = keys[0].shape[0]
     pairs = (numel + 1) // 2
-    bits = uniform_bits(seed, num_streams, 2 * pairs, first_stream).reshape(num_streams, pairs, 2)
+    bits = keyed_bits(keys, 2 * pairs, first_element).reshape(num_streams, pairs, 2)
     scale = torch.tensor(1.0 / _MASK32, dtype=torch.float64)
     half = torch.tensor(0.5, dtype=torch.float64)
     minus_two = torch.tensor(-2.0, dtype=torch.float64)
@@ -100,14 +117,25 @@ def gaussian(seed: Tensor, num_streams: int, numel: int, first_stream: int = 0) 
 def rademacher(seed: Tensor, num_streams: int, numel: int, first_stream: int = 0) -> Tensor:
     """Random signs, +1.0 or -1.0 in float64, [num_streams, numel]: the top bit of each of the
     same 32-bit hashes `gaussian` reads (integer ops only: no log, sqrt, cos or sin)."""
-    bits = uniform_bits(seed, num_streams, numel, first_stream)
+    return keyed_rademacher(stream_keys(seed, num_streams, first_stream), numel)
+
+
+def keyed_rademacher(keys: tuple[Tensor, Tensor], numel: int, first_element: int = 0) -> Tensor:
+    """rademacher of the streams whose stream_keys are given."""
+    bits = keyed_bits(keys, numel, first_element)
     return (torch.floor_divide(bits, 1 << 31) * 2 - 1).to(torch.float64)
 
 
 def directions(kind: str, seed: Tensor, num_streams: int, numel: int, first_stream: int = 0) -> Tensor:
     """Perturbation directions of the given kind (NOISE_KINDS), float64 [num_streams, numel]."""
+    return keyed_directions(kind, stream_keys(seed, num_streams, first_stream), numel)
+
+
+def keyed_directions(kind: str, keys: tuple[Tensor, Tensor], numel: int, first_element: int = 0) -> Tensor:
+    """directions of the streams whose stream_keys are given, elements first_element ..
+    first_element + numel - 1 (prge/full_mezo.py draws each weight tensor's part of one stream)."""
     if kind == "gaussian":
-        return gaussian(seed, num_streams, numel, first_stream)
+        return keyed_gaussian(keys, numel, first_element)
     if kind == "rademacher":
-        return rademacher(seed, num_streams, numel, first_stream)
+        return keyed_rademacher(keys, numel, first_element)
     raise ValueError(f"unknown noise {kind!r}; expected one of {NOISE_KINDS}")

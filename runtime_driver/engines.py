@@ -7,8 +7,11 @@ trains (adapter layout and settings, base model, program), so a run writes the s
 whichever engine produced them.
   EagerPRGE        the PRGEStep module in PyTorch: the very module that export traces
   EagerSequential  the MeZO-style baseline: the same estimator as 2q sequential forwards
+  EagerFullMeZO    full-parameter MeZO (prge/full_mezo.py): every weight trained, the flat
+                   weight vector in place of the adapter
   ExecuTorchPRGE   an exported program through the ExecuTorch runtime alone; no nn.Module
                    runs, torch tensors are only containers for inputs and outputs
+  ExecuTorchFullMeZO  a full-parameter MeZO program (`prge export --mezo-full`) the same way
 ExecuTorchProgram is the one way a program is loaded and called (the engine, the benchmark,
 its workers): manifest checked, files verified, methods loaded together, their signatures
 checked against the program contract, outputs that own their memory.
@@ -21,14 +24,16 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from export.contract.manifest import (GENERATION, MANIFEST_FILE, TRAINING, ManifestError, program_estimator, program_kind,
-                                      program_shapes, read_manifest, slots_from_json, verify_program_files)
-from export.contract.methods import (GENERATION_METHODS, OUTPUTS, inputs_of, step_scalars, training_methods,
+from export.contract.manifest import (FULL_MEZO, GENERATION, MANIFEST_FILE, TRAINING, ManifestError, program_estimator,
+                                      program_kind, program_shapes, read_manifest, slots_from_json, verify_program_files,
+                                      weight_slots_from_json)
+from export.contract.methods import (FULL_MEZO_METHODS, GENERATION_METHODS, OUTPUTS, inputs_of, step_scalars, training_methods,
                                      update_scalars)
 from models.causal_lm import DEFAULT_COMPLETION_LEN, AdapterConfig
 from models.console import runtime_logs_filtered
 from models.quantize import DEFAULT_GROUP_SIZE
-from prge.estimators import Estimator, estimator_named
+from prge.estimators import DEFAULT_ESTIMATOR, Estimator, estimator_named
+from prge.full_mezo import FullMeZOStep
 from prge.step import AdapterSlot, PRGEStep
 
 EAGER_EVAL_BATCH = 16  # rows per eager eval forward (any batch size works eagerly)
@@ -131,6 +136,28 @@ class EagerSequential(EagerPRGE):
         return self.step.sequential_losses(input_ids, attention_mask, labels, new, eps_t)
 
 
+class EagerFullMeZO(EagerPRGE):
+    """Full-parameter MeZO in eager PyTorch. Its "adapter" (get_adapter, set_adapter,
+    checkpoints, replay) is the flat weight vector in the step's WeightSlot order."""
+
+    completion_len = None
+
+    def __init__(self, step: FullMeZOStep, model_dir: Path, seq_len: int, eval_batch_size: int = EAGER_EVAL_BATCH) -> None:
+        self.step = step
+        self.num_queries = 1
+        self.seq_len = seq_len
+        self.eval_batch_size = eval_batch_size
+        self.slots = step.slots
+        self.adapter = AdapterConfig(num_queries=1, loss=step.loss, estimator=DEFAULT_ESTIMATOR)
+        self.estimator = estimator_named(DEFAULT_ESTIMATOR)  # MeZO: Gaussian directions, plain finite differences
+        self.base_model = str(Path(model_dir).resolve())
+        self.model_type = step.model.config.model_type
+
+    @torch.no_grad()
+    def apply_update(self, prev_seed: int, prev_g: list[float], lr: float) -> None:
+        self.step.apply_weight_update(*update_scalars(prev_seed, prev_g, lr))
+
+
 # ---- ExecuTorch -----------------------------------------------------------------------------
 class ExecuTorchProgram:
     """An exported program loaded for the named methods, checked against its manifest and the
@@ -147,7 +174,8 @@ class ExecuTorchProgram:
         verify_program_files(self.program_dir, self.manifest)
         self.loss = self.manifest["task"]["loss"]
         if methods is None:
-            methods = GENERATION_METHODS if program_kind(self.manifest) == GENERATION else training_methods(self.loss)
+            methods = {GENERATION: GENERATION_METHODS, FULL_MEZO: FULL_MEZO_METHODS}.get(program_kind(self.manifest),
+                                                                                     training_methods(self.loss))
         missing = [name for name in methods if name not in self.manifest["methods"]]
         if missing:
             raise ManifestError(f"{self.program_dir}: the program has no {', '.join(missing)} method "
@@ -221,8 +249,8 @@ class ExecuTorchPRGE:
         self.program = ExecuTorchProgram(program_dir)
         m = self.manifest = self.program.manifest
         if program_kind(m) != TRAINING:
-            raise ManifestError(f"{program_dir}: a generation program (`prge export --generate`) has no training "
-                                "step; train with a program from `prge export`")
+            hint = {FULL_MEZO: "train it with --method mezo-full"}.get(program_kind(m), "train with a program from `prge export`")
+            raise ManifestError(f"{program_dir}: a {program_kind(m)} program has no P-RGE training step; {hint}")
         self.program_dir = self.program.program_dir
         shapes = m["shapes"]
         self.num_queries = int(m["num_queries"])
@@ -274,3 +302,33 @@ class ExecuTorchPRGE:
         if flat.numel() != self.adapter_numel:
             raise ValueError(f"adapter has {flat.numel()} values, this program's has {self.adapter_numel}")
         self.program.run("set_adapter", [flat])
+
+
+class ExecuTorchFullMeZO(ExecuTorchPRGE):
+    """Full-parameter MeZO through the ExecuTorch runtime: the program holds every weight (its
+    initial state is the base model, serialized into it); get_adapter / set_adapter exchange
+    the flat weight vector, as EagerFullMeZO's do."""
+
+    def __init__(self, program_dir: str | Path) -> None:
+        self.program = ExecuTorchProgram(program_dir)
+        m = self.manifest = self.program.manifest
+        if program_kind(m) != FULL_MEZO:
+            raise ManifestError(f"{program_dir}: not a full-parameter program (kind {program_kind(m)!r}); "
+                                "export one with `prge export --mezo-full`")
+        self.program_dir = self.program.program_dir
+        shapes = m["shapes"]
+        self.num_queries = 1
+        self.batch_size = int(shapes["batch_size"])
+        self.seq_len = int(shapes["seq_len"])
+        self.eval_batch_size = int(shapes["eval_batch_size"])
+        self.adapter_numel = int(m["weights"]["numel"])
+        self.slots = weight_slots_from_json(m["weights"]["slots"])
+        self.adapter = AdapterConfig(num_queries=1, loss=m["task"]["loss"], estimator=DEFAULT_ESTIMATOR)
+        self.estimator = estimator_named(DEFAULT_ESTIMATOR)
+        self.base_model = m["model"]["path"]
+        self.model_type = m["model"]["model_type"]
+        self.program_sha256 = m["program"]["pte"]["sha256"]
+        self.completion_len = None
+
+    def apply_update(self, prev_seed: int, prev_g: list[float], lr: float) -> None:
+        self.program.run("apply_weight_update", list(update_scalars(prev_seed, prev_g, lr)))

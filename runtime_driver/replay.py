@@ -1,10 +1,11 @@
-"""`prge replay RUN_DIR`: rebuild a zeroth-order run's adapter from its log alone.
+"""`prge replay RUN_DIR`: rebuild a zeroth-order run's adapter (or weights) from its log alone.
 
 A P-RGE update is a pure function of (adapter, seed, g, lr): the noise is regenerated from the
 seed. So the initial adapter plus the logged (seed, g, lr) of every step determine the final
 adapter, with no data and no model forward. Replaying a run and finding its saved adapter (and
 its checkpoint) bit for bit is how a run is audited: the log is complete and the engine applied
-exactly the updates it logged.
+exactly the updates it logged. A full-parameter MeZO run replays the same way from the base
+model's weights (read from the model folder its config names), tensor by tensor.
 """
 from __future__ import annotations
 
@@ -16,16 +17,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from export.contract.manifest import slots_from_json
+from export.contract.manifest import slots_from_json, weight_slots_from_json
 from export.contract.methods import update_scalars
+from models.model_folder import WEIGHTS_FILE, ModelFolderError, read_weights
 from models.peft_io import CONFIG_FILE, AdapterFileError, load_peft_adapter, read_adapter_config
 from prge.estimators import updated_adapter
-from prge.noise import NOISE_KINDS
+from prge.full_mezo import updated_weight
+from prge.noise import NOISE_KINDS, stream_keys
 from runtime_driver.checkpoint import load_checkpoint
 from runtime_driver.metrics import read_metrics
 
-# config.json["adapter_layout"]["initial"]: every run starts from LoRA-FA's B = 0.
+# config.json["adapter_layout"]["initial"]: an adapter run starts from LoRA-FA's B = 0, a
+# full-parameter run (layout kind FULL_WEIGHTS) from the base model's weights.
 INITIAL_ZEROS = "zeros"
+INITIAL_BASE_MODEL = "base-model"
+FULL_WEIGHTS = "full-weights"
 
 
 class ReplayError(ValueError):
@@ -49,12 +55,23 @@ def apply_logged_update(adapter: Tensor, seed: int, g: list[float], lr: float, n
     return updated_adapter(adapter, *update_scalars(seed, g, lr), noise).to(torch.float32)
 
 
+def apply_logged_update_to_weights(weights: list[Tensor], slots, seed: int, g: list[float], lr: float,
+                                   noise: str = "gaussian") -> list[Tensor]:
+    """A full-parameter step's update exactly as FullMeZOStep folds it in, tensor by tensor."""
+    seed_t, g_t, lr_t = update_scalars(seed, g, lr)
+    keys = stream_keys(seed_t)
+    return [updated_weight(w, slot, keys, g_t, lr_t, noise) for w, slot in zip(weights, slots)]
+
+
 def _read_layout(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.json"
     try:
         config = json.loads(path.read_text())
         layout = config["adapter_layout"]
-        numel, slots = int(layout["numel"]), slots_from_json(layout["slots"])
+        full = layout.get("kind") == FULL_WEIGHTS
+        numel = int(layout["numel"])
+        slots = weight_slots_from_json(layout["slots"]) if full else slots_from_json(layout["slots"])
+        base_model = config["base_model"] if full else None
         noise = layout.get("noise", "gaussian")  # runs from before estimators were a choice: Gaussian
     except FileNotFoundError:
         raise ReplayError(f"{path}: not found (is {run_dir} a prge run directory?)") from None
@@ -63,11 +80,11 @@ def _read_layout(run_dir: Path) -> dict[str, Any]:
                           "runs written before replay support cannot be replayed") from None
     if config.get("train", {}).get("method") == "fo":
         raise ReplayError(f"{run_dir}: a first-order run; only zeroth-order runs are defined by (seed, g)")
-    if layout.get("initial") != INITIAL_ZEROS:
+    if layout.get("initial") != (INITIAL_BASE_MODEL if full else INITIAL_ZEROS):
         raise ReplayError(f"{path}: unknown initial adapter {layout.get('initial')!r}")
     if noise not in NOISE_KINDS:
         raise ReplayError(f"{path}: adapter_layout.noise {noise!r} is none of {', '.join(NOISE_KINDS)}")
-    return {"numel": numel, "slots": slots, "noise": noise}
+    return {"numel": numel, "slots": slots, "noise": noise, "full": full, "base_model": base_model}
 
 
 def _train_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -105,6 +122,8 @@ def replay_run(run_dir: str | Path) -> ReplayResult:
     ckpt = load_checkpoint(run_dir / "ckpt") if (run_dir / "ckpt").exists() else None
     if ckpt is not None and ckpt.step > len(rows):
         raise ReplayError(f"{run_dir / 'ckpt'}: checkpoint at step {ckpt.step} but only {len(rows)} steps are logged")
+    if layout["full"]:
+        return _replay_full(run_dir, layout, rows, ckpt)
     adapter = torch.zeros(layout["numel"], dtype=torch.float32)
     compared: dict[str, dict[str, Any]] = {}
     for done, row in enumerate(rows, start=1):
@@ -122,3 +141,34 @@ def replay_run(run_dir: str | Path) -> ReplayResult:
     if not compared:
         raise ReplayError(f"{run_dir}: nothing to compare with (no adapter/ and no ckpt/)")
     return ReplayResult(len(rows), adapter, compared)
+
+
+def _replay_full(run_dir: Path, layout: dict[str, Any], rows: list[dict[str, Any]], ckpt) -> ReplayResult:
+    """replay_run for a full-parameter run: from the base model's weights; compared with the
+    checkpoint's flat weights and the saved model folder (run/model)."""
+    slots = layout["slots"]
+    names = [s.name for s in slots]
+
+    def weights_of(folder: str | Path, what: str) -> list[Tensor]:
+        try:
+            found = read_weights(folder, names)
+        except (ModelFolderError, OSError) as e:
+            raise ReplayError(f"{run_dir}: {what}: {e}") from None
+        return [found[n] for n in names]
+
+    weights = weights_of(layout["base_model"], "the base model's weights are needed to replay a full-parameter run")
+    compared: dict[str, dict[str, Any]] = {}
+    for done, row in enumerate(rows, start=1):
+        weights = apply_logged_update_to_weights(weights, slots, row["seed"], row["g"], row["lr"], layout["noise"])
+        if ckpt is not None and done == ckpt.step:
+            compared["ckpt"] = _compare(_flat(weights), ckpt.adapter, done)
+    final = run_dir / "model"
+    if (final / WEIGHTS_FILE).is_file():
+        compared["model"] = _compare(_flat(weights), _flat(weights_of(final, "the saved model folder")), len(rows))
+    if not compared:
+        raise ReplayError(f"{run_dir}: nothing to compare with (no model/ and no ckpt/)")
+    return ReplayResult(len(rows), _flat(weights), compared)
+
+
+def _flat(weights: list[Tensor]) -> Tensor:
+    return torch.cat([w.reshape(-1) for w in weights])

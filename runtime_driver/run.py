@@ -1,7 +1,7 @@
 """A whole training run: resolve inputs, build the engine, train, evaluate, write run/ files.
 
-run/ holds config.json, metrics.jsonl, ckpt/ (if checkpointing), adapter/ (PEFT) and
-summary.json. The eager engine builds the PRGEStep from the model folder; the ExecuTorch
+run/ holds config.json, metrics.jsonl, ckpt/ (if checkpointing), adapter/ (PEFT; a
+full-parameter run writes model/, a Hugging Face model folder, instead) and summary.json. The eager engine builds the PRGEStep from the model folder; the ExecuTorch
 engine needs only an export folder (program, manifest, tokenizer) and the data.
 """
 from __future__ import annotations
@@ -12,18 +12,21 @@ from typing import Any
 
 import torch
 
-from export.contract.manifest import layout_hash, package_versions, slots_to_json, task_spec
-from models.causal_lm import DEFAULT_COMPLETION_LEN, AdapterConfig, build_step, load_tokenizer
+from export.contract.manifest import (layout_hash, package_versions, slots_to_json, task_spec, weight_layout_hash,
+                                      weight_slots_to_json)
+from models.causal_lm import DEFAULT_COMPLETION_LEN, AdapterConfig, build_full_mezo_step, build_step, load_tokenizer
 from models.console import say
 from models.files import write_json_atomic
+from models.model_folder import save_model_folder
 from models.peft_io import load_peft_adapter, read_adapter_config, save_peft_adapter
 from models.sources.packaged import resolve_model_dir
 from models.tasks.folder import Task, load_folder_spec, load_task, resolve_data_dir
-from runtime_driver.engines import EagerPRGE, EagerSequential, Engine, ExecuTorchPRGE
+from runtime_driver.engines import EagerFullMeZO, EagerPRGE, EagerSequential, Engine, ExecuTorchFullMeZO, ExecuTorchPRGE
+from prge.full_mezo import flat_numel, named_weights
 from runtime_driver.evaluate import completion_loss, evaluate, generation_metrics
 from runtime_driver.failpoints import reached
 from runtime_driver.first_order_engine import ExecuTorchFirstOrder
-from runtime_driver.replay import INITIAL_ZEROS
+from runtime_driver.replay import FULL_WEIGHTS, INITIAL_BASE_MODEL, INITIAL_ZEROS
 from runtime_driver.train import (TrainConfig, check_first_order_checkpoints, check_resumable, first_order_fingerprint,
                                   first_order_loop, first_order_resume_point, train_first_order, train_zero_order,
                                   zero_order_fingerprint)
@@ -46,6 +49,11 @@ class RunConfig:
 def eager_engine(model_dir: Path, adapter: AdapterConfig, label_ids: list[int], seq_len: int,
                  method: str = "prge") -> EagerPRGE:
     """The eager engine of a method (first-order runs train its step with autograd)."""
+    if method == "mezo-full":
+        if adapter.loss not in (None, "classification", "lm"):
+            raise ValueError(f"--method mezo-full trains label-word tasks; this task's loss is {adapter.loss!r}")
+        adapter.num_queries = 1  # recorded as run: MeZO draws one direction a step
+        return EagerFullMeZO(build_full_mezo_step(model_dir, label_ids, adapter.loss or "classification"), model_dir, seq_len)
     step = build_step(model_dir, adapter, label_ids)
     return (EagerSequential if method == "mezo" else EagerPRGE)(step, model_dir, adapter, seq_len)
 
@@ -59,14 +67,17 @@ def build_engine(cfg: RunConfig, data_dir: Path) -> tuple[Engine, Task]:
         return eager_engine(model_dir, cfg.adapter, task.label_ids, cfg.seq_len, cfg.train.method), task
     if cfg.engine != "executorch":
         raise ValueError(f"unknown engine {cfg.engine!r}")
-    if cfg.train.method not in ("prge", "fo"):
-        raise ValueError(f"the executorch engine runs P-RGE and first-order programs; --method {cfg.train.method} is eager-only")
+    if cfg.train.method not in ("prge", "fo", "mezo-full"):
+        raise ValueError(f"the executorch engine runs P-RGE, first-order and full-parameter programs; "
+                         f"--method {cfg.train.method} is eager-only")
     if not cfg.program:
         raise ValueError("--engine executorch needs --program DIR (the output of `prge export`)")
     if cfg.train.method == "fo":
         if cfg.train.optimizer != "sgd":
             raise ValueError(f"--optimizer {cfg.train.optimizer}: ExecuTorch's training extension has SGD only")
         engine = ExecuTorchFirstOrder(cfg.program)
+    elif cfg.train.method == "mezo-full":
+        engine = ExecuTorchFullMeZO(cfg.program)
     else:
         engine = ExecuTorchPRGE(cfg.program)
     if cfg.train.batch_size != engine.batch_size:
@@ -116,7 +127,9 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, prog
         "test": task.split("test", engine.seq_len, limit=cfg.test_examples),
     }
     run_dir = Path(cfg.out)
-    fingerprint = {"model": engine.base_model, "seq_len": engine.seq_len, "adapter_layout": layout_hash(engine.slots),
+    full = t.method == "mezo-full"
+    fingerprint = {"model": engine.base_model, "seq_len": engine.seq_len,
+                   "adapter_layout": weight_layout_hash(engine.slots) if full else layout_hash(engine.slots),
                    **({"program_sha256": engine.program_sha256} if engine.program_sha256 else {})}
     # A checkpoint that cannot be resumed fails before anything is written.
     resume_point = (0, None)
@@ -128,8 +141,12 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, prog
         check_resumable(run_dir, zero_order_fingerprint(t, engine, fingerprint))
     run_dir.mkdir(parents=True, exist_ok=True)
     # The layout lets `prge replay` rebuild the adapter from the log without the model.
-    layout = {"numel": sum(s.numel for s in engine.slots), "slots": slots_to_json(engine.slots), "initial": INITIAL_ZEROS,
-              **({} if t.method == "fo" else {"noise": engine.estimator.noise})}
+    if full:  # replay starts from the base model's weights
+        layout = {"kind": FULL_WEIGHTS, "numel": flat_numel(engine.slots), "slots": weight_slots_to_json(engine.slots),
+                  "initial": INITIAL_BASE_MODEL, "noise": engine.estimator.noise}
+    else:
+        layout = {"numel": sum(s.numel for s in engine.slots), "slots": slots_to_json(engine.slots), "initial": INITIAL_ZEROS,
+                  **({} if t.method == "fo" else {"noise": engine.estimator.noise})}
     write_json_atomic(run_dir / "config.json", {**asdict(cfg), "data_dir": str(data_dir), "base_model": engine.base_model,
                                                 "adapter_layout": layout})
 
@@ -155,7 +172,10 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, prog
     if len(splits["test"]):  # --test-examples 0 while tuning: test data stays untouched
         summary["test"] = evaluate_split(splits["test"], final=True)
     summary["truncated_train_texts"] = splits["train"].truncated
-    save_adapter(run_dir, engine, engine.get_adapter())
+    if full:
+        save_model_folder(run_dir / "model", named_weights(engine.slots, engine.get_adapter()), engine.base_model)
+    else:
+        save_adapter(run_dir, engine, engine.get_adapter())
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
 

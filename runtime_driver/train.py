@@ -31,7 +31,7 @@ from runtime_driver.failpoints import reached
 from runtime_driver.judge import StepJudge
 from runtime_driver.metrics import MetricsLog
 
-METHODS = ("prge", "mezo", "fo")
+METHODS = ("prge", "mezo", "fo", "mezo-full")
 
 
 # Quantized bases train with a larger eps by default: rounding activations per token adds a
@@ -42,7 +42,8 @@ QUANTIZED_EPS = 1e-1
 
 @dataclass
 class TrainConfig:
-    method: str = "prge"  # prge: 2q copies in one forward; mezo: 2q sequential forwards; fo: backprop
+    method: str = "prge"  # prge: 2q copies in one forward; mezo: 2q sequential forwards; fo: backprop;
+    # mezo-full: MeZO on every weight (no adapter), + and - rows in one forward
     steps: int = 200  # optimizer steps
     batch_size: int = 4  # b: examples per perturbed copy (a P-RGE forward runs 2q*b sequences)
     lr: float = 1e-3  # learning rate (SGD step on B)

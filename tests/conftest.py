@@ -227,3 +227,27 @@ def tiny_completion_program(tiny_model_dir, tiny_completion_data_dir, tmp_path_f
     export_model(tiny_model_dir("llama"), load_folder_spec(tiny_completion_data_dir), adapter, ExportShapes(2, SEQ_LEN, 8),
                  out, progress=lambda _: None)
     return out
+
+
+class _RunStopped(Exception):
+    """Raised inside a run by stop_after_step: the run ends there, as if the process were killed."""
+
+
+@pytest.fixture
+def stop_after_step(monkeypatch):
+    """Context factory: `with stop_after_step(4): run(...)` ends the run right after step 4 is
+    logged (an interrupted run, to be resumed); the block expects that stop."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def stopped(step: int):
+        def reached(name: str, at: int | None = None) -> None:
+            if name == "after-step" and at == step:
+                raise _RunStopped
+
+        with monkeypatch.context() as patch:
+            patch.setattr("runtime_driver.train.reached", reached)
+            with pytest.raises(_RunStopped):
+                yield
+
+    return stopped

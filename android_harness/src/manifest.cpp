@@ -143,8 +143,10 @@ Manifest read_manifest(const std::string& program_dir, bool verify_files) {
     m.raw = Json::parse(read_text(path));
     const Json& j = m.raw;
     std::string kind = check_versions(j);
-    if (kind != "training")
-      throw JsonError("kind: a " + kind + " program, which trains nothing (run it with prge-native-generate)");
+    if (kind == "generation")
+      throw JsonError("kind: a generation program, which trains nothing (run it with prge-native-generate)");
+    if (kind != "training")  // first-order and full-parameter programs run from Python (`prge train`) only
+      throw JsonError("kind: a " + kind + " program; the native driver trains P-RGE programs (`prge export`)");
     // A completion program's labels are per-position targets and eval_losses replaces eval_logits.
     m.completion = j.at("task").at("loss").string("task.loss") == "completion";
     const auto& table = m.completion ? contract::completion_training_methods() : contract::training_methods();

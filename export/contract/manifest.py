@@ -9,11 +9,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from export.contract.methods import (CONTRACT_VERSION, FIRST_ORDER_METHODS, GENERATION_METHODS, ExportShapes, ProgramShapes,
+from export.contract.methods import (CONTRACT_VERSION, FIRST_ORDER_METHODS, FULL_MEZO_METHODS, GENERATION_METHODS, ExportShapes, ProgramShapes,
                                      signatures_json)
 from models.files import sha256_file, write_json_atomic
 from models.tasks.spec import TaskSpec
 from prge.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, Estimator
+from prge.full_mezo import WeightSlot, flat_numel, weight_slots
 from prge.step import COMPLETION, LOSS_KINDS, AdapterSlot
 
 MANIFEST_FILE = "manifest.json"
@@ -21,9 +22,10 @@ MANIFEST_VERSION = 2
 # What a program is for: training (the default, and every program before generation ones) or
 # generation (`prge export --generate`: prefill and decode over a KV cache, no noise, no step), or
 # first-order (`prge export --first-order`: ExecuTorch's training extension, a joint
-# forward-backward method whose gradients its SGD applies; the baseline a user of that route runs).
-TRAINING, GENERATION, FIRST_ORDER = "training", "generation", "first-order"
-KINDS = (TRAINING, GENERATION, FIRST_ORDER)
+# forward-backward method whose gradients its SGD applies; the baseline a user of that route runs),
+# or full-mezo (`prge export --mezo-full`: full-parameter MeZO, every weight mutable state).
+TRAINING, GENERATION, FIRST_ORDER, FULL_MEZO = "training", "generation", "first-order", "full-mezo"
+KINDS = (TRAINING, GENERATION, FIRST_ORDER, FULL_MEZO)
 # Keys a driver relies on; a manifest missing any of them is rejected.
 REQUIRED_KEYS = (
     "manifest_version", "contract", "program", "methods", "shapes", "num_queries", "adapter", "task",
@@ -32,7 +34,9 @@ REQUIRED_KEYS = (
 GENERATION_KEYS = ("manifest_version", "kind", "contract", "program", "methods", "shapes", "adapter", "task",
                    "tokenizer", "model", "versions")
 FIRST_ORDER_KEYS = GENERATION_KEYS + ("defaults", "parameters")
-_KEYS = {TRAINING: REQUIRED_KEYS, GENERATION: GENERATION_KEYS, FIRST_ORDER: FIRST_ORDER_KEYS}
+FULL_MEZO_KEYS = ("manifest_version", "kind", "contract", "program", "methods", "shapes", "num_queries", "weights",
+                  "task", "tokenizer", "prng_version", "model", "versions", "defaults")
+_KEYS = {TRAINING: REQUIRED_KEYS, GENERATION: GENERATION_KEYS, FIRST_ORDER: FIRST_ORDER_KEYS, FULL_MEZO: FULL_MEZO_KEYS}
 # Packages whose versions change what a program computes or how it was made.
 VERSIONED_PACKAGES = ("torch", "executorch", "torchao", "transformers", "peft")
 
@@ -97,6 +101,20 @@ def layout_hash(slots: tuple[AdapterSlot, ...]) -> str:
     means something in the layout it was trained in. The native driver computes the same hash
     from the same JSON text (json.dumps of slots_to_json)."""
     return hashlib.sha256(json.dumps(slots_to_json(slots)).encode()).hexdigest()[:16]
+
+
+def weight_slots_to_json(slots: tuple[WeightSlot, ...]) -> list[dict[str, Any]]:
+    """A full-parameter run's layout: each weight's name, shape and noise offset."""
+    return [{"name": s.name, "shape": list(s.shape), "offset": s.offset} for s in slots]
+
+
+def weight_slots_from_json(rows: list[dict[str, Any]]) -> tuple[WeightSlot, ...]:
+    return tuple(WeightSlot(r["name"], tuple(int(d) for d in r["shape"]), int(r["offset"])) for r in rows)
+
+
+def weight_layout_hash(slots: tuple[WeightSlot, ...]) -> str:
+    """Identifies a full-parameter layout, as layout_hash does an adapter's."""
+    return hashlib.sha256(json.dumps(weight_slots_to_json(slots)).encode()).hexdigest()[:16]
 
 
 def file_entry(path: Path) -> dict[str, Any]:
@@ -246,6 +264,50 @@ def build_first_order_manifest(
     }
 
 
+def build_full_mezo_manifest(
+    *,
+    pte: Path,
+    shapes: ExportShapes,
+    slots: tuple[WeightSlot, ...],
+    task: TaskSpec,
+    label_ids: list[int],
+    tokenizer_file: Path | None,
+    pad_token_id: int,
+    model: dict[str, Any],
+    defaults: dict[str, float],
+    vocab_size: int,
+    delegation: dict[str, Any],
+    export_seconds: dict[str, float],
+) -> dict[str, Any]:
+    """The manifest of a full-parameter MeZO program: weights.slots lay out the flat weight vector
+    its get_adapter / set_adapter exchange (names, shapes, noise offsets); the program starts from
+    the base model's weights (serialized into it)."""
+    numel = flat_numel(slots)
+    methods = FULL_MEZO_METHODS
+    estimator = ESTIMATORS[DEFAULT_ESTIMATOR]  # MeZO: Gaussian directions, plain g
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "kind": FULL_MEZO,
+        "contract": signatures_json(methods, ProgramShapes.of(shapes, 1, numel, len(label_ids), vocab_size, task.loss)),
+        "program": {"pte": file_entry(pte), "ptd": None},
+        "methods": list(methods),
+        "shapes": {"batch_size": shapes.batch_size, "seq_len": shapes.seq_len, "eval_batch_size": shapes.eval_batch_size,
+                   "micro_batch": None, "vocab_size": vocab_size},
+        "num_queries": 1,
+        "weights": {"numel": numel, "slots": weight_slots_to_json(slots)},
+        "task": _label_task_entry(task, label_ids),
+        "tokenizer": _tokenizer_entry(tokenizer_file, pad_token_id),
+        "estimator": estimator.to_json(),
+        "prng_version": estimator.prng_version,
+        "model": model,
+        "versions": package_versions(),
+        "code_version": program_code_version(),
+        "defaults": defaults,
+        "delegation": delegation,
+        "export_seconds": export_seconds,
+    }
+
+
 def program_kind(manifest: dict[str, Any]) -> str:
     return manifest.get("kind", TRAINING)
 
@@ -259,6 +321,10 @@ def program_shapes(manifest: dict[str, Any]) -> ProgramShapes:
     shapes = manifest["shapes"]
     if program_kind(manifest) == GENERATION:
         return ProgramShapes.for_generation(shapes["seq_len"], manifest["adapter"]["numel"], shapes["vocab_size"])
+    if program_kind(manifest) == FULL_MEZO:
+        return ProgramShapes(shapes["batch_size"], shapes["seq_len"], shapes["eval_batch_size"], 1,
+                             manifest["weights"]["numel"], len(manifest["task"]["label_token_ids"]), shapes["vocab_size"],
+                             manifest["task"]["loss"])
     if program_kind(manifest) == FIRST_ORDER:
         return ProgramShapes.for_first_order(shapes["batch_size"], shapes["seq_len"], manifest["adapter"]["numel"],
                                              len(manifest["task"]["label_token_ids"]), shapes["vocab_size"])
@@ -339,7 +405,7 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
     if not isinstance(m["shapes"], dict):
         raise fail("shapes", "expected an object")
     kind = program_kind(m)
-    training = kind == TRAINING
+    training = kind in (TRAINING, FULL_MEZO)
     if training:
         for key in ("batch_size", "seq_len", "eval_batch_size"):
             positive_int(m["shapes"].get(key), f"shapes.{key}")
@@ -354,24 +420,7 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
             positive_int(m["shapes"].get(key), f"shapes.{key}")
         if m["shapes"]["cache_len"] <= m["shapes"]["seq_len"]:
             raise fail("shapes.cache_len", "must exceed seq_len (the prefill window), or no token can follow the prompt")
-    adapter = m["adapter"]
-    if not isinstance(adapter, dict):
-        raise fail("adapter", "expected an object")
-    numel = positive_int(adapter.get("numel"), "adapter.numel")
-    positive_int(adapter.get("rank"), "adapter.rank")
-    if not isinstance(adapter.get("a_seed"), int) or not isinstance(adapter.get("alpha"), (int, float)):
-        raise fail("adapter", "needs an integer a_seed and a number alpha")
-    try:
-        slots = slots_from_json(adapter.get("slots"))
-    except (TypeError, KeyError, ValueError, IndexError) as e:
-        raise fail("adapter.slots", f"malformed ({type(e).__name__}: {e})") from None
-    offset = 0
-    for s in slots:
-        if s.offset != offset or s.shape[0] < 1 or s.shape[1] < 1:
-            raise fail("adapter.slots", f"{s.name}: offset {s.offset} / shape {s.shape} do not tile the flat adapter")
-        offset += s.numel
-    if offset != numel:
-        raise fail("adapter.numel", f"{numel}, but the slots hold {offset} values")
+    slots = _check_weight_fields(m, fail, positive_int) if kind == FULL_MEZO else _check_adapter_fields(m, fail, positive_int)
     task = m["task"]
     if not isinstance(task, dict):
         raise fail("task", "expected an object")
@@ -403,7 +452,7 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
     if not isinstance(contract, dict) or contract.get("version") != CONTRACT_VERSION:
         got = contract.get("version") if isinstance(contract, dict) else contract
         raise fail("contract", f"version {got!r}: this prge drives programs of contract {CONTRACT_VERSION}; re-export the program")
-    fixed = {GENERATION: GENERATION_METHODS, FIRST_ORDER: FIRST_ORDER_METHODS}.get(kind)
+    fixed = {GENERATION: GENERATION_METHODS, FIRST_ORDER: FIRST_ORDER_METHODS, FULL_MEZO: FULL_MEZO_METHODS}.get(kind)
     if fixed and m["methods"] != list(fixed):
         raise fail("methods", f"a {kind} program has the methods {', '.join(fixed)}")
     try:
@@ -413,6 +462,44 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
     if contract != expected:
         raise fail("contract", "the methods' inputs and outputs differ from what the manifest's shapes and this "
                                "prge's program contract imply")
+
+
+def _check_weight_fields(m: dict[str, Any], fail, positive_int) -> tuple[WeightSlot, ...]:
+    """A full-parameter program's weight layout: slots in order at even offsets, holding numel values."""
+    weights = m["weights"]
+    if not isinstance(weights, dict):
+        raise fail("weights", "expected an object")
+    numel = positive_int(weights.get("numel"), "weights.numel")
+    try:
+        slots = weight_slots_from_json(weights.get("slots"))
+    except (TypeError, KeyError, ValueError, IndexError) as e:
+        raise fail("weights.slots", f"malformed ({type(e).__name__}: {e})") from None
+    if slots != weight_slots([(s.name, s.shape) for s in slots]) or flat_numel(slots) != numel:
+        raise fail("weights.slots", f"do not lay out {numel} values at even offsets in order")
+    return slots
+
+
+def _check_adapter_fields(m: dict[str, Any], fail, positive_int) -> tuple[AdapterSlot, ...]:
+    """An adapter program's layout: LoRA settings and slots tiling the flat adapter."""
+    adapter = m["adapter"]
+    if not isinstance(adapter, dict):
+        raise fail("adapter", "expected an object")
+    numel = positive_int(adapter.get("numel"), "adapter.numel")
+    positive_int(adapter.get("rank"), "adapter.rank")
+    if not isinstance(adapter.get("a_seed"), int) or not isinstance(adapter.get("alpha"), (int, float)):
+        raise fail("adapter", "needs an integer a_seed and a number alpha")
+    try:
+        slots = slots_from_json(adapter.get("slots"))
+    except (TypeError, KeyError, ValueError, IndexError) as e:
+        raise fail("adapter.slots", f"malformed ({type(e).__name__}: {e})") from None
+    offset = 0
+    for s in slots:
+        if s.offset != offset or s.shape[0] < 1 or s.shape[1] < 1:
+            raise fail("adapter.slots", f"{s.name}: offset {s.offset} / shape {s.shape} do not tile the flat adapter")
+        offset += s.numel
+    if offset != numel:
+        raise fail("adapter.numel", f"{numel}, but the slots hold {offset} values")
+    return slots
 
 
 def _check_label_fields(m: dict[str, Any], fail, positive_int) -> None:

@@ -19,6 +19,9 @@ A generation program (GENERATION_METHODS) decodes one row with a KV cache; its s
 prefill window. A first-order program (FIRST_ORDER_METHODS, ExecuTorch's training extension)
 has one joint forward-backward method; its outputs after OUTPUTS' loss are the label-word
 logits [batch, num_labels], then the gradients and the parameters the extension appends.
+A full-parameter MeZO program (FULL_MEZO_METHODS) has a training program's methods with q = 1
+and every weight in place of the adapter (adapter_numel = the model's parameter count), except
+that its flush, apply_weight_update, returns one value instead of the whole state.
 """
 from __future__ import annotations
 
@@ -74,6 +77,8 @@ INPUTS: dict[str, tuple[Arg, ...]] = {
     "decode": (Arg("token", "int64", (1, 1)), Arg("position", "int64", (1,))),
     # First-order programs: the batch's mean loss and its gradient in B, in one call.
     "first_order_step": (*_tokens(), _LABELS),
+    # Full-parameter MeZO programs: apply_update without returning the (weight-sized) state.
+    "apply_weight_update": (Arg("prev_seed", "int64", (1,)), Arg("prev_g", "float32", ("num_queries",)), Arg("lr", "float32", (1,))),
 }
 OUTPUTS: dict[str, Arg] = {
     "train_step": Arg("losses", "float32", ("2q",)),  # + copies first, then - copies
@@ -87,6 +92,7 @@ OUTPUTS: dict[str, Arg] = {
     "prefill": Arg("logits", "float32", (1, "vocab")),  # at the prompt's last token
     "decode": Arg("logits", "float32", (1, "vocab")),
     "first_order_step": Arg("loss", "float32", ()),  # a scalar: the extension differentiates output 0
+    "apply_weight_update": Arg("first_weight", "float32", (1,)),  # a method must return something
 }
 # What a training driver calls; all of them share one adapter state inside the program.
 TRAINING_METHODS = ("train_step", "apply_update", "eval_logits", "get_adapter", "set_adapter")
@@ -95,10 +101,12 @@ COMPLETION_TRAINING_METHODS = ("train_step", "apply_update", "eval_losses", "nex
 GENERATION_METHODS = ("prefill", "decode", "get_adapter", "set_adapter")
 # A first-order program (`prge export --first-order`): what its SGD driver calls.
 FIRST_ORDER_METHODS = ("first_order_step",)
+# A full-parameter MeZO program (`prge export --mezo-full`): its "adapter" is every weight.
+FULL_MEZO_METHODS = ("train_step", "apply_weight_update", "eval_logits", "get_adapter", "set_adapter")
 # Exported only on request.
 OPTIONAL_METHODS = ("perturbed_loss",)
 KNOWN_METHODS = tuple(dict.fromkeys(TRAINING_METHODS + COMPLETION_TRAINING_METHODS + OPTIONAL_METHODS
-                                    + GENERATION_METHODS + FIRST_ORDER_METHODS))
+                                    + GENERATION_METHODS + FIRST_ORDER_METHODS + FULL_MEZO_METHODS))
 
 
 def training_methods(loss: str) -> tuple[str, ...]:

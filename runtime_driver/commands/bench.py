@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from export.contract.manifest import FIRST_ORDER, package_versions, program_kind, read_manifest
+from export.contract.manifest import FIRST_ORDER, FULL_MEZO, TRAINING, package_versions, program_kind, read_manifest
 from export.contract.methods import step_scalars
 from models.console import say
 from models.files import cache_dir, write_json_atomic
@@ -415,7 +415,8 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
     beside a classification one: ratios are to the first. The plain forward is eval_logits, or
     a completion program's eval_losses (the same forward, scored at its completion positions).
     A first-order program (`prge export --first-order`) is timed by its whole step (forward,
-    backward, SGD); it has no plain forward of its own, so no step_overhead."""
+    backward, SGD); it has no plain forward of its own, so no step_overhead. A full-parameter
+    MeZO program (`prge export --mezo-full`) is timed like a P-RGE one (q = 1)."""
     torch.set_num_threads(threads)
     set_runtime_threads(threads)
     calls: dict[str, Callable[[], Any]] = {}
@@ -443,13 +444,15 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
     rows: dict[str, dict[str, Any]] = {}
     for path in program_dirs:
         m = manifests[path]
-        files, first_order = m["program"], program_kind(m) == FIRST_ORDER
+        files, kind = m["program"], program_kind(m)
+        first_order = kind == FIRST_ORDER
         plain = None if first_order else ms[f"{path}:eval_logits"]
+        adapter = program_adapter_config(m) if kind == TRAINING else None
         rows[path] = {
-            "method": "first-order (SGD)" if first_order else "P-RGE",
+            "method": {FIRST_ORDER: "first-order (SGD)", FULL_MEZO: "full-parameter MeZO"}.get(kind, "P-RGE"),
             "rows_per_step": m["shapes"]["batch_size"] * (1 if first_order else 2 * m["num_queries"]),
-            "quantization": "none" if first_order else program_adapter_config(m).quantize,
-            "estimator": "-" if first_order else program_adapter_config(m).estimator,
+            "quantization": adapter.quantize if adapter else "none",
+            "estimator": adapter.estimator if adapter else ("spsa" if kind == FULL_MEZO else "-"),
             "program_mb": round((files["pte"]["bytes"] + (files["ptd"]["bytes"] if files["ptd"] else 0)) / 1e6, 1),
             "train_step_ms": round(ms[f"{path}:train_step"], 3), "eval_logits_ms": plain and round(plain, 3),
             "step_overhead": plain and round(ms[f"{path}:train_step"] / plain, 3),

@@ -241,6 +241,13 @@ def cmd_export(args) -> None:
                                       Path(args.out), defaults={"lr": args.lr})
         _print_export(args.out, manifest)
         return
+    if args.mezo_full:
+        from export.full_mezo import export_full_mezo
+
+        manifest = export_full_mezo(model_dir, task, ExportShapes(args.batch, args.seq_len, args.eval_batch or 2 * args.batch),
+                                    Path(args.out), defaults={"lr": args.lr, "eps": args.eps if args.eps is not None else TrainConfig.eps})
+        _print_export(args.out, manifest)
+        return
     shapes = ExportShapes(args.batch, args.seq_len, args.eval_batch or 2 * args.q * args.batch)
     manifest = export_model(model_dir, task, _adapter_config(args), shapes, Path(args.out), args.external_weights,
                             defaults={"lr": args.lr, "eps": args.eps if args.eps is not None else default_eps(args.quantize)},
@@ -433,14 +440,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="default lr recorded in the manifest")
     p.add_argument("--eps", type=float, help=f"default eps recorded in the manifest (default {TrainConfig.eps:g}, "
                                               f"{QUANTIZED_EPS:g} with --quantize)")
-    p.add_argument("--generate", action="store_true",
-                   help="export a generation program instead (prefill + decode with a KV cache, for `prge generate`): "
-                        "--seq-len is then the longest prompt, --model/--data/--rank/--alpha/--targets/--quantize as "
-                        "for the training program whose adapter it will run")
-    p.add_argument("--first-order", action="store_true",
-                   help="export a first-order program instead, for ExecuTorch's training extension (a joint forward-"
-                        "backward method, SGD in the runtime; `prge train --engine executorch --method fo`): "
-                        "--batch is the rows per step; label-word tasks, float32 base")
+    kind = p.add_mutually_exclusive_group()  # which program: a P-RGE training program unless one of these
+    kind.add_argument("--generate", action="store_true",
+                      help="export a generation program instead (prefill + decode with a KV cache, for `prge generate`): "
+                           "--seq-len is then the longest prompt, --model/--data/--rank/--alpha/--targets/--quantize as "
+                           "for the training program whose adapter it will run")
+    kind.add_argument("--first-order", action="store_true",
+                      help="export a first-order program instead, for ExecuTorch's training extension (a joint forward-"
+                           "backward method, SGD in the runtime; `prge train --engine executorch --method fo`): "
+                           "--batch is the rows per step; label-word tasks, float32 base")
+    kind.add_argument("--mezo-full", action="store_true",
+                      help="export a full-parameter MeZO program instead (every weight trained, in the program; "
+                           "`prge train --engine executorch --method mezo-full`): --batch rows per step, label-word tasks")
     p.add_argument("--cache-len", type=int, default=DEFAULT_CACHE_LEN,
                    help=f"--generate: most positions, prompt plus new tokens (default {DEFAULT_CACHE_LEN})")
     p.add_argument("--out", required=True, help="output folder")

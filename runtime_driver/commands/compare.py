@@ -7,6 +7,8 @@ Two comparisons, because g = (L+ - L-) / (2 eps) turns a 1e-7 loss rounding diff
   * free running: each engine feeds back its own g; final adapters and held-out accuracy are
     reported side by side (statistical agreement, not equality); a completion task reports its
     held-out loss.
+A full-parameter MeZO program (`prge export --mezo-full`) is compared the same way, its weights
+(from the base model's) in place of the adapter.
 """
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ from typing import Any
 
 import torch
 
-from export.contract.manifest import ManifestError, model_weights_hash
-from models.causal_lm import build_step
+from export.contract.manifest import FULL_MEZO, ManifestError, model_weights_hash, program_kind, read_manifest
+from models.causal_lm import build_full_mezo_step, build_step
 from models.tasks.batches import batch_indices
 from prge.estimators import projected_grads, step_seed
-from runtime_driver.engines import EagerPRGE, ExecuTorchPRGE, program_adapter_config
+from runtime_driver.engines import (EagerFullMeZO, EagerPRGE, ExecuTorchFullMeZO, ExecuTorchPRGE,
+                                    program_adapter_config)
 from runtime_driver.run import program_task, split_evaluator
 
 TEACHER_FORCED_REL_TOL = 1e-5
@@ -32,14 +35,16 @@ def _relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) / scale if scale > 0 else float((a - b).abs().max())
 
 
-def compare_engines(
-    model_dir: Path, program_dir: Path, data_dir: Path, steps: int, lr: float, eps: float, seed: int = 0,
-    eval_examples: int = 64,
-) -> dict[str, Any]:
-    et = ExecuTorchPRGE(program_dir)
-    m = et.manifest
+def _engines(model_dir: Path, program_dir: Path) -> tuple[EagerPRGE, ExecuTorchPRGE]:
+    """The program's engine and its eager twin, built from the settings the manifest records."""
+    m = read_manifest(program_dir)
     if model_weights_hash(model_dir) != m["model"]["weights_sha256"]:
         raise ManifestError(f"{program_dir}: exported from other weights than {model_dir}")
+    if program_kind(m) == FULL_MEZO:
+        et = ExecuTorchFullMeZO(program_dir)
+        step = build_full_mezo_step(model_dir, m["task"]["label_token_ids"], m["task"]["loss"])
+        return EagerFullMeZO(step, model_dir, et.seq_len), et
+    et = ExecuTorchPRGE(program_dir)
     adapter = program_adapter_config(m)
     quantization = m["model"].get("quantization") or {}
     if adapter.quantize != "none" and "embedding" not in quantization:
@@ -47,7 +52,16 @@ def compare_engines(
         raise ManifestError(f"{program_dir}: a {adapter.quantize} program exported by an older prge (float32 "
                             "embedding); export it again to compare it")
     step = build_step(model_dir, adapter, m["task"]["label_token_ids"], rewrites=m["model"].get("rewrites", True))
-    eager = EagerPRGE(step, model_dir, adapter, et.seq_len)
+    return EagerPRGE(step, model_dir, adapter, et.seq_len), et
+
+
+def compare_engines(
+    model_dir: Path, program_dir: Path, data_dir: Path, steps: int, lr: float, eps: float, seed: int = 0,
+    eval_examples: int = 64,
+) -> dict[str, Any]:
+    eager, et = _engines(model_dir, program_dir)
+    m = et.manifest
+    initial = eager.get_adapter()  # B = 0, or a full-parameter program's base weights
     task = program_task(et.program_dir, m, data_dir)
     train = task.split("train", et.seq_len)
     held_out = task.split("validation", et.seq_len, limit=eval_examples)
@@ -55,7 +69,7 @@ def compare_engines(
 
     def run(feed_eager_g: bool) -> dict[str, Any]:
         for engine_ in (eager, et):
-            engine_.set_adapter(torch.zeros(et.adapter_numel))
+            engine_.set_adapter(initial)
         prev = {"eager": [0.0] * q, "et": [0.0] * q}
         prev_seed, prev_lr, max_loss_diff = 0, 0.0, 0.0
         times = {"eager": [], "et": []}

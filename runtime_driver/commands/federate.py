@@ -30,7 +30,7 @@ from models.files import cache_dir, write_json_atomic
 from models.tasks.folder import resolve_data_dir
 from runtime_driver.checkpoint import write_flat_adapter
 from runtime_driver.federation.protocol import AGGREGATES
-from runtime_driver.federation.settings import METHODS, FederationSettings
+from runtime_driver.federation.settings import METHODS, FederationSettings, forward_rows
 from runtime_driver.replay import replay_run
 from runtime_driver.run import RunConfig, run_training
 from runtime_driver.train import TrainConfig
@@ -124,13 +124,18 @@ def centralized(cfg: FederationSettings, manifest: dict[str, Any], progress: Cal
         raise RuntimeError(f"{cfg.out}: the centralized run's log does not replay to its adapter")
     write_flat_adapter(Path(cfg.out) / "adapter.safetensors", replayed.adapter)
     summary.update(method="centralized", rounds=cfg.rounds, clients=cfg.clients, local_steps=cfg.local_steps,
-                   forward_rows=train.steps * 2 * int(manifest["num_queries"]) * train.batch_size,
+                   forward_rows=forward_rows(train.steps, int(manifest["num_queries"]), train.batch_size),
                    bytes_per_client_round={"down": 0.0, "up": 0.0})
     write_json_atomic(Path(cfg.out) / "summary.json", summary)
     return summary
 
 
 ENGINES = ("deployment", "simulation")
+
+
+def _write_flower_config(home: Path, superlink: str) -> None:
+    """FLWR_HOME/config.toml: the one SuperLink `flwr run` talks to (superlink: its TOML lines)."""
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n{superlink}\n')
 # Ray (the simulation engine's backend) on localhost only: no usage report, its services bound
 # to 127.0.0.1 (this flag also skips the 8.8.8.8 "which address am I" probe), and, with a
 # ray_bootstrap_config.yaml in HOME, no cloud-metadata probe by its dashboard process
@@ -151,7 +156,7 @@ def federate(cfg: FederationSettings, engine: str = "deployment", client_env: di
     # Bad input fails here, before any process starts; the task is prepared once, not by every client.
     manifest = read_manifest(cfg.program)
     if program_kind(manifest) != TRAINING:
-        raise ValueError(f"{cfg.program}: a generation program; federate a training program (`prge export`)")
+        raise ValueError(f"{cfg.program}: a {program_kind(manifest)} program; federate a P-RGE training program (`prge export`)")
     cfg = replace(cfg, data=str(resolve_data_dir(cfg.data or None, progress=progress)))
     run_config = "" if cfg.method == "centralized" else cfg.run_config()  # refuses paths Flower cannot carry
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -184,8 +189,7 @@ def federate(cfg: FederationSettings, engine: str = "deployment", client_env: di
             # rest by FLWR_HOME), which runs the N virtual nodes' ClientApps on Ray workers:
             # one at a time, each with every core (a client's step already uses them all).
             http_port, control_port = _free_ports(2)
-            (home / "config.toml").write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
-                                              'address = ":local-in-memory:"\n')
+            _write_flower_config(home, 'address = ":local-in-memory:"')
             (home / "ray_bootstrap_config.yaml").write_text("provider:\n  type: local\n")
             ray_tmp = tempfile.mkdtemp(prefix="prge-ray-")  # short: Ray's socket paths must fit 107 bytes
             cpus = os.cpu_count() or 1
@@ -197,8 +201,7 @@ def federate(cfg: FederationSettings, engine: str = "deployment", client_env: di
                      f"{cfg.rounds} rounds of {cfg.local_steps} local steps ...")
         else:
             superlink_port, *node_ports = _free_ports(1 + cfg.clients)
-            (home / "config.toml").write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
-                                              f'address = "127.0.0.1:{superlink_port}"\ninsecure = true\n')
+            _write_flower_config(home, f'address = "127.0.0.1:{superlink_port}"\ninsecure = true')
             superlink = start("superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
                                             "--port", str(superlink_port)])
             _wait_healthy(superlink_port, superlink, logs / "superlink.log")

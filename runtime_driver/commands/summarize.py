@@ -35,6 +35,8 @@ def _method(train: dict[str, Any], q: int, engine: str) -> str:
         return f"P-RGE (q={q}, +/- in one batch)"
     if train["method"] == "mezo":
         return f"MeZO-style (q={q}, sequential)"
+    if train["method"] == "mezo-full":
+        return "full-parameter MeZO (+/- in one batch)"
     through = ", ExecuTorch training extension" if engine == "executorch" else ""
     return f"first-order LoRA-FA ({train['optimizer'].upper() if train['optimizer'] == 'sgd' else 'Adam'}{through})"
 

@@ -34,7 +34,7 @@ from runtime_driver.federation.client import ClientState, LocalTraining, answer,
 from runtime_driver.federation.ledger import RoundLog, RoundRecord, apply_round, traffic
 from runtime_driver.federation.protocol import Assignment, assigned_seeds
 from runtime_driver.federation.server import Coordinator
-from runtime_driver.federation.settings import FederationSettings
+from runtime_driver.federation.settings import FederationSettings, forward_rows
 from runtime_driver.federation.shards import client_shard
 from runtime_driver.run import program_task, save_adapter, split_evaluator
 
@@ -168,7 +168,7 @@ def main(grid: Grid, context: Context) -> None:
     steps = sum(len(r.clients) for r in log.rounds) * s.local_steps
     summary: dict[str, Any] = {"method": s.method, "aggregate": s.aggregate if s.method == "prge" else "fedavg",
                                "rounds": s.rounds, "clients": s.clients, "local_steps": s.local_steps,
-                               "forward_rows": steps * 2 * engine.num_queries * engine.batch_size,
+                               "forward_rows": forward_rows(steps, engine.num_queries, engine.batch_size),
                                "bytes_per_client_round": traffic(log.rounds)}
     test = task.split("test", engine.seq_len, limit=s.test_examples)
     if len(test):

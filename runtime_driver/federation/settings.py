@@ -14,6 +14,12 @@ METHODS = ("prge", "fedavg", "centralized")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
+def forward_rows(steps: int, num_queries: int, batch_size: int) -> int:
+    """Rows of forward passes that many P-RGE steps run (2q copies of b rows each): what a
+    federation and its centralized baseline are compared at."""
+    return steps * 2 * num_queries * batch_size
+
+
 @dataclass(frozen=True)
 class FederationSettings:
     program: str  # the exported training program every participant runs

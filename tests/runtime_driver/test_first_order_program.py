@@ -89,24 +89,15 @@ def test_a_run_matches_the_eager_run(fo_program, tiny_model_dir, tiny_data_dir, 
     assert describe(tmp_path / "eager")["method"] == "first-order LoRA-FA (SGD)"
 
 
-def test_an_interrupted_run_resumes_to_the_same_adapter(fo_program, tiny_data_dir, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_to_the_same_adapter(fo_program, tiny_data_dir, tmp_path, stop_after_step):
     """Stopped after step 4 with a checkpoint at step 3, then `--resume`: the same losses from
     step 3 on and the same adapter, bit for bit, as a run never stopped (SGD: B and the step are
     the whole state)."""
     program = {"engine": "executorch", "program": str(fo_program)}
     _run(tmp_path, "whole", tiny_data_dir, **program)
 
-    class Stopped(Exception):
-        pass
-
-    def stop_after_step_4(name: str, step: int | None = None) -> None:
-        if name == "after-step" and step == 4:
-            raise Stopped
-
-    with monkeypatch.context() as patch:
-        patch.setattr("runtime_driver.train.reached", stop_after_step_4)
-        with pytest.raises(Stopped):
-            _run(tmp_path, "resumed", tiny_data_dir, checkpoint_every=3, **program)
+    with stop_after_step(4):
+        _run(tmp_path, "resumed", tiny_data_dir, checkpoint_every=3, **program)
     _run(tmp_path, "resumed", tiny_data_dir, resume=True, checkpoint_every=3, **program)
     assert _losses(tmp_path / "resumed")[3:] == _losses(tmp_path / "whole")[3:]
     assert len(_losses(tmp_path / "resumed")) == 6  # the steps after the checkpoint are logged once

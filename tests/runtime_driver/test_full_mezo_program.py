@@ -1,0 +1,111 @@
+"""A full-parameter MeZO program (`prge export --mezo-full`) through the ExecuTorch runtime, on
+the tiny model: it starts from the base weights, its steps equal eager's (the same g fed to
+both: weights bit for bit, losses within float rounding), a whole run replays and resumes
+exactly, and programs of the other kinds are refused."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.contract.manifest import ManifestError
+from export.contract.methods import ExportShapes, step_scalars, update_scalars
+from models.causal_lm import build_full_mezo_step
+from runtime_driver.commands.cli import main
+from runtime_driver.engines import ExecuTorchFullMeZO, ExecuTorchPRGE
+from runtime_driver.run import RunConfig, run_training
+from runtime_driver.train import TrainConfig
+
+pytestmark = pytest.mark.slow  # the export of the program's noise graph takes minutes
+
+SEQ_LEN = 16
+BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def full_program(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Path:
+    from export.full_mezo import export_full_mezo
+    from models.tasks.folder import load_folder_spec
+
+    out = tmp_path_factory.mktemp("full-program") / "program"
+    export_full_mezo(tiny_model_dir("llama"), load_folder_spec(tiny_data_dir), ExportShapes(BATCH, SEQ_LEN, 2 * BATCH), out,
+                     progress=lambda _: None)
+    return out
+
+
+def test_steps_match_eager(full_program, tiny_model_dir, tiny_batch):
+    engine = ExecuTorchFullMeZO(full_program)
+    label_ids = engine.manifest["task"]["label_token_ids"]
+    eager = build_full_mezo_step(tiny_model_dir("llama"), label_ids)
+    assert torch.equal(engine.get_adapter(), eager.get_adapter())  # the program starts from the base weights
+    ids, mask, labels = tiny_batch(BATCH, seq_len=SEQ_LEN)
+    g = 0.0
+    with torch.no_grad():
+        for t in range(4):
+            scalars = step_scalars(t, t + 1, [g], 1e-2, 1e-2)
+            expected = eager.train_step(ids, mask, labels, *scalars)
+            got = engine.train_step(ids, mask, labels, t, t + 1, [g], 1e-2, 1e-2)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            g = float(expected[0] - expected[1]) / 2e-2  # teacher forcing: both take eager's g
+        eager.apply_weight_update(*update_scalars(4, [g], 1e-2))
+    engine.apply_update(4, [g], 1e-2)
+    assert torch.equal(engine.get_adapter(), eager.get_adapter())
+    logits = engine.eval_logits(ids.repeat(2, 1), mask.repeat(2, 1))
+    torch.testing.assert_close(logits, eager.eval_logits(ids.repeat(2, 1), mask.repeat(2, 1)), rtol=1e-5, atol=1e-5)
+
+
+def _run(tmp_path: Path, name: str, program: Path, data: Path, resume: bool = False, **train) -> Path:
+    settings = {"method": "mezo-full", "steps": 6, "batch_size": BATCH, "lr": 1e-3, "eps": 1e-3, "eval_every": 3,
+                "eval_examples": 8, "seed": 2, "checkpoint_every": 3, **train}
+    cfg = RunConfig(engine="executorch", program=str(program), data=str(data), out=str(tmp_path / name),
+                    test_examples=8, train=TrainConfig(**settings))
+    run_training(cfg, resume=resume, quiet=True, progress=lambda _: None)
+    return tmp_path / name
+
+
+def test_a_run_replays_and_resumes_exactly(full_program, tiny_data_dir, tmp_path, stop_after_step, capsys):
+    from safetensors.torch import load_file
+
+    whole = _run(tmp_path, "whole", full_program, tiny_data_dir)
+    assert main(["replay", str(whole)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"]["identical"] and result["ckpt"]["identical"]
+
+    with stop_after_step(4):
+        _run(tmp_path, "resumed", full_program, tiny_data_dir)
+    resumed = _run(tmp_path, "resumed", full_program, tiny_data_dir, resume=True)
+    a, b = (load_file(str(run / "model" / "model.safetensors")) for run in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_programs_of_other_kinds_are_refused(full_program, tiny_program, tiny_data_dir, tmp_path):
+    with pytest.raises(ManifestError, match="not a full-parameter program"):
+        ExecuTorchFullMeZO(tiny_program("llama"))
+    with pytest.raises(ManifestError, match="full-mezo program has no P-RGE training step; train it with --method mezo-full"):
+        ExecuTorchPRGE(full_program)
+    with pytest.raises(ValueError, match="differs from the program's batch"):
+        _run(tmp_path, "batch", full_program, tiny_data_dir, batch_size=BATCH + 1)
+    assert not (tmp_path / "batch").exists()
+
+
+def test_bench_times_it_beside_a_prge_program(full_program, tiny_program):
+    from runtime_driver.commands.bench import compare_programs
+
+    rows = compare_programs([str(tiny_program()), str(full_program)], reps=1, threads=1, rss=False)
+    row = rows[str(full_program)]
+    assert row["method"] == "full-parameter MeZO" and row["rows_per_step"] == 2 * BATCH and row["estimator"] == "spsa"
+    assert row["train_step_ms"] > 0 and row["step_overhead"] > 1  # the step is a forward plus the noise of every weight
+
+
+def test_prge_compare_takes_a_full_parameter_program(full_program, tiny_model_dir, tiny_data_dir):
+    """Teacher-forced (both engines fed eager's g), the weights end bit-identical: the update is
+    float64 arithmetic on the same counter noise in both; free-running they stay close."""
+    from runtime_driver.commands.compare import compare_engines
+
+    result = compare_engines(tiny_model_dir("llama"), full_program, tiny_data_dir, steps=3, lr=1e-3, eps=1e-3,
+                             eval_examples=8)
+    assert result["num_queries"] == 1 and result["teacher_forced_ok"]
+    assert result["teacher_forced_max_rel_diff"] == 0.0 and result["teacher_forced_max_loss_diff"] < 1e-5
+    assert result["free_running"]["adapter_max_rel_diff"] < 1e-3
