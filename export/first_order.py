@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from export.contract.manifest import build_first_order_manifest, write_manifest
 from export.contract.methods import FIRST_ORDER_METHODS, ExportShapes, ProgramShapes, example_inputs
 from export.exporter import delegation_summary
-from export.pipeline import adapter_entry, check_shapes, export_seconds, model_entry, write_program_and_tokenizer
+from export.pipeline import adapter_entry, check_shapes, export_seconds, step_model_entry, write_program_and_tokenizer
 from models.causal_lm import AdapterConfig, ModelError, build_step, load_tokenizer
 from models.console import say
 from models.files import replace_dir_atomically
@@ -134,7 +134,7 @@ def export_first_order(
             pte=pte, shapes=shapes, adapter=adapter_entry(adapter), slots=step.slots,
             parameters=loss.parameter_names(), task=task, label_ids=label_ids,
             tokenizer_file=tmp / "tokenizer.json" if (tmp / "tokenizer.json").is_file() else None,
-            pad_token_id=tokenizer.pad_token_id, model=model_entry(model_dir, step, True), defaults=defaults or {},
+            pad_token_id=tokenizer.pad_token_id, model=step_model_entry(model_dir, step, True), defaults=defaults or {},
             vocab_size=step.vocab_size, delegation=delegation,
             export_seconds=export_seconds(timings, began),
         )

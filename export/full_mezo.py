@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from export.contract.manifest import build_full_mezo_manifest, model_weights_hash, write_manifest
+from export.contract.manifest import build_full_mezo_manifest, write_manifest
 from export.contract.methods import FULL_MEZO_METHODS, ExportShapes, ProgramShapes
 from export.exporter import lower_methods
-from export.pipeline import check_shapes, export_seconds, write_program_and_tokenizer
+from export.pipeline import check_shapes, export_seconds, model_entry, write_program_and_tokenizer
 from models.causal_lm import ModelError, build_full_mezo_step, load_tokenizer
 from models.console import say
 from models.files import replace_dir_atomically
@@ -34,8 +34,7 @@ def export_full_mezo(model_dir: Path, task: TaskSpec, shapes: ExportShapes, out_
     label_ids = label_token_ids(tokenizer, task)
     progress(f"Building {model_dir.name} for full-parameter MeZO (every weight mutable) ...")
     step = build_full_mezo_step(model_dir, label_ids, task.loss)
-    vocab_size = step.vocab_size
-    dims = ProgramShapes.of(shapes, 1, step.numel, len(label_ids), vocab_size, task.loss)
+    dims = ProgramShapes.of(shapes, 1, step.numel, len(label_ids), step.vocab_size, task.loss)
     began = time.perf_counter()
     # Buffer placeholders are named after the weights' paths, which all end in weight or bias.
     program, delegation, timings = lower_methods(step, dims, FULL_MEZO_METHODS, progress=progress,
@@ -46,9 +45,8 @@ def export_full_mezo(model_dir: Path, task: TaskSpec, shapes: ExportShapes, out_
             pte=pte, shapes=shapes, slots=step.slots, task=task, label_ids=label_ids,
             tokenizer_file=tmp / "tokenizer.json" if (tmp / "tokenizer.json").is_file() else None,
             pad_token_id=tokenizer.pad_token_id,
-            model={"path": str(model_dir.resolve()), "id": model_dir.name, "model_type": step.model.config.model_type,
-                   "rewritten": step.rewrites.as_json(), "weights_sha256": model_weights_hash(model_dir)},
-            defaults=defaults or {}, vocab_size=vocab_size, delegation=delegation,
+            model=model_entry(model_dir, step.model.config.model_type, step.rewrites),
+            defaults=defaults or {}, vocab_size=step.vocab_size, delegation=delegation,
             export_seconds=export_seconds(timings, began),
         )
         write_manifest(tmp, manifest)

@@ -98,7 +98,7 @@ def export_model(
             adapter=adapter_entry(adapter),
             slots=step.slots, task=task, label_ids=label_ids,
             tokenizer_file=tmp / "tokenizer.json" if (tmp / "tokenizer.json").is_file() else None,
-            pad_token_id=tokenizer.pad_token_id, model=model_entry(model_dir, step, rewrites),
+            pad_token_id=tokenizer.pad_token_id, model=step_model_entry(model_dir, step, rewrites),
             defaults=defaults or {}, delegation=delegation, estimator=estimator_named(adapter.estimator),
             vocab_size=step.vocab_size, completion_len=step.completion_len,
             export_seconds=export_seconds(timings, began),
@@ -115,10 +115,18 @@ def write_program_and_tokenizer(program, model_dir: Path, out_dir: Path) -> tupl
     return pte, ptd
 
 
-def model_entry(model_dir: Path, step, rewrites: bool) -> dict[str, Any]:
-    return {"path": str(model_dir.resolve()), "id": model_dir.name, "model_type": step.body.backbone.config.model_type,
-            "rewrites": rewrites, "rewritten": step.rewrites.as_json(), "quantization": step.quantization,
+def model_entry(model_dir: Path, model_type: str, rewritten, rewrites: bool = True,
+                quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest's model: its folder and weights hash, prge's rewrites (a RewriteReport) and
+    how the frozen base is stored (None: float32, as exported)."""
+    return {"path": str(model_dir.resolve()), "id": model_dir.name, "model_type": model_type,
+            "rewrites": rewrites, "rewritten": rewritten.as_json(), "quantization": quantization or {"scheme": "none"},
             "weights_sha256": model_weights_hash(model_dir)}
+
+
+def step_model_entry(model_dir: Path, step, rewrites: bool) -> dict[str, Any]:
+    """model_entry of a PRGEStep (a training, generation or first-order program)."""
+    return model_entry(model_dir, step.body.backbone.config.model_type, step.rewrites, rewrites, step.quantization)
 
 
 def export_seconds(timings: dict[str, float], began: float) -> dict[str, float]:
@@ -182,7 +190,7 @@ def export_generation_program(
             adapter=adapter_entry(adapter), slots=step.slots, task=task,
             tokenizer_file=tmp / "tokenizer.json" if (tmp / "tokenizer.json").is_file() else None,
             pad_token_id=tokenizer.pad_token_id, eos_token_ids=_eos_token_ids(model_dir, tokenizer),
-            model=model_entry(model_dir, step, rewrites), delegation=delegation,
+            model=step_model_entry(model_dir, step, rewrites), delegation=delegation,
             export_seconds=export_seconds(timings, began),
         )
         write_manifest(tmp, manifest)

@@ -244,29 +244,40 @@ class ExecuTorchPRGE:
     """Train through the ExecuTorch runtime alone: the exported program's methods are the step."""
 
     fixed_eval_batch = True
+    kind = TRAINING  # the program kind this engine drives
 
     def __init__(self, program_dir: str | Path) -> None:
-        self.program = ExecuTorchProgram(program_dir)
-        m = self.manifest = self.program.manifest
-        if program_kind(m) != TRAINING:
-            hint = {FULL_MEZO: "train it with --method mezo-full"}.get(program_kind(m), "train with a program from `prge export`")
-            raise ManifestError(f"{program_dir}: a {program_kind(m)} program has no P-RGE training step; {hint}")
-        self.program_dir = self.program.program_dir
-        shapes = m["shapes"]
+        m = self._load(program_dir)
         self.num_queries = int(m["num_queries"])
-        self.batch_size = int(shapes["batch_size"])
-        self.seq_len = int(shapes["seq_len"])
-        self.eval_batch_size = int(shapes["eval_batch_size"])
         self.adapter_numel = int(m["adapter"]["numel"])
         self.slots = slots_from_json(m["adapter"]["slots"])
         self.adapter = program_adapter_config(m)
         self.estimator = estimator_named(self.adapter.estimator)  # as the eager engine derives it
+        self.completion_len = m["shapes"].get("completion_len")
+        # The runtime starts mutable buffers at zero; make the initial state explicit anyway.
+        self.set_adapter(torch.zeros(self.adapter_numel))
+
+    def _load(self, program_dir: str | Path) -> dict:
+        """Load the program, refuse one of another kind, and take what every training-program
+        engine reads from its manifest (shapes, base model, the .pte's hash); returns the manifest."""
+        self.program = ExecuTorchProgram(program_dir)
+        m = self.manifest = self.program.manifest
+        if program_kind(m) != self.kind:
+            raise ManifestError(self._wrong_kind(program_dir, program_kind(m)))
+        self.program_dir = self.program.program_dir
+        shapes = m["shapes"]
+        self.batch_size = int(shapes["batch_size"])
+        self.seq_len = int(shapes["seq_len"])
+        self.eval_batch_size = int(shapes["eval_batch_size"])
         self.base_model = m["model"]["path"]
         self.model_type = m["model"]["model_type"]
         self.program_sha256 = m["program"]["pte"]["sha256"]
-        self.completion_len = shapes.get("completion_len")
-        # The runtime starts mutable buffers at zero; make the initial state explicit anyway.
-        self.set_adapter(torch.zeros(self.adapter_numel))
+        return m
+
+    @staticmethod
+    def _wrong_kind(program_dir: str | Path, kind: str) -> str:
+        hint = {FULL_MEZO: "train it with --method mezo-full"}.get(kind, "train with a program from `prge export`")
+        return f"{program_dir}: a {kind} program has no P-RGE training step; {hint}"
 
     def _check_batch(self, input_ids: Tensor, rows: int, what: str) -> None:
         if tuple(input_ids.shape) != (rows, self.seq_len):
@@ -309,26 +320,20 @@ class ExecuTorchFullMeZO(ExecuTorchPRGE):
     initial state is the base model, serialized into it); get_adapter / set_adapter exchange
     the flat weight vector, as EagerFullMeZO's do."""
 
+    kind = FULL_MEZO
+
     def __init__(self, program_dir: str | Path) -> None:
-        self.program = ExecuTorchProgram(program_dir)
-        m = self.manifest = self.program.manifest
-        if program_kind(m) != FULL_MEZO:
-            raise ManifestError(f"{program_dir}: not a full-parameter program (kind {program_kind(m)!r}); "
-                                "export one with `prge export --mezo-full`")
-        self.program_dir = self.program.program_dir
-        shapes = m["shapes"]
+        m = self._load(program_dir)
         self.num_queries = 1
-        self.batch_size = int(shapes["batch_size"])
-        self.seq_len = int(shapes["seq_len"])
-        self.eval_batch_size = int(shapes["eval_batch_size"])
         self.adapter_numel = int(m["weights"]["numel"])
         self.slots = weight_slots_from_json(m["weights"]["slots"])
         self.adapter = AdapterConfig(num_queries=1, loss=m["task"]["loss"], estimator=DEFAULT_ESTIMATOR)
         self.estimator = estimator_named(DEFAULT_ESTIMATOR)
-        self.base_model = m["model"]["path"]
-        self.model_type = m["model"]["model_type"]
-        self.program_sha256 = m["program"]["pte"]["sha256"]
         self.completion_len = None
+
+    @staticmethod
+    def _wrong_kind(program_dir: str | Path, kind: str) -> str:
+        return f"{program_dir}: not a full-parameter program (kind {kind!r}); export one with `prge export --mezo-full`"
 
     def apply_update(self, prev_seed: int, prev_g: list[float], lr: float) -> None:
         self.program.run("apply_weight_update", list(update_scalars(prev_seed, prev_g, lr)))

@@ -1,7 +1,8 @@
 """A whole training run: resolve inputs, build the engine, train, evaluate, write run/ files.
 
 run/ holds config.json, metrics.jsonl, ckpt/ (if checkpointing), adapter/ (PEFT; a
-full-parameter run writes model/, a Hugging Face model folder, instead) and summary.json. The eager engine builds the PRGEStep from the model folder; the ExecuTorch
+full-parameter run writes model/, a Hugging Face model folder, instead) and summary.json.
+The eager engine builds the PRGEStep from the model folder; the ExecuTorch
 engine needs only an export folder (program, manifest, tokenizer) and the data.
 """
 from __future__ import annotations
@@ -21,8 +22,8 @@ from models.model_folder import save_model_folder
 from models.peft_io import load_peft_adapter, read_adapter_config, save_peft_adapter
 from models.sources.packaged import resolve_model_dir
 from models.tasks.folder import Task, load_folder_spec, load_task, resolve_data_dir
+from prge.full_mezo import FULL_MEZO_LOSSES, flat_numel, named_weights
 from runtime_driver.engines import EagerFullMeZO, EagerPRGE, EagerSequential, Engine, ExecuTorchFullMeZO, ExecuTorchPRGE
-from prge.full_mezo import flat_numel, named_weights
 from runtime_driver.evaluate import completion_loss, evaluate, generation_metrics
 from runtime_driver.failpoints import reached
 from runtime_driver.first_order_engine import ExecuTorchFirstOrder
@@ -50,7 +51,8 @@ def eager_engine(model_dir: Path, adapter: AdapterConfig, label_ids: list[int], 
                  method: str = "prge") -> EagerPRGE:
     """The eager engine of a method (first-order runs train its step with autograd)."""
     if method == "mezo-full":
-        if adapter.loss not in (None, "classification", "lm"):
+        # Checked before the model loads (FullMeZOStep would refuse it too, later).
+        if (adapter.loss or "classification") not in FULL_MEZO_LOSSES:
             raise ValueError(f"--method mezo-full trains label-word tasks; this task's loss is {adapter.loss!r}")
         adapter.num_queries = 1  # recorded as run: MeZO draws one direction a step
         return EagerFullMeZO(build_full_mezo_step(model_dir, label_ids, adapter.loss or "classification"), model_dir, seq_len)

@@ -126,6 +126,13 @@ def _label_task_entry(task: TaskSpec, label_ids: list[int]) -> dict[str, Any]:
             "label_token_ids": label_ids, "loss": task.loss, "padding": "left", "chat_template": task.chat_template}
 
 
+def _provenance(model: dict[str, Any], delegation: dict[str, Any], export_seconds: dict[str, float]) -> dict[str, Any]:
+    """What every manifest records of how its program was made: the model, the package and code
+    versions, the delegation summary and the export's phases."""
+    return {"model": model, "versions": package_versions(), "code_version": program_code_version(),
+            "delegation": delegation, "export_seconds": export_seconds}
+
+
 def _tokenizer_entry(tokenizer_file: Path | None, pad_token_id: int) -> dict[str, Any]:
     return {"file": tokenizer_file.name if tokenizer_file else None,
             "sha256": sha256_file(tokenizer_file) if tokenizer_file else None, "pad_token_id": pad_token_id}
@@ -172,12 +179,8 @@ def build_manifest(
         "tokenizer": _tokenizer_entry(tokenizer_file, pad_token_id),
         "estimator": estimator.to_json(),
         "prng_version": estimator.prng_version,
-        "model": model,
-        "versions": package_versions(),
-        "code_version": program_code_version(),
         "defaults": defaults,
-        "delegation": delegation,
-        "export_seconds": export_seconds,
+        **_provenance(model, delegation, export_seconds),
     }
 
 
@@ -213,11 +216,7 @@ def build_generation_manifest(
         "adapter": {**adapter, "numel": numel, "slots": slots_to_json(slots)},
         "task": {"template": task.template, "loss": task.loss, "chat_template": task.chat_template},
         "tokenizer": {**_tokenizer_entry(tokenizer_file, pad_token_id), "eos_token_ids": eos_token_ids},
-        "model": model,
-        "versions": package_versions(),
-        "code_version": program_code_version(),
-        "delegation": delegation,
-        "export_seconds": export_seconds,
+        **_provenance(model, delegation, export_seconds),
     }
 
 
@@ -255,12 +254,8 @@ def build_first_order_manifest(
         "parameters": parameters,
         "task": _label_task_entry(task, label_ids),
         "tokenizer": _tokenizer_entry(tokenizer_file, pad_token_id),
-        "model": model,
-        "versions": package_versions(),
-        "code_version": program_code_version(),
         "defaults": defaults,
-        "delegation": delegation,
-        "export_seconds": export_seconds,
+        **_provenance(model, delegation, export_seconds),
     }
 
 
@@ -299,12 +294,8 @@ def build_full_mezo_manifest(
         "tokenizer": _tokenizer_entry(tokenizer_file, pad_token_id),
         "estimator": estimator.to_json(),
         "prng_version": estimator.prng_version,
-        "model": model,
-        "versions": package_versions(),
-        "code_version": program_code_version(),
         "defaults": defaults,
-        "delegation": delegation,
-        "export_seconds": export_seconds,
+        **_provenance(model, delegation, export_seconds),
     }
 
 
