@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.prge-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast bench bench-accuracy bench-federation bench-first-order bench-full-mezo clean native native-aarch64
+.PHONY: install demo test test-fast bench bench-accuracy bench-federation bench-first-order bench-full-mezo bench-side-tune clean native native-aarch64
 
 install: $(STAMP)
 
@@ -98,6 +98,16 @@ bench-full-mezo: install
 	$(BIN)/prge bench --programs runs/fo/prge-program runs/fo/program runs/full/program --reps 3 --json runs/full/bench.json
 	for lr in 1e-5 1e-6; do test -f runs/full/probe-$$lr/summary.json || $(BIN)/prge train --method mezo-full --batch 16 \
 	  --steps 30 --lr $$lr --eps 1e-3 --eval-every 30 --eval-examples 200 --test-examples 0 --threads 1 --out runs/full/probe-$$lr; done
+
+# Server-assisted side tuning (BENCHMARKS.md, "Side tuning"): the device's forward-only feature
+# program, int8 features on the wire, the server's Adam training of the side network, the tuned
+# program's test accuracy; then the device program's forward and peak RSS beside a P-RGE step.
+# About 45 min on 2 cores.
+bench-side-tune: install
+	mkdir -p runs/fo
+	test -f runs/side/summary.json || $(BIN)/prge side-tune --batch 8 --train-examples 2400 --epochs 20 --out runs/side
+	test -f runs/fo/prge-program/manifest.json || $(BIN)/prge export --q 4 --batch 4 --seq-len 64 --out runs/fo/prge-program
+	$(BIN)/prge bench --programs runs/fo/prge-program runs/side/device-program --reps 5 --json runs/side/bench.json
 
 # Speed and memory (BENCHMARKS.md, "Performance (`prge bench`)"): parallel_speedup grid,
 # step_overhead, et_vs_eager, peak RSS per engine. Exports its programs once into

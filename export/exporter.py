@@ -103,16 +103,15 @@ def export_step(
 
 
 def lower_methods(target: nn.Module, dims: ProgramShapes, methods: tuple[str, ...], external_weights: bool = False,
-                  progress: Callable[[str], Any] = say, initialized_buffers: tuple[str, ...] = ()):
+                  progress: Callable[[str], Any] = say):
     """Trace target's methods (contract names, traced with example inputs of dims) and lower them
-    to one XNNPACK-delegated program whose methods share target's mutable buffers.
-    initialized_buffers: name fragments of mutable buffers whose values at export are serialized
-    as their initial state (a full-parameter program's weights); the others start at zero.
+    to one XNNPACK-delegated program whose methods share target's mutable buffers. The buffers'
+    values are not serialized: the runtime starts them at zero (a full-parameter program's
+    weights are set by its engine from the export folder's safetensors).
 
     Returns (ExecutorchProgramManager, {method: delegation summary}, {phase: seconds}).
     """
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
-    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
     from export.loops import LoopAwareMemoryPlanningPass, LoopAwareXnnpackPartitioner
 
@@ -143,7 +142,6 @@ def lower_methods(target: nn.Module, dims: ProgramShapes, methods: tuple[str, ..
         # One allocation for each mutable buffer, seen by every method: the adapter is shared.
         memory_planning_pass=LoopAwareMemoryPlanningPass(share_mutable_buffers=True),
         emit_mutable_buffer_names=True,
-        passes=[InitializedMutableBufferPass(list(initialized_buffers))] if initialized_buffers else [],
         external_constants=_weight_tagger(target, _param_placeholders(edge)) if external_weights else False,
     )
     program = edge.to_executorch(config)

@@ -1,10 +1,12 @@
 """`prge export --mezo-full`: a full-parameter MeZO program (prge/full_mezo.py).
 
-Every weight of the model is a mutable buffer of the program, serialized with the base
-model's values as its initial state (ExecuTorch would otherwise start mutable buffers at zero),
-so the program starts from the base model with no setter call. Its methods are a training
+Every weight of the model is a mutable buffer of the program. ExecuTorch starts mutable buffers
+at zero, and serializing their initial values stores them once per method that touches them (5
+copies of the weights in one .pte); so the base weights go beside the program, once, as
+weights.safetensors under their Hugging Face names (listed with its sha256 in the manifest), and
+the engine sets them through set_weights when it loads the program. Its methods are a training
 program's with q = 1 (export/contract/methods.py FULL_MEZO_METHODS); get_adapter and
-set_adapter exchange the flat weight vector.
+set_weights exchange the flat weight vector.
 """
 from __future__ import annotations
 
@@ -19,9 +21,12 @@ from export.pipeline import check_shapes, export_seconds, model_entry, write_pro
 from models.causal_lm import ModelError, build_full_mezo_step, load_tokenizer
 from models.console import say
 from models.files import replace_dir_atomically
+from models.model_folder import save_weights_file
 from models.tasks.labels import label_token_ids
 from models.tasks.spec import TaskSpec
-from prge.full_mezo import FULL_MEZO_LOSSES
+from prge.full_mezo import FULL_MEZO_LOSSES, named_weights
+
+INITIAL_WEIGHTS_FILE = "weights.safetensors"
 
 
 def export_full_mezo(model_dir: Path, task: TaskSpec, shapes: ExportShapes, out_dir: Path,
@@ -36,13 +41,12 @@ def export_full_mezo(model_dir: Path, task: TaskSpec, shapes: ExportShapes, out_
     step = build_full_mezo_step(model_dir, label_ids, task.loss)
     dims = ProgramShapes.of(shapes, 1, step.numel, len(label_ids), step.vocab_size, task.loss)
     began = time.perf_counter()
-    # Buffer placeholders are named after the weights' paths, which all end in weight or bias.
-    program, delegation, timings = lower_methods(step, dims, FULL_MEZO_METHODS, progress=progress,
-                                                 initialized_buffers=("weight", "bias"))
+    program, delegation, timings = lower_methods(step, dims, FULL_MEZO_METHODS, progress=progress)
     with replace_dir_atomically(Path(out_dir)) as tmp:
         pte, _ = write_program_and_tokenizer(program, model_dir, tmp)
+        weights = save_weights_file(tmp / INITIAL_WEIGHTS_FILE, named_weights(step.slots, step.get_adapter()))
         manifest = build_full_mezo_manifest(
-            pte=pte, shapes=shapes, slots=step.slots, task=task, label_ids=label_ids,
+            pte=pte, weights_file=weights, shapes=shapes, slots=step.slots, task=task, label_ids=label_ids,
             tokenizer_file=tmp / "tokenizer.json" if (tmp / "tokenizer.json").is_file() else None,
             pad_token_id=tokenizer.pad_token_id,
             model=model_entry(model_dir, step.model.config.model_type, step.rewrites),

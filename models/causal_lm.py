@@ -17,6 +17,7 @@ from models.delegatable import (
     replace_rms_norms,
 )
 from models.quantize import DEFAULT_GROUP_SIZE, check_scheme, quantize_frozen_linears, quantize_input_embedding
+from models.side_network import SideFeatures, default_taps
 from prge.estimators import DEFAULT_ESTIMATOR, estimator_named
 from prge.full_mezo import FullMeZOStep
 from prge.pieces import DEFAULT_MICRO_BATCH
@@ -274,3 +275,16 @@ def build_full_mezo_step(model_dir: str | Path, label_ids: list[int], loss: str 
     loaded.rewrites.parity = _check_parity(step.next_token_logits, loaded.probe, Path(model_dir), config.model_type)
     step.rewrites = loaded.rewrites
     return step
+
+
+def build_side_features(model_dir: str | Path, label_ids: list[int], taps: tuple[int, ...] | None = None) -> SideFeatures:
+    """The device part of side tuning over the frozen model (taps: default_taps of its layers),
+    checked like build_step: its next-token logits equal Hugging Face's on the probe batch."""
+    loaded = load_causal_lm(model_dir)
+    config = loaded.model.config
+    features = SideFeatures(loaded.model, label_ids, taps or default_taps(config.num_hidden_layers),
+                            getattr(config, "final_logit_softcapping", None))
+    features.eval()
+    loaded.rewrites.parity = _check_parity(features.next_token_logits, loaded.probe, Path(model_dir), config.model_type)
+    features.rewrites = loaded.rewrites
+    return features

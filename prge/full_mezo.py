@@ -182,11 +182,13 @@ class FullMeZOStep(nn.Module):
         """The trained state as one flat float32 vector in slot order (checkpoints, replay)."""
         return torch.cat([self.weight(k).reshape(-1) for k in range(len(self.slots))])
 
-    def set_adapter(self, flat: Tensor) -> Tensor:
+    def set_weights(self, flat: Tensor) -> Tensor:
+        """Set every weight from a flat vector (get_adapter's layout); returns the first weight's
+        first value, as apply_weight_update does (returning the state would copy all of it)."""
         flat = flat.reshape(-1).to(torch.float32)
         for k, (_, tensor) in enumerate(named_weights(self.slots, flat)):
             self.weight(k).copy_(tensor)
-        return flat.clone()
+        return self.weight(0).reshape(-1)[:1].clone()
 
     def apply_weight_update(self, prev_seed: Tensor, prev_g: Tensor, lr: Tensor) -> Tensor:
         """W <- W - lr * g * z(prev_seed), tensor by tensor; returns the first weight's first value

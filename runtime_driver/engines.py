@@ -24,13 +24,14 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from export.contract.manifest import (FULL_MEZO, GENERATION, MANIFEST_FILE, TRAINING, ManifestError, program_estimator,
+from export.contract.manifest import (FULL_MEZO, GENERATION, MANIFEST_FILE, SIDE, TRAINING, ManifestError, program_estimator,
                                       program_kind, program_shapes, read_manifest, slots_from_json, verify_program_files,
                                       weight_slots_from_json)
 from export.contract.methods import (FULL_MEZO_METHODS, GENERATION_METHODS, OUTPUTS, inputs_of, step_scalars, training_methods,
                                      update_scalars)
 from models.causal_lm import DEFAULT_COMPLETION_LEN, AdapterConfig
 from models.console import runtime_logs_filtered
+from models.model_folder import read_flat_weights
 from models.quantize import DEFAULT_GROUP_SIZE
 from prge.estimators import DEFAULT_ESTIMATOR, Estimator, estimator_named
 from prge.full_mezo import FullMeZOStep
@@ -157,6 +158,9 @@ class EagerFullMeZO(EagerPRGE):
     def apply_update(self, prev_seed: int, prev_g: list[float], lr: float) -> None:
         self.step.apply_weight_update(*update_scalars(prev_seed, prev_g, lr))
 
+    def set_adapter(self, flat: Tensor) -> None:
+        self.step.set_weights(flat)
+
 
 # ---- ExecuTorch -----------------------------------------------------------------------------
 class ExecuTorchProgram:
@@ -174,8 +178,9 @@ class ExecuTorchProgram:
         verify_program_files(self.program_dir, self.manifest)
         self.loss = self.manifest["task"]["loss"]
         if methods is None:
-            methods = {GENERATION: GENERATION_METHODS, FULL_MEZO: FULL_MEZO_METHODS}.get(program_kind(self.manifest),
-                                                                                     training_methods(self.loss))
+            kind = program_kind(self.manifest)
+            methods = (tuple(self.manifest["methods"]) if kind == SIDE  # its methods depend on whether it is trained
+                       else {GENERATION: GENERATION_METHODS, FULL_MEZO: FULL_MEZO_METHODS}.get(kind, training_methods(self.loss)))
         missing = [name for name in methods if name not in self.manifest["methods"]]
         if missing:
             raise ManifestError(f"{self.program_dir}: the program has no {', '.join(missing)} method "
@@ -309,16 +314,20 @@ class ExecuTorchPRGE:
         return self.program.run("get_adapter", [])
 
     def set_adapter(self, flat: Tensor) -> None:
+        self.program.run("set_adapter", [self._checked_flat(flat)])
+
+    def _checked_flat(self, flat: Tensor) -> Tensor:
         flat = flat.reshape(-1).to(torch.float32).contiguous()
         if flat.numel() != self.adapter_numel:
             raise ValueError(f"adapter has {flat.numel()} values, this program's has {self.adapter_numel}")
-        self.program.run("set_adapter", [flat])
+        return flat
 
 
 class ExecuTorchFullMeZO(ExecuTorchPRGE):
-    """Full-parameter MeZO through the ExecuTorch runtime: the program holds every weight (its
-    initial state is the base model, serialized into it); get_adapter / set_adapter exchange
-    the flat weight vector, as EagerFullMeZO's do."""
+    """Full-parameter MeZO through the ExecuTorch runtime: the program holds every weight as
+    mutable state, set here from the export folder's weights.safetensors (verified against the
+    manifest with the program's other files); get_adapter / set_adapter exchange the flat weight
+    vector, as EagerFullMeZO's do."""
 
     kind = FULL_MEZO
 
@@ -330,6 +339,8 @@ class ExecuTorchFullMeZO(ExecuTorchPRGE):
         self.adapter = AdapterConfig(num_queries=1, loss=m["task"]["loss"], estimator=DEFAULT_ESTIMATOR)
         self.estimator = estimator_named(DEFAULT_ESTIMATOR)
         self.completion_len = None
+        # The runtime starts the weights at zero: set the base model's.
+        self.set_adapter(read_flat_weights(self.program_dir / m["program"]["weights"]["file"], self.slots))
 
     @staticmethod
     def _wrong_kind(program_dir: str | Path, kind: str) -> str:
@@ -337,3 +348,6 @@ class ExecuTorchFullMeZO(ExecuTorchPRGE):
 
     def apply_update(self, prev_seed: int, prev_g: list[float], lr: float) -> None:
         self.program.run("apply_weight_update", list(update_scalars(prev_seed, prev_g, lr)))
+
+    def set_adapter(self, flat: Tensor) -> None:
+        self.program.run("set_weights", [self._checked_flat(flat)])

@@ -17,7 +17,7 @@ from prge.step import IGNORE_TARGET
 EvalLogits = Callable[[Tensor, Tensor], Tensor]
 
 
-def _batches(tensors: list[Tensor], batch_size: int, fixed_batch: bool) -> Iterator[tuple[int, list[Tensor]]]:
+def eval_batches(tensors: list[Tensor], batch_size: int, fixed_batch: bool) -> Iterator[tuple[int, list[Tensor]]]:
     """(rows, batch tensors) in order. fixed_batch: the engine only takes exactly batch_size
     rows (an exported program), so the last batch is padded with copies of its first row."""
     n = tensors[0].shape[0]
@@ -32,7 +32,7 @@ def _batches(tensors: list[Tensor], batch_size: int, fixed_batch: bool) -> Itera
 def evaluate(eval_logits: EvalLogits, split: TokenizedSplit, batch_size: int, fixed_batch: bool) -> dict[str, float]:
     """{"accuracy", "loss"} over a labelled split."""
     correct, total_loss, n, start = 0, 0.0, len(split), 0
-    for rows, (ids, mask) in _batches([split.input_ids, split.attention_mask], batch_size, fixed_batch):
+    for rows, (ids, mask) in eval_batches([split.input_ids, split.attention_mask], batch_size, fixed_batch):
         labels = split.labels[start : start + rows]
         start += rows
         logits = eval_logits(ids, mask)[:rows].to(torch.float64)
@@ -45,7 +45,7 @@ def completion_loss(engine, split: CompletionSplit) -> dict[str, float]:
     """{"loss", "perplexity"}: mean cross-entropy per scored token over the split (rows weighted
     by their number of scored tokens), and its exponential."""
     total, tokens, start = 0.0, 0, 0
-    for rows, (ids, mask, targets) in _batches([split.input_ids, split.attention_mask, split.labels],
+    for rows, (ids, mask, targets) in eval_batches([split.input_ids, split.attention_mask, split.labels],
                                                 engine.eval_batch_size, engine.fixed_eval_batch):
         counts = (split.labels[start : start + rows] != IGNORE_TARGET).sum(dim=1)
         start += rows

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from export.contract.methods import (CONTRACT_VERSION, FIRST_ORDER_METHODS, FULL_MEZO_METHODS, GENERATION_METHODS, ExportShapes, ProgramShapes,
-                                     signatures_json)
+from export.contract.methods import (CONTRACT_VERSION, FIRST_ORDER_METHODS, FULL_MEZO_METHODS, GENERATION_METHODS,
+                                     SIDE_FEATURES_METHODS, SIDE_TUNED_METHODS, ExportShapes, ProgramShapes, signatures_json)
 from models.files import sha256_file, write_json_atomic
 from models.tasks.spec import TaskSpec
 from prge.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, Estimator
@@ -23,9 +23,11 @@ MANIFEST_VERSION = 2
 # generation (`prge export --generate`: prefill and decode over a KV cache, no noise, no step), or
 # first-order (`prge export --first-order`: ExecuTorch's training extension, a joint
 # forward-backward method whose gradients its SGD applies; the baseline a user of that route runs),
-# or full-mezo (`prge export --mezo-full`: full-parameter MeZO, every weight mutable state).
-TRAINING, GENERATION, FIRST_ORDER, FULL_MEZO = "training", "generation", "first-order", "full-mezo"
-KINDS = (TRAINING, GENERATION, FIRST_ORDER, FULL_MEZO)
+# or full-mezo (`prge export --mezo-full`: full-parameter MeZO, every weight mutable state), or side
+# (`prge side-tune`: the frozen model's forward only, its features sent to a server, and after
+# training base + side network).
+TRAINING, GENERATION, FIRST_ORDER, FULL_MEZO, SIDE = "training", "generation", "first-order", "full-mezo", "side"
+KINDS = (TRAINING, GENERATION, FIRST_ORDER, FULL_MEZO, SIDE)
 # Keys a driver relies on; a manifest missing any of them is rejected.
 REQUIRED_KEYS = (
     "manifest_version", "contract", "program", "methods", "shapes", "num_queries", "adapter", "task",
@@ -36,7 +38,10 @@ GENERATION_KEYS = ("manifest_version", "kind", "contract", "program", "methods",
 FIRST_ORDER_KEYS = GENERATION_KEYS + ("defaults", "parameters")
 FULL_MEZO_KEYS = ("manifest_version", "kind", "contract", "program", "methods", "shapes", "num_queries", "weights",
                   "task", "tokenizer", "prng_version", "model", "versions", "defaults")
-_KEYS = {TRAINING: REQUIRED_KEYS, GENERATION: GENERATION_KEYS, FIRST_ORDER: FIRST_ORDER_KEYS, FULL_MEZO: FULL_MEZO_KEYS}
+SIDE_KEYS = ("manifest_version", "kind", "contract", "program", "methods", "shapes", "side", "task", "tokenizer", "model",
+             "versions")
+_KEYS = {TRAINING: REQUIRED_KEYS, GENERATION: GENERATION_KEYS, FIRST_ORDER: FIRST_ORDER_KEYS, FULL_MEZO: FULL_MEZO_KEYS,
+         SIDE: SIDE_KEYS}
 # Packages whose versions change what a program computes or how it was made.
 VERSIONED_PACKAGES = ("torch", "executorch", "torchao", "transformers", "peft")
 
@@ -262,6 +267,7 @@ def build_first_order_manifest(
 def build_full_mezo_manifest(
     *,
     pte: Path,
+    weights_file: Path,
     shapes: ExportShapes,
     slots: tuple[WeightSlot, ...],
     task: TaskSpec,
@@ -275,8 +281,9 @@ def build_full_mezo_manifest(
     export_seconds: dict[str, float],
 ) -> dict[str, Any]:
     """The manifest of a full-parameter MeZO program: weights.slots lay out the flat weight vector
-    its get_adapter / set_adapter exchange (names, shapes, noise offsets); the program starts from
-    the base model's weights (serialized into it)."""
+    its get_adapter / set_adapter exchange (names, shapes, noise offsets); program.weights is the
+    safetensors file of the base model's weights the engine starts it from (its buffers start at
+    zero)."""
     numel = flat_numel(slots)
     methods = FULL_MEZO_METHODS
     estimator = ESTIMATORS[DEFAULT_ESTIMATOR]  # MeZO: Gaussian directions, plain g
@@ -284,7 +291,7 @@ def build_full_mezo_manifest(
         "manifest_version": MANIFEST_VERSION,
         "kind": FULL_MEZO,
         "contract": signatures_json(methods, ProgramShapes.of(shapes, 1, numel, len(label_ids), vocab_size, task.loss)),
-        "program": {"pte": file_entry(pte), "ptd": None},
+        "program": {"pte": file_entry(pte), "ptd": None, "weights": file_entry(weights_file)},
         "methods": list(methods),
         "shapes": {"batch_size": shapes.batch_size, "seq_len": shapes.seq_len, "eval_batch_size": shapes.eval_batch_size,
                    "micro_batch": None, "vocab_size": vocab_size},
@@ -295,6 +302,41 @@ def build_full_mezo_manifest(
         "estimator": estimator.to_json(),
         "prng_version": estimator.prng_version,
         "defaults": defaults,
+        **_provenance(model, delegation, export_seconds),
+    }
+
+
+def build_side_manifest(
+    *,
+    pte: Path,
+    batch_size: int,
+    seq_len: int,
+    taps: tuple[int, ...],
+    hidden_size: int,
+    network: dict[str, int] | None,
+    task: TaskSpec,
+    label_ids: list[int],
+    tokenizer_file: Path | None,
+    pad_token_id: int,
+    model: dict[str, Any],
+    delegation: dict[str, Any],
+    export_seconds: dict[str, float],
+) -> dict[str, Any]:
+    """The manifest of a side-tuning program: side.taps and hidden_size lay out side_features'
+    rows (taps x hidden, then the label logits); side.network is the trained side network's
+    configuration (None before training: then the program has side_features only)."""
+    methods = SIDE_FEATURES_METHODS if network is None else SIDE_TUNED_METHODS
+    features = len(taps) * hidden_size + len(label_ids)
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "kind": SIDE,
+        "contract": signatures_json(methods, ProgramShapes.for_side(batch_size, seq_len, len(label_ids), features)),
+        "program": {"pte": file_entry(pte), "ptd": None},
+        "methods": list(methods),
+        "shapes": {"batch_size": batch_size, "seq_len": seq_len},
+        "side": {"taps": list(taps), "hidden_size": hidden_size, "features": features, "network": network},
+        "task": _label_task_entry(task, label_ids),
+        "tokenizer": _tokenizer_entry(tokenizer_file, pad_token_id),
         **_provenance(model, delegation, export_seconds),
     }
 
@@ -316,6 +358,9 @@ def program_shapes(manifest: dict[str, Any]) -> ProgramShapes:
         return ProgramShapes(shapes["batch_size"], shapes["seq_len"], shapes["eval_batch_size"], 1,
                              manifest["weights"]["numel"], len(manifest["task"]["label_token_ids"]), shapes["vocab_size"],
                              manifest["task"]["loss"])
+    if program_kind(manifest) == SIDE:
+        return ProgramShapes.for_side(shapes["batch_size"], shapes["seq_len"], len(manifest["task"]["label_token_ids"]),
+                                      manifest["side"]["features"])
     if program_kind(manifest) == FIRST_ORDER:
         return ProgramShapes.for_first_order(shapes["batch_size"], shapes["seq_len"], manifest["adapter"]["numel"],
                                              len(manifest["task"]["label_token_ids"]), shapes["vocab_size"])
@@ -391,6 +436,9 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
     if program.get("ptd") is not None:
         check_file_entry(program["ptd"], "program.ptd")
         positive_int(program["ptd"].get("bytes"), "program.ptd.bytes")
+    if program_kind(m) == FULL_MEZO:  # the initial weights, beside the program
+        check_file_entry(program.get("weights"), "program.weights")
+        positive_int(program["weights"].get("bytes"), "program.weights.bytes")
     if not isinstance(m["methods"], list) or not all(isinstance(x, str) for x in m["methods"]):
         raise fail("methods", "expected a list of method names")
     if not isinstance(m["shapes"], dict):
@@ -406,12 +454,18 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
     elif kind == FIRST_ORDER:
         for key in ("batch_size", "seq_len", "vocab_size"):
             positive_int(m["shapes"].get(key), f"shapes.{key}")
+    elif kind == SIDE:
+        for key in ("batch_size", "seq_len"):
+            positive_int(m["shapes"].get(key), f"shapes.{key}")
     else:
         for key in ("seq_len", "cache_len", "vocab_size"):
             positive_int(m["shapes"].get(key), f"shapes.{key}")
         if m["shapes"]["cache_len"] <= m["shapes"]["seq_len"]:
             raise fail("shapes.cache_len", "must exceed seq_len (the prefill window), or no token can follow the prompt")
-    slots = _check_weight_fields(m, fail, positive_int) if kind == FULL_MEZO else _check_adapter_fields(m, fail, positive_int)
+    if kind == FULL_MEZO:
+        slots = _check_weight_fields(m, fail, positive_int)
+    elif kind != SIDE:  # a side-tuning program trains nothing on the device
+        slots = _check_adapter_fields(m, fail, positive_int)
     task = m["task"]
     if not isinstance(task, dict):
         raise fail("task", "expected an object")
@@ -430,6 +484,9 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
     if training:
         _check_label_fields(m, fail, positive_int)
         _check_estimator_fields(m, fail)
+    elif kind == SIDE:
+        _check_label_fields(m, fail, positive_int)
+        _check_side_fields(m, fail, positive_int)
     elif kind == FIRST_ORDER:
         _check_label_fields(m, fail, positive_int)
         names = m["parameters"]
@@ -444,6 +501,8 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
         got = contract.get("version") if isinstance(contract, dict) else contract
         raise fail("contract", f"version {got!r}: this prge drives programs of contract {CONTRACT_VERSION}; re-export the program")
     fixed = {GENERATION: GENERATION_METHODS, FIRST_ORDER: FIRST_ORDER_METHODS, FULL_MEZO: FULL_MEZO_METHODS}.get(kind)
+    if kind == SIDE:  # before training: the features only; after: with the side network's logits
+        fixed = SIDE_FEATURES_METHODS if m["side"]["network"] is None else SIDE_TUNED_METHODS
     if fixed and m["methods"] != list(fixed):
         raise fail("methods", f"a {kind} program has the methods {', '.join(fixed)}")
     try:
@@ -493,6 +552,25 @@ def _check_adapter_fields(m: dict[str, Any], fail, positive_int) -> tuple[Adapte
     return slots
 
 
+def _check_side_fields(m: dict[str, Any], fail, positive_int) -> None:
+    """A side-tuning program's feature layout: increasing taps, and features = taps x hidden + labels."""
+    side = m["side"]
+    if not isinstance(side, dict):
+        raise fail("side", "expected an object")
+    taps = side.get("taps")
+    if not (isinstance(taps, list) and taps and all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in taps)
+            and taps == sorted(set(taps))):
+        raise fail("side.taps", f"expected increasing layer indices >= 1, got {taps!r}")
+    hidden = positive_int(side.get("hidden_size"), "side.hidden_size")
+    if side.get("features") != len(taps) * hidden + len(m["task"]["label_token_ids"]):
+        raise fail("side.features", "must be len(taps) * hidden_size + the number of labels")
+    network = side.get("network")
+    if network is not None and not (isinstance(network, dict) and network.get("num_taps") == len(taps)
+                                    and network.get("hidden_size") == hidden
+                                    and network.get("num_labels") == len(m["task"]["label_token_ids"])):
+        raise fail("side.network", "the side network's num_taps, hidden_size and num_labels must match the taps and labels")
+
+
 def _check_label_fields(m: dict[str, Any], fail, positive_int) -> None:
     """The label words (and a completion task's shapes) of a training or first-order program."""
     task = m["task"]
@@ -522,13 +600,14 @@ def _check_estimator_fields(m: dict[str, Any], fail) -> None:
 
 
 def verify_program_files(program_dir: Path, manifest: dict[str, Any]) -> None:
-    """The .pte/.ptd and tokenizer on disk are the ones this manifest was written for (size and
-    sha256): a truncated or corrupted file, or a manifest copied from another export, is refused."""
+    """The .pte/.ptd (and a full-parameter program's initial weights) and tokenizer on disk are the
+    ones this manifest was written for (size and sha256): a truncated or corrupted file, or a
+    manifest copied from another export, is refused."""
     tokenizer = program_dir / (manifest["tokenizer"]["file"] or "")
     if manifest["tokenizer"]["file"] and (not tokenizer.is_file() or sha256_file(tokenizer) != manifest["tokenizer"]["sha256"]):
         raise ManifestError(f"{tokenizer}: missing or does not match {MANIFEST_FILE} (sha256 differs): "
                             "not the tokenizer this program was exported with")
-    for key in ("pte", "ptd"):
+    for key in ("pte", "ptd", "weights"):
         entry = manifest["program"].get(key)
         if entry is None:
             continue

@@ -9,7 +9,7 @@ manifest whose contract differs from the one it was built for.
 
 Shapes are written with named dimensions, resolved by a program's `ProgramShapes`:
   batch (b, examples per perturbed copy), seq_len, eval_batch, num_queries (q), adapter_numel,
-  num_labels, vocab.
+  num_labels, vocab, features (a side-tuning program's feature row).
 
 A program is for a classification task (label words: labels are class indices [batch], and
 eval_logits scores the label words) or for a completion task (labels are per-position targets
@@ -19,9 +19,12 @@ A generation program (GENERATION_METHODS) decodes one row with a KV cache; its s
 prefill window. A first-order program (FIRST_ORDER_METHODS, ExecuTorch's training extension)
 has one joint forward-backward method; its outputs after OUTPUTS' loss are the label-word
 logits [batch, num_labels], then the gradients and the parameters the extension appends.
+A side-tuning program (SIDE_FEATURES_METHODS, SIDE_TUNED_METHODS) runs the frozen model only:
+its features are [batch, features], the taps' hidden states then the label logits per row.
 A full-parameter MeZO program (FULL_MEZO_METHODS) has a training program's methods with q = 1
 and every weight in place of the adapter (adapter_numel = the model's parameter count), except
-that its flush, apply_weight_update, returns one value instead of the whole state.
+that its flush, apply_weight_update, and its setter, set_weights, return one value instead of
+the whole state (a weight-sized output would be one more copy of the model in the method's memory).
 """
 from __future__ import annotations
 
@@ -79,6 +82,11 @@ INPUTS: dict[str, tuple[Arg, ...]] = {
     "first_order_step": (*_tokens(), _LABELS),
     # Full-parameter MeZO programs: apply_update without returning the (weight-sized) state.
     "apply_weight_update": (Arg("prev_seed", "int64", (1,)), Arg("prev_g", "float32", ("num_queries",)), Arg("lr", "float32", (1,))),
+    "set_weights": (Arg("flat", "float32", ("adapter_numel",)),),
+    # Side-tuning programs: the frozen model's taps and label logits per row (what the device
+    # sends), and base + trained side network's label logits (what it then predicts with).
+    "side_features": _tokens(),
+    "side_logits": _tokens(),
 }
 OUTPUTS: dict[str, Arg] = {
     "train_step": Arg("losses", "float32", ("2q",)),  # + copies first, then - copies
@@ -93,6 +101,9 @@ OUTPUTS: dict[str, Arg] = {
     "decode": Arg("logits", "float32", (1, "vocab")),
     "first_order_step": Arg("loss", "float32", ()),  # a scalar: the extension differentiates output 0
     "apply_weight_update": Arg("first_weight", "float32", (1,)),  # a method must return something
+    "set_weights": Arg("first_weight", "float32", (1,)),
+    "side_features": Arg("features", "float32", ("batch", "features")),  # taps x hidden, then the label logits
+    "side_logits": Arg("logits", "float32", ("batch", "num_labels")),
 }
 # What a training driver calls; all of them share one adapter state inside the program.
 TRAINING_METHODS = ("train_step", "apply_update", "eval_logits", "get_adapter", "set_adapter")
@@ -102,11 +113,15 @@ GENERATION_METHODS = ("prefill", "decode", "get_adapter", "set_adapter")
 # A first-order program (`prge export --first-order`): what its SGD driver calls.
 FIRST_ORDER_METHODS = ("first_order_step",)
 # A full-parameter MeZO program (`prge export --mezo-full`): its "adapter" is every weight.
-FULL_MEZO_METHODS = ("train_step", "apply_weight_update", "eval_logits", "get_adapter", "set_adapter")
+FULL_MEZO_METHODS = ("train_step", "apply_weight_update", "eval_logits", "get_adapter", "set_weights")
+# Side-tuning programs (`prge side-tune`): the device's features before training; after it, the
+# same program with the trained side network's logits beside them.
+SIDE_FEATURES_METHODS = ("side_features",)
+SIDE_TUNED_METHODS = ("side_features", "side_logits")
 # Exported only on request.
 OPTIONAL_METHODS = ("perturbed_loss",)
 KNOWN_METHODS = tuple(dict.fromkeys(TRAINING_METHODS + COMPLETION_TRAINING_METHODS + OPTIONAL_METHODS
-                                    + GENERATION_METHODS + FIRST_ORDER_METHODS + FULL_MEZO_METHODS))
+                                    + GENERATION_METHODS + FIRST_ORDER_METHODS + FULL_MEZO_METHODS + SIDE_TUNED_METHODS))
 
 
 def training_methods(loss: str) -> tuple[str, ...]:
@@ -142,6 +157,7 @@ class ProgramShapes:
     num_labels: int
     vocab: int = 0  # read by next_token_logits only
     loss: str = "classification"  # which inputs the methods take (inputs_of)
+    features: int = 0  # read by side_features only
 
     @classmethod
     def of(cls, shapes: ExportShapes, num_queries: int, adapter_numel: int, num_labels: int, vocab: int,
@@ -158,6 +174,11 @@ class ProgramShapes:
     def for_first_order(cls, batch: int, seq_len: int, adapter_numel: int, num_labels: int, vocab: int) -> "ProgramShapes":
         """A first-order program's: one call takes the batch (of a label-word task); no queries."""
         return cls(batch, seq_len, batch, 1, adapter_numel, num_labels, vocab, "classification")
+
+    @classmethod
+    def for_side(cls, batch: int, seq_len: int, num_labels: int, features: int) -> "ProgramShapes":
+        """A side-tuning program's: a fixed batch of prompts, no adapter or queries."""
+        return cls(batch, seq_len, batch, 0, 0, num_labels, 0, "classification", features)
 
     def size(self, dim: str | int) -> int:
         if isinstance(dim, int):

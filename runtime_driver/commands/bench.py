@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from export.contract.manifest import FIRST_ORDER, FULL_MEZO, TRAINING, package_versions, program_kind, read_manifest
+from export.contract.manifest import FIRST_ORDER, FULL_MEZO, SIDE, TRAINING, package_versions, program_kind, read_manifest
 from export.contract.methods import step_scalars
 from models.console import say
 from models.files import cache_dir, write_json_atomic
@@ -416,7 +416,9 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
     a completion program's eval_losses (the same forward, scored at its completion positions).
     A first-order program (`prge export --first-order`) is timed by its whole step (forward,
     backward, SGD); it has no plain forward of its own, so no step_overhead. A full-parameter
-    MeZO program (`prge export --mezo-full`) is timed like a P-RGE one (q = 1)."""
+    MeZO program (`prge export --mezo-full`) is timed like a P-RGE one (q = 1). A side-tuning
+    device program (`prge side-tune`'s device-program/) is timed by its one forward, side_features,
+    in the train_step column: that forward is all the device does for an example."""
     torch.set_num_threads(threads)
     set_runtime_threads(threads)
     calls: dict[str, Callable[[], Any]] = {}
@@ -428,6 +430,13 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
             _, vocab, _ = plain_forward(engine.manifest)
             batch = _batch(engine.batch_size, engine.seq_len, vocab)
             calls[f"{path}:train_step"] = lambda e=engine, b=batch: e.first_order_step(*b, lr=1e-3)
+            continue
+        if program_kind(read_manifest(path)) == SIDE:
+            program = ExecuTorchProgram(Path(path), methods=("side_features",))
+            keep.append(program)
+            ids, mask, _ = _batch(program.manifest["shapes"]["batch_size"], program.manifest["shapes"]["seq_len"],
+                                  plain_forward(program.manifest)[1])
+            calls[f"{path}:train_step"] = lambda p=program, i=ids, m=mask: p.run("side_features", [i, m])
             continue
         program = ExecuTorchProgram(Path(path))  # the training methods of its task's kind
         keep.append(program)
@@ -445,19 +454,22 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
     for path in program_dirs:
         m = manifests[path]
         files, kind = m["program"], program_kind(m)
-        first_order = kind == FIRST_ORDER
-        plain = None if first_order else ms[f"{path}:eval_logits"]
+        first_order, side = kind == FIRST_ORDER, kind == SIDE
+        plain = None if first_order or side else ms[f"{path}:eval_logits"]
         adapter = program_adapter_config(m) if kind == TRAINING else None
         rows[path] = {
-            "method": {FIRST_ORDER: "first-order (SGD)", FULL_MEZO: "full-parameter MeZO"}.get(kind, "P-RGE"),
-            "rows_per_step": m["shapes"]["batch_size"] * (1 if first_order else 2 * m["num_queries"]),
+            "method": {FIRST_ORDER: "first-order (SGD)", FULL_MEZO: "full-parameter MeZO",
+                       SIDE: "side tuning (device forward)"}.get(kind, "P-RGE"),
+            "rows_per_step": m["shapes"]["batch_size"] * (1 if first_order or side else 2 * m["num_queries"]),
             "quantization": adapter.quantize if adapter else "none",
             "estimator": adapter.estimator if adapter else ("spsa" if kind == FULL_MEZO else "-"),
-            "program_mb": round((files["pte"]["bytes"] + (files["ptd"]["bytes"] if files["ptd"] else 0)) / 1e6, 1),
+            # Every file the device needs: .pte, .ptd, a full-parameter program's initial weights.
+            "program_mb": round(sum(files[key]["bytes"] for key in ("pte", "ptd", "weights") if files.get(key)) / 1e6, 1),
             "train_step_ms": round(ms[f"{path}:train_step"], 3), "eval_logits_ms": plain and round(plain, 3),
             "step_overhead": plain and round(ms[f"{path}:train_step"] / plain, 3),
-            "peak_rss_train_step_mb": run_worker(["executorch-fo" if first_order else "executorch-prge", "--program", str(path),
-                                                  "--steps", "2", "--threads", str(threads)])["vm_hwm_mb"] if rss else None,
+            "peak_rss_train_step_mb": run_worker([{FIRST_ORDER: "executorch-fo", SIDE: "executorch-infer"}.get(kind, "executorch-prge"),
+                                                  "--program", str(path), "--steps", "2", "--threads", str(threads)]
+                                                 )["vm_hwm_mb"] if rss else None,
         }
     first = rows[program_dirs[0]]
     for row in rows.values():

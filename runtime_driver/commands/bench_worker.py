@@ -3,7 +3,8 @@
 Peak RSS is a per-process high-water mark, so each engine gets a fresh interpreter that loads
 only what that engine needs, runs a couple of steps and reports its own VmHWM (exec starts a
 fresh address space, so nothing of the parent is counted). Modes:
-  executorch-prge   ExecuTorch program, `train_step` only (no eager model is ever built)
+  executorch-prge   ExecuTorch program, `train_step` only (no eager model is ever built; a
+                    full-parameter program: every method, its weights set as a run sets them)
   executorch-infer  ExecuTorch program, `eval_logits` only (inference over the same rows)
   executorch-fo     first-order program (ExecuTorch's training extension): forward, backward, SGD
   eager-prge        PRGEStep.train_step in PyTorch under no_grad
@@ -55,10 +56,13 @@ def plain_forward(manifest: dict) -> tuple[str, int, bool]:
     """(method, vocab, completion) of a program's plain forward beside train_step: label-word
     logits, or a completion program's eval losses (its labels are per-position targets); vocab
     bounds the random token ids (any valid ids will do)."""
+    from export.contract.manifest import SIDE, program_kind
     from prge.step import COMPLETION
 
     completion = manifest["task"]["loss"] == COMPLETION
     vocab = max(manifest["task"]["label_token_ids"] or [manifest["shapes"]["vocab_size"] - 1]) + 1
+    if program_kind(manifest) == SIDE:  # a side-tuning device's whole job is this forward
+        return "side_features", vocab, False
     return ("eval_losses" if completion else "eval_logits"), vocab, completion
 
 
@@ -74,25 +78,42 @@ def _run_executorch_first_order(args) -> None:
         engine.first_order_step(*batch, lr=1e-3)
 
 
+def _run_executorch_full_mezo(args) -> None:
+    """A full-parameter program holds no weights until its engine sets them from the export
+    folder, so it is measured the way a run holds it: every method loaded, the weights set."""
+    from runtime_driver.engines import ExecuTorchFullMeZO, set_runtime_threads
+
+    set_runtime_threads(args.threads)
+    engine = ExecuTorchFullMeZO(args.program)
+    _, vocab, _ = plain_forward(engine.manifest)
+    batch = random_batch(engine.batch_size, engine.seq_len, vocab, len(engine.manifest["task"]["label_token_ids"]))
+    for i in range(args.steps):
+        engine.train_step(*batch, i, i + 1, [0.1], 1e-5, 1e-3)
+
+
 def _run_executorch(args) -> None:
-    from export.contract.manifest import read_manifest
+    from export.contract.manifest import FULL_MEZO, program_kind, read_manifest
     from export.contract.methods import step_scalars
     from runtime_driver.engines import ExecuTorchProgram, set_runtime_threads
 
     set_runtime_threads(args.threads)
     # The manifest first: the worker loads only the method it measures (its RSS is the figure).
-    forward, vocab, completion = plain_forward(read_manifest(args.program))
+    manifest = read_manifest(args.program)
+    if args.mode == "executorch-prge" and program_kind(manifest) == FULL_MEZO:
+        return _run_executorch_full_mezo(args)
+    forward, vocab, completion = plain_forward(manifest)
     method = "train_step" if args.mode == "executorch-prge" else forward
     program = ExecuTorchProgram(args.program, methods=(method,))
     manifest = program.manifest
-    q, b, t = manifest["num_queries"], manifest["shapes"]["batch_size"], manifest["shapes"]["seq_len"]
+    q, b, t = manifest.get("num_queries", 1), manifest["shapes"]["batch_size"], manifest["shapes"]["seq_len"]
     num_labels = len(manifest["task"]["label_token_ids"])
     if method == "train_step":
         ids, mask, labels = random_batch(b, t, vocab, num_labels, targets=completion)
         for i in range(args.steps):
             program.run(method, [ids, mask, labels, *step_scalars(i, i + 1, [0.1] * q, 1e-3, 1e-2)])
     else:
-        ids, mask, labels = random_batch(manifest["shapes"]["eval_batch_size"], t, vocab, num_labels, targets=completion)
+        rows = manifest["shapes"].get("eval_batch_size", b)  # a side-tuning program has one batch size
+        ids, mask, labels = random_batch(rows, t, vocab, num_labels, targets=completion)
         for _ in range(args.steps):
             program.run(method, [ids, mask, labels] if completion else [ids, mask])
 

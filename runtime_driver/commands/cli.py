@@ -343,6 +343,18 @@ def cmd_federate(args) -> int:
     return 0
 
 
+def cmd_side_tune(args) -> None:
+    from runtime_driver.side_tune import SideTrainConfig, SideTuneConfig, side_tune
+
+    taps = tuple(int(t) for t in _targets(args.taps)) if args.taps else None
+    train = SideTrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.server_batch, width=args.width, seed=args.seed)
+    cfg = SideTuneConfig(model=args.model, data=args.data, out=args.out, batch_size=args.batch, seq_len=args.seq_len, taps=taps,
+                         train_examples=args.train_examples, eval_examples=args.eval_examples,
+                         test_examples=args.test_examples, train=train)
+    summary = side_tune(cfg)
+    _print({k: v for k, v in summary.items() if k != "validation"})
+
+
 def cmd_replay(args) -> int:
     from runtime_driver.replay import replay_run
 
@@ -587,6 +599,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-examples", type=int, default=TrainConfig.eval_examples)
     p.add_argument("--test-examples", type=int, default=0, help="test rows evaluated at the end (0: none)")
     p.set_defaults(func=cmd_federate)
+
+    p = sub.add_parser("side-tune", parents=[common], help="server-assisted side tuning (MobiLLM's design): the device sends "
+                       "int8 hidden states of the frozen model, a server trains a side network, the device predicts with both")
+    _add_model_args(p)
+    p.add_argument("--batch", type=int, default=8, help="rows per device forward, fixed at export (default 8)")
+    p.add_argument("--taps", help="comma-separated layer indices whose hidden states are sent (1 = after the first layer; "
+                                  "default: 4 spread over the layers, the last among them)")
+    p.add_argument("--epochs", type=int, default=20, help="server epochs over the sent features (default 20)")
+    p.add_argument("--lr", type=float, default=1e-3, help="the server's Adam learning rate (default 1e-3)")
+    p.add_argument("--server-batch", type=int, default=32, help="the server's minibatch (default 32)")
+    p.add_argument("--width", type=int, default=64, help="the side network's hidden width (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-examples", type=int, help="send only the first N training examples (default: all)")
+    p.add_argument("--eval-examples", type=int, default=200, help="validation examples the server watches (default 200)")
+    p.add_argument("--test-examples", type=int, help="evaluate on the first N test examples (default: all)")
+    p.add_argument("--out", default="runs/side", help="run folder (default runs/side)")
+    p.set_defaults(func=cmd_side_tune)
 
     p = sub.add_parser("replay", parents=[common], help="rebuild a zeroth-order run's adapter from its logged (seed, g) and check it")
     p.add_argument("run_dir", help="a run directory written by `prge train` (or `prge demo`'s run/)")

@@ -83,10 +83,10 @@ def test_batched_plus_minus_rows_equal_forwards_of_the_perturbed_weights(step):
     losses = step.train_step(ids, mask, labels, _i64(0), _i64(7), _f32(0.0), _f32(0.0), _f32(1e-2))
     pairs = [perturbed_pair(step.weight(k), s, stream_keys(_i64(7)), _f32(1e-2)) for k, s in enumerate(step.slots)]
     for sign in (0, 1):
-        step.set_adapter(torch.cat([p[sign].reshape(-1) for p in pairs]))
+        step.set_weights(torch.cat([p[sign].reshape(-1) for p in pairs]))
         alone = step.per_example_loss(ids, mask, labels).mean()
         torch.testing.assert_close(losses[sign], alone, rtol=1e-5, atol=1e-6)
-    step.set_adapter(base)
+    step.set_weights(base)
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """A full-parameter MeZO program (`prge export --mezo-full`) through the ExecuTorch runtime, on
-the tiny model: it starts from the base weights, its steps equal eager's (the same g fed to
+the tiny model: it starts from the base weights (stored once beside it), its steps equal eager's (the same g fed to
 both: weights bit for bit, losses within float rounding), a whole run replays and resumes
 exactly, and programs of the other kinds are refused."""
 from __future__ import annotations
@@ -80,6 +80,29 @@ def test_a_run_replays_and_resumes_exactly(full_program, tiny_data_dir, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_weights_are_stored_once_beside_the_program(full_program, tiny_model_dir, tmp_path):
+    """The base weights are one safetensors file beside the .pte (ExecuTorch would store mutable
+    buffers' initial values once per method), and a damaged copy is refused before any step."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    manifest = json.loads((full_program / "manifest.json").read_text())
+    weights = load_file(str(full_program / manifest["program"]["weights"]["file"]))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).state_dict()
+    assert weights.keys() <= base.keys() and all(torch.equal(weights[k], base[k]) for k in weights)
+    assert sum(w.numel() for w in weights.values()) == manifest["weights"]["numel"]
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(full_program, damaged)
+    data = bytearray((damaged / "weights.safetensors").read_bytes())
+    data[-1] ^= 1
+    (damaged / "weights.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="weights.safetensors: does not match"):
+        ExecuTorchFullMeZO(damaged)
+
+
 def test_programs_of_other_kinds_are_refused(full_program, tiny_program, tiny_data_dir, tmp_path):
     with pytest.raises(ManifestError, match="not a full-parameter program"):
         ExecuTorchFullMeZO(tiny_program("llama"))
@@ -93,10 +116,14 @@ def test_programs_of_other_kinds_are_refused(full_program, tiny_program, tiny_da
 def test_bench_times_it_beside_a_prge_program(full_program, tiny_program):
     from runtime_driver.commands.bench import compare_programs
 
-    rows = compare_programs([str(tiny_program()), str(full_program)], reps=1, threads=1, rss=False)
+    rows = compare_programs([str(tiny_program()), str(full_program)], reps=1, threads=1)
     row = rows[str(full_program)]
     assert row["method"] == "full-parameter MeZO" and row["rows_per_step"] == 2 * BATCH and row["estimator"] == "spsa"
     assert row["train_step_ms"] > 0 and row["step_overhead"] > 1  # the step is a forward plus the noise of every weight
+    # Its size counts the initial weights beside the .pte; its RSS, a worker that set them (as a run does).
+    manifest = json.loads((full_program / "manifest.json").read_text())["program"]
+    assert row["program_mb"] == round((manifest["pte"]["bytes"] + manifest["weights"]["bytes"]) / 1e6, 1)
+    assert row["peak_rss_train_step_mb"] > 0
 
 
 def test_prge_compare_takes_a_full_parameter_program(full_program, tiny_model_dir, tiny_data_dir):
