@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from export.contract.manifest import build_side_manifest, write_manifest
-from export.contract.methods import SIDE_FEATURES_METHODS, SIDE_TUNED_METHODS, ExportShapes, ProgramShapes
+from export.contract.methods import ExportShapes, ProgramShapes, side_methods
 from export.exporter import lower_methods
 from export.pipeline import check_shapes, export_seconds, model_entry, write_program_and_tokenizer
 from models.causal_lm import ModelError, build_side_features, load_tokenizer
@@ -35,8 +35,7 @@ def export_side_program(model_dir: Path, task: TaskSpec, batch_size: int, seq_le
     width = len(features.taps) * features.hidden_size + len(label_ids)
     dims = ProgramShapes.for_side(batch_size, seq_len, len(label_ids), width)
     began = time.perf_counter()
-    methods = SIDE_FEATURES_METHODS if side is None else SIDE_TUNED_METHODS
-    program, delegation, timings = lower_methods(target, dims, methods, progress=progress)
+    program, delegation, timings = lower_methods(target, dims, side_methods(side is not None), progress=progress)
     with replace_dir_atomically(Path(out_dir)) as tmp:
         pte, _ = write_program_and_tokenizer(program, model_dir, tmp)
         manifest = build_side_manifest(

@@ -75,10 +75,11 @@ class SideFeatures(nn.Module):
 
     def next_token_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Vocabulary logits at the answer position (the parity check against Hugging Face)."""
-        logits = self.model.get_output_embeddings()(self._backbone(input_ids, attention_mask, False).last_hidden_state[:, -1, :])
-        if self.logit_softcap is not None:
-            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits
+        return self._capped(self.model.get_output_embeddings()(self._backbone(input_ids, attention_mask, False).last_hidden_state[:, -1, :]))
+
+    def _capped(self, logits: Tensor) -> Tensor:
+        """The family's final logit soft-capping (Gemma), c * tanh(logits / c), where it has one."""
+        return logits if self.logit_softcap is None else torch.tanh(logits / self.logit_softcap) * self.logit_softcap
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         out = self._backbone(input_ids, attention_mask, True)
@@ -86,9 +87,7 @@ class SideFeatures(nn.Module):
         logits = out.last_hidden_state[:, -1, :] @ self.label_rows.t()
         if self.label_bias is not None:
             logits = logits + self.label_bias
-        if self.logit_softcap is not None:
-            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return torch.cat([*taps, logits], dim=1)
+        return torch.cat([*taps, self._capped(logits)], dim=1)
 
 
 def split_features(rows: Tensor, num_taps: int, hidden_size: int) -> tuple[Tensor, Tensor]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from export.contract.methods import (CONTRACT_VERSION, FIRST_ORDER_METHODS, FULL_MEZO_METHODS, GENERATION_METHODS,
-                                     SIDE_FEATURES_METHODS, SIDE_TUNED_METHODS, ExportShapes, ProgramShapes, signatures_json)
+                                     ExportShapes, ProgramShapes, side_methods, signatures_json)
 from models.files import sha256_file, write_json_atomic
 from models.tasks.spec import TaskSpec
 from prge.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, Estimator
@@ -325,7 +325,7 @@ def build_side_manifest(
     """The manifest of a side-tuning program: side.taps and hidden_size lay out side_features'
     rows (taps x hidden, then the label logits); side.network is the trained side network's
     configuration (None before training: then the program has side_features only)."""
-    methods = SIDE_FEATURES_METHODS if network is None else SIDE_TUNED_METHODS
+    methods = side_methods(network is not None)
     features = len(taps) * hidden_size + len(label_ids)
     return {
         "manifest_version": MANIFEST_VERSION,
@@ -502,7 +502,7 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
         raise fail("contract", f"version {got!r}: this prge drives programs of contract {CONTRACT_VERSION}; re-export the program")
     fixed = {GENERATION: GENERATION_METHODS, FIRST_ORDER: FIRST_ORDER_METHODS, FULL_MEZO: FULL_MEZO_METHODS}.get(kind)
     if kind == SIDE:  # before training: the features only; after: with the side network's logits
-        fixed = SIDE_FEATURES_METHODS if m["side"]["network"] is None else SIDE_TUNED_METHODS
+        fixed = side_methods(m["side"]["network"] is not None)
     if fixed and m["methods"] != list(fixed):
         raise fail("methods", f"a {kind} program has the methods {', '.join(fixed)}")
     try:

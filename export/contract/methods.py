@@ -124,6 +124,11 @@ KNOWN_METHODS = tuple(dict.fromkeys(TRAINING_METHODS + COMPLETION_TRAINING_METHO
                                     + GENERATION_METHODS + FIRST_ORDER_METHODS + FULL_MEZO_METHODS + SIDE_TUNED_METHODS))
 
 
+def side_methods(trained: bool) -> tuple[str, ...]:
+    """A side-tuning program's methods: side_logits only once a side network is in it."""
+    return SIDE_TUNED_METHODS if trained else SIDE_FEATURES_METHODS
+
+
 def training_methods(loss: str) -> tuple[str, ...]:
     """The methods a training driver calls on a program of this loss."""
     return COMPLETION_TRAINING_METHODS if loss == COMPLETION else TRAINING_METHODS
