@@ -103,16 +103,20 @@ def export_step(
 
 
 def lower_methods(target: nn.Module, dims: ProgramShapes, methods: tuple[str, ...], external_weights: bool = False,
-                  progress: Callable[[str], Any] = say):
+                  progress: Callable[[str], Any] = say, layerwise: bool = False):
     """Trace target's methods (contract names, traced with example inputs of dims) and lower them
     to one XNNPACK-delegated program whose methods share target's mutable buffers. The buffers'
     values are not serialized: the runtime starts them at zero (a full-parameter program's
     weights are set by its engine from the export folder's safetensors).
 
+    layerwise: delegate one decoder layer at a time and schedule each value just before its
+    use (export/layerwise.py), for a program whose forward computes its own weights.
+
     Returns (ExecutorchProgramManager, {method: delegation summary}, {phase: seconds}).
     """
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
+    from export.layerwise import LayerwiseXnnpackPartitioner, schedule_depth_first
     from export.loops import LoopAwareMemoryPlanningPass, LoopAwareXnnpackPartitioner
 
     unknown = set(methods) - set(KNOWN_METHODS)
@@ -131,8 +135,14 @@ def lower_methods(target: nn.Module, dims: ProgramShapes, methods: tuple[str, ..
     began = time.perf_counter()
     progress("  lowering to edge + XNNPACK ...")
     # force_non_static_weights: the adapter matmuls multiply by B, a buffer, not a constant.
-    partitioner = LoopAwareXnnpackPartitioner(force_non_static_weights_for_f32_linear=True)
+    partitioner_type = LayerwiseXnnpackPartitioner if layerwise else LoopAwareXnnpackPartitioner
+    partitioner = partitioner_type(force_non_static_weights_for_f32_linear=True)
     edge = to_edge_transform_and_lower(programs, partitioner=[partitioner])
+    if layerwise:
+        for name in methods:
+            graph_module = edge.exported_program(name).graph_module
+            schedule_depth_first(graph_module.graph)
+            graph_module.recompile()
     delegation = {name: delegation_summary(edge, name) for name in methods}
     timings["lower_s"] = time.perf_counter() - began
 

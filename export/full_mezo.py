@@ -41,7 +41,7 @@ def export_full_mezo(model_dir: Path, task: TaskSpec, shapes: ExportShapes, out_
     step = build_full_mezo_step(model_dir, label_ids, task.loss)
     dims = ProgramShapes.of(shapes, 1, step.numel, len(label_ids), step.vocab_size, task.loss)
     began = time.perf_counter()
-    program, delegation, timings = lower_methods(step, dims, FULL_MEZO_METHODS, progress=progress)
+    program, delegation, timings = lower_methods(step, dims, FULL_MEZO_METHODS, progress=progress, layerwise=True)
     with replace_dir_atomically(Path(out_dir)) as tmp:
         pte, _ = write_program_and_tokenizer(program, model_dir, tmp)
         weights = save_weights_file(tmp / INITIAL_WEIGHTS_FILE, named_weights(step.slots, step.get_adapter()))

@@ -12,9 +12,11 @@ Two choices keep memory at about one copy of the weights plus one forward:
     give the weights back bit for bit in float32; here each layer computes its perturbed weights
     just before it runs (a temporary of that one layer's size) and the stored weights change only
     by the update. With g = 0 they stay bit-identical, however many steps run.
-  * the noise is drawn per weight tensor in chunks of CHUNK elements, so its float64 and int64
-    temporaries stay small; z is one stream over the flat weight vector (WeightSlot offsets), a
-    pure function of (seed, element index), so a run is still (initial weights, (seed, g, lr)...).
+  * the noise is drawn in spans of at most SPAN elements (plan_draws: a run of small tensors
+    shares one, a large tensor is cut up), so its float64 and int64 temporaries stay small; z is
+    one stream over the flat weight vector (WeightSlot offsets), a pure function of (seed,
+    element index), so how it is cut into draws never changes a number, and a run is still
+    (initial weights, (seed, g, lr)...).
 
 The weights become buffers (mutable state of the exported program, under their Hugging Face
 names); tied weights (an output head tied to the input embedding) are one slot, perturbed and
@@ -32,11 +34,14 @@ from torch import Tensor, nn
 
 from prge.noise import NOISE_KINDS, keyed_directions, stream_keys
 
-Keys = tuple[Tensor, Tensor]  # prge/noise.py stream_keys of a step's seed: computed once, used by every chunk
+Keys = tuple[Tensor, Tensor]  # prge/noise.py stream_keys of a step's seed: computed once, used by every draw
 
-# Elements of one weight tensor whose noise is drawn at once: the float64 noise and the int64
-# hash temporaries of a chunk are a few tens of MB, whatever the tensor's size.
-CHUNK = 1 << 20
+# Most elements of the flat weight stream drawn at once (plan_draws). Fewer, larger draws make a
+# smaller program: the graph holds one copy of the noise generator per draw, and lowering and
+# serializing time grow with it (one draw per tensor: 37k nodes and two hours for the default
+# model). A draw's float64 and int64 temporaries stay a few tens of MB at this size; one decoder
+# layer of the default model (3.5M weights) is one draw.
+SPAN = 1 << 22
 FULL_MEZO_LOSSES = ("classification", "lm")
 
 
@@ -46,7 +51,7 @@ class WeightSlot:
 
     name: str  # Hugging Face parameter name (a tied weight: its first name)
     shape: tuple[int, ...]
-    offset: int  # counter of its first element; even, so a Gaussian chunk starts on a pair
+    offset: int  # counter of its first element; even, so a Gaussian draw starts on a pair
 
     @property
     def numel(self) -> int:
@@ -79,38 +84,116 @@ def named_weights(slots: tuple[WeightSlot, ...], flat: Tensor) -> Iterator[tuple
         start += slot.numel
 
 
-def _chunks(numel: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, numel, CHUNK):
-        yield start, min(CHUNK, numel - start)
+@dataclass(frozen=True)
+class Piece:
+    """Elements start .. start + count - 1 of weight tensor `slot`, at `at` within its draw."""
+
+    slot: int
+    start: int
+    count: int
+    at: int
 
 
-def slot_noise(noise: str, keys: Keys, slot: WeightSlot, start: int, count: int) -> Tensor:
-    """Elements start .. start + count - 1 of the slot's direction z, float64 [count]."""
-    return keyed_directions(noise, keys, count, first_element=slot.offset + start)[0]
+@dataclass(frozen=True)
+class Draw:
+    """One call of the noise generator: elements first_element .. first_element + count - 1 of
+    the flat stream (gaps of odd-sized tensors included), cut into the pieces of the tensors."""
+
+    first_element: int
+    count: int
+    pieces: tuple[Piece, ...]
 
 
-def updated_weight(weight: Tensor, slot: WeightSlot, keys: Keys, g: Tensor, lr: Tensor, noise: str = "gaussian") -> Tensor:
-    """W - lr * g * z for one tensor, in float64 chunk by chunk, float32 [shape]; keys: the
-    stream_keys of the step's seed. Called by the step (traced into train_step) and by replay,
-    so both compute the same arithmetic."""
-    flat = weight.reshape(-1)
+def plan_draws(slots: tuple[WeightSlot, ...]) -> tuple[Draw, ...]:
+    """The flat stream cut into draws of SPAN elements (the last one shorter): a draw holds
+    consecutive tensors, or pieces of them, and every piece starts at an even element (slot
+    offsets and SPAN are even)."""
+    span = SPAN  # read per call: tests shrink it
+    draws: list[Draw] = []
+    pieces: list[Piece] = []
+    first = end = 0
+    for k, slot in enumerate(slots):
+        start = 0
+        while start < slot.numel:
+            at = slot.offset + start
+            if pieces and at - first >= span:
+                draws.append(Draw(first, end - first, tuple(pieces)))
+                pieces = []
+            if not pieces:
+                first = at
+            count = min(span - (at - first), slot.numel - start)
+            pieces.append(Piece(k, start, count, at - first))
+            start, end = start + count, at + count
+    if pieces:
+        draws.append(Draw(first, end - first, tuple(pieces)))
+    return tuple(draws)
+
+
+def draw_noise(noise: str, keys: Keys, draw: Draw) -> Tensor:
+    """The draw's part of the step's direction z, float64 [draw.count]."""
+    return keyed_directions(noise, keys, draw.count, first_element=draw.first_element)[0]
+
+
+def _piece_of(weight: Tensor, piece: Piece) -> Tensor:
+    return weight.reshape(-1)[piece.start:piece.start + piece.count].to(torch.float64)
+
+
+def _noise_of(z: Tensor, piece: Piece) -> Tensor:
+    return z[piece.at:piece.at + piece.count]
+
+
+def updated_weights(weights: list[Tensor], draws: tuple[Draw, ...], keys: Keys, g: Tensor, lr: Tensor,
+                    noise: str = "gaussian") -> Iterator[tuple[int, Tensor]]:
+    """(k, W_k - lr * g * z_k) for every tensor k, as soon as its last draw is done (so eager
+    writes each one back before drawing on: one tensor's copy at a time), computed in float64,
+    float32 out; keys: the stream_keys of the step's seed. Called by the step (traced into its
+    methods) and by replay, so both compute the same arithmetic."""
     step = lr.to(torch.float64).reshape(1) * g.to(torch.float64).reshape(1)
-    parts = [(flat[a:a + n].to(torch.float64) - step * slot_noise(noise, keys, slot, a, n)).to(torch.float32)
-             for a, n in _chunks(slot.numel)]
-    return torch.cat(parts).reshape(slot.shape)
+    parts: dict[int, list[Tensor]] = {}
+    for draw in draws:
+        z = draw_noise(noise, keys, draw)
+        for piece in draw.pieces:
+            w = weights[piece.slot]
+            parts.setdefault(piece.slot, []).append((_piece_of(w, piece) - step * _noise_of(z, piece)).to(torch.float32))
+            if piece.start + piece.count == w.numel():
+                yield piece.slot, _joined(parts.pop(piece.slot), w.shape)
 
 
-def perturbed_pair(weight: Tensor, slot: WeightSlot, keys: Keys, eps: Tensor, noise: str = "gaussian") -> tuple[Tensor, Tensor]:
-    """(W + eps z, W - eps z) of one tensor, float32: what the + and - rows run with."""
-    flat = weight.reshape(-1)
+def perturbed_pieces(weights: list[Tensor], draw: Draw, keys: Keys, eps: Tensor,
+                     noise: str = "gaussian") -> list[tuple[int, Tensor, Tensor]]:
+    """(slot, piece of W + eps z, piece of W - eps z) of each piece of one draw, float32."""
     scale = eps.to(torch.float64).reshape(1)
-    plus, minus = [], []
-    for a, n in _chunks(slot.numel):
-        base = flat[a:a + n].to(torch.float64)
-        scaled = scale * slot_noise(noise, keys, slot, a, n)
-        plus.append((base + scaled).to(torch.float32))
-        minus.append((base - scaled).to(torch.float32))
-    return torch.cat(plus).reshape(slot.shape), torch.cat(minus).reshape(slot.shape)
+    z = draw_noise(noise, keys, draw)
+    out = []
+    for piece in draw.pieces:
+        base, scaled = _piece_of(weights[piece.slot], piece), scale * _noise_of(z, piece)
+        out.append((piece.slot, (base + scaled).to(torch.float32), (base - scaled).to(torch.float32)))
+    return out
+
+
+def _joined(parts: list[Tensor], shape: torch.Size | tuple[int, ...]) -> Tensor:
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(shape)
+
+
+class _Perturbation:
+    """The + and - weights of one train_step's forward, drawn a draw at a time when a module
+    first asks for a tensor of it (so the program makes each layer's noise where it runs)."""
+
+    def __init__(self, step: "FullMeZOStep", keys: Keys, eps: Tensor) -> None:
+        self.step, self.keys, self.eps = step, keys, eps
+        self.done: set[int] = set()
+        self.pieces: dict[int, list[tuple[Tensor, Tensor]]] = {}
+
+    def pair(self, k: int) -> tuple[Tensor, Tensor]:
+        weights = [self.step.weight(j) for j in range(len(self.step.slots))]
+        for d in self.step.draws_of_slot[k]:
+            if d not in self.done:
+                self.done.add(d)
+                for slot, plus, minus in perturbed_pieces(weights, self.step.draws[d], self.keys, self.eps,
+                                                          self.step.noise_kind):
+                    self.pieces.setdefault(slot, []).append((plus, minus))
+        shape = self.step.slots[k].shape
+        return (_joined([p for p, _ in self.pieces[k]], shape), _joined([m for _, m in self.pieces[k]], shape))
 
 
 @dataclass
@@ -144,7 +227,7 @@ class FullMeZOStep(nn.Module):
         self.logit_softcap = logit_softcap
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.register_buffer("label_token_ids", torch.tensor(label_token_ids, dtype=torch.int64))
-        self._perturbation: tuple[Keys, Tensor] | None = None  # (stream keys, eps) while train_step's forward runs
+        self._perturbation: _Perturbation | None = None  # while train_step's forward runs
         self._owners: list[tuple[nn.Module, str]] = []  # slot -> (module holding the buffer, attribute)
         named_shapes = []
         first_slot: dict[int, int] = {}
@@ -172,6 +255,11 @@ class FullMeZOStep(nn.Module):
             self._take_over_forward(module, bindings)
         self.slots = weight_slots(named_shapes)
         self.numel = flat_numel(self.slots)
+        self.draws = plan_draws(self.slots)
+        self.draws_of_slot: list[list[int]] = [[] for _ in self.slots]
+        for d, draw in enumerate(self.draws):
+            for piece in draw.pieces:
+                self.draws_of_slot[piece.slot].append(d)
 
     # ---- the weights ---------------------------------------------------------------------
     def weight(self, k: int) -> Tensor:
@@ -193,9 +281,9 @@ class FullMeZOStep(nn.Module):
     def apply_weight_update(self, prev_seed: Tensor, prev_g: Tensor, lr: Tensor) -> Tensor:
         """W <- W - lr * g * z(prev_seed), tensor by tensor; returns the first weight's first value
         (a method needs an output; returning the weights would copy all of them)."""
-        keys = stream_keys(prev_seed)
-        for k, slot in enumerate(self.slots):
-            self.weight(k).copy_(updated_weight(self.weight(k), slot, keys, prev_g, lr, self.noise_kind))
+        weights = [self.weight(k) for k in range(len(self.slots))]
+        for k, new in updated_weights(weights, self.draws, stream_keys(prev_seed), prev_g, lr, self.noise_kind):
+            weights[k].copy_(new)
         return self.weight(0).reshape(-1)[:1].clone()
 
     # ---- binding weights to the modules that use them ------------------------------------
@@ -214,8 +302,7 @@ class FullMeZOStep(nn.Module):
         if any(isinstance(a, Tensor) for a in (*args, *kwargs.values())):
             raise ValueError(f"{type(module).__name__} takes more than one tensor; full-parameter MeZO splits a weight "
                              "module's one input into its + and - rows")
-        keys, eps = self._perturbation
-        pairs = {b.attr: perturbed_pair(self.weight(b.slot), self.slots[b.slot], keys, eps, self.noise_kind) for b in bindings}
+        pairs = {b.attr: self._perturbation.pair(b.slot) for b in bindings}
         half = x.shape[0] // 2
         outs = []
         for sign, rows in ((0, x[:half]), (1, x[half:])):  # + rows first, then - rows
@@ -251,7 +338,7 @@ class FullMeZOStep(nn.Module):
         inputs as PRGEStep.train_step with q = 1."""
         self.apply_weight_update(prev_seed, prev_g, lr)
         rows = input_ids.shape[0]
-        self._perturbation = (stream_keys(new_seed), eps)
+        self._perturbation = _Perturbation(self, stream_keys(new_seed), eps)
         try:
             losses = self.per_example_loss(input_ids.repeat(2, 1), attention_mask.repeat(2, 1), labels.repeat(2))
         finally:

@@ -22,7 +22,7 @@ from export.contract.methods import update_scalars
 from models.model_folder import WEIGHTS_FILE, ModelFolderError, read_weights
 from models.peft_io import CONFIG_FILE, AdapterFileError, load_peft_adapter, read_adapter_config
 from prge.estimators import updated_adapter
-from prge.full_mezo import updated_weight
+from prge.full_mezo import plan_draws, updated_weights
 from prge.noise import NOISE_KINDS, stream_keys
 from runtime_driver.checkpoint import load_checkpoint
 from runtime_driver.metrics import read_metrics
@@ -57,10 +57,10 @@ def apply_logged_update(adapter: Tensor, seed: int, g: list[float], lr: float, n
 
 def apply_logged_update_to_weights(weights: list[Tensor], slots, seed: int, g: list[float], lr: float,
                                    noise: str = "gaussian") -> list[Tensor]:
-    """A full-parameter step's update exactly as FullMeZOStep folds it in, tensor by tensor."""
+    """A full-parameter step's update exactly as FullMeZOStep folds it in, draw by draw."""
     seed_t, g_t, lr_t = update_scalars(seed, g, lr)
-    keys = stream_keys(seed_t)
-    return [updated_weight(w, slot, keys, g_t, lr_t, noise) for w, slot in zip(weights, slots)]
+    new = dict(updated_weights(weights, plan_draws(slots), stream_keys(seed_t), g_t, lr_t, noise))
+    return [new[k] for k in range(len(weights))]
 
 
 def _read_layout(run_dir: Path) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from export.contract.manifest import FIRST_ORDER, FULL_MEZO, SIDE, TRAINING, package_versions, program_kind, read_manifest
+from export.contract.memory_plan import MUTABLE_BUFFERS, planned_arenas
 from export.contract.methods import step_scalars
 from models.console import say
 from models.files import cache_dir, write_json_atomic
@@ -465,6 +466,9 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
             "estimator": adapter.estimator if adapter else ("spsa" if kind == FULL_MEZO else "-"),
             # Every file the device needs: .pte, .ptd, a full-parameter program's initial weights.
             "program_mb": round(sum(files[key]["bytes"] for key in ("pte", "ptd", "weights") if files.get(key)) / 1e6, 1),
+            # What the runtime allocates besides the program's files: each method's planned arena
+            # (the largest is what a step can need at once) and the shared mutable state.
+            "planned_arena_mb": {k: round(v / 1e6, 1) for k, v in planned_arenas(Path(path) / files["pte"]["file"]).items()},
             "train_step_ms": round(ms[f"{path}:train_step"], 3), "eval_logits_ms": plain and round(plain, 3),
             "step_overhead": plain and round(ms[f"{path}:train_step"] / plain, 3),
             "peak_rss_train_step_mb": run_worker([{FIRST_ORDER: "executorch-fo", SIDE: "executorch-infer"}.get(kind, "executorch-prge"),
@@ -480,14 +484,17 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
 
 def format_programs(rows: dict[str, dict[str, Any]]) -> str:
     """The side-by-side table of `prge bench --programs` (markdown)."""
-    lines = ["| program | method | rows per step | base | estimator | program MB | peak RSS train_step MB | train_step ms | "
-             "eval_logits ms | step_overhead | step vs first | RSS vs first |", "|" + "---|" * 12]
+    lines = ["| program | method | rows per step | base | estimator | program MB | largest planned arena MB | "
+             "peak RSS train_step MB | train_step ms | eval_logits ms | step_overhead | step vs first | RSS vs first |",
+             "|" + "---|" * 13]
     for path, r in rows.items():
+        arenas = {k: v for k, v in r["planned_arena_mb"].items() if k != MUTABLE_BUFFERS}
+        largest = max(arenas, key=arenas.get)
         rss = "-" if r["peak_rss_train_step_mb"] is None else f"{r['peak_rss_train_step_mb']:,.0f}"
         ratio = "-" if r["rss_vs_first"] is None else f"{r['rss_vs_first']:.2f}"
         plain = "-" if r["eval_logits_ms"] is None else f"{r['eval_logits_ms']:,.0f}"
         overhead = "-" if r["step_overhead"] is None else f"{r['step_overhead']:.3f}"
         lines.append(f"| {path} | {r['method']} | {r['rows_per_step']} | {r['quantization']} | {r['estimator']} | "
-                     f"{r['program_mb']:,.1f} | {rss} | {r['train_step_ms']:,.0f} | {plain} | {overhead} | "
+                     f"{r['program_mb']:,.1f} | {arenas[largest]:,.1f} ({largest}) | {rss} | {r['train_step_ms']:,.0f} | {plain} | {overhead} | "
                      f"{r['train_step_vs_first']:.2f} | {ratio} |")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Full-parameter MeZO (prge/full_mezo.py) on the tiny model: the perturbation never touches the
 stored weights, the batched + and - rows equal forwards of the perturbed weights, chunked noise
-equals whole-tensor noise, and the update is the one MeZO defines."""
+cut into draws equals the whole stream, and the update is the one MeZO defines."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 import prge.full_mezo as full_mezo
 from models.causal_lm import build_full_mezo_step
-from prge.full_mezo import perturbed_pair, slot_noise, updated_weight, weight_slots
+from prge.full_mezo import draw_noise, perturbed_pieces, plan_draws, updated_weights, weight_slots
 from prge.noise import gaussian, stream_keys
 
 LABELS = [5, 9]
@@ -51,19 +51,38 @@ def test_weight_slots_leave_odd_sized_tensors_a_gap():
     assert [s.offset for s in slots] == [0, 4]
 
 
-def test_chunked_noise_equals_the_whole_stream(monkeypatch):
-    slot = weight_slots([("a", (4,)), ("b", (5, 7))])[1]
-    whole = gaussian(_i64(11), 1, slot.offset + slot.numel)[0, slot.offset:]
-    monkeypatch.setattr(full_mezo, "CHUNK", 8)  # 35 elements in chunks of 8
-    z = torch.cat([slot_noise("gaussian", stream_keys(_i64(11)), slot, a, min(8, slot.numel - a)) for a in range(0, slot.numel, 8)])
-    assert torch.equal(z, whole)
-    w = torch.randn(slot.shape)
-    plus, minus = perturbed_pair(w, slot, stream_keys(_i64(11)), _f32(0.01))
-    scaled = torch.tensor(0.01, dtype=torch.float32).to(torch.float64) * whole.reshape(slot.shape)
-    assert torch.equal(plus, (w.double() + scaled).float()) and torch.equal(minus, (w.double() - scaled).float())
-    new = updated_weight(w, slot, stream_keys(_i64(11)), _f32(2.0), _f32(0.1))
+def test_draws_cover_every_tensor_once_and_equal_the_whole_stream(monkeypatch):
+    monkeypatch.setattr(full_mezo, "SPAN", 8)  # 4 + 35 + 3 elements in draws of at most 8
+    slots = weight_slots([("a", (4,)), ("b", (5, 7)), ("c", (3,))])
+    draws = plan_draws(slots)
+    assert all(d.count <= 8 and d.first_element % 2 == 0 for d in draws)
+    assert len(draws[0].pieces) == 2  # a and the start of b share the first draw
+    keys = stream_keys(_i64(11))
+    whole = gaussian(_i64(11), 1, slots[-1].offset + slots[-1].numel)[0]
+    weights = [torch.randn(s.shape) for s in slots]
+    covered = [torch.zeros(s.numel, dtype=torch.int64) for s in slots]
+    for draw in draws:
+        z = draw_noise("gaussian", keys, draw)
+        for piece in draw.pieces:
+            covered[piece.slot][piece.start:piece.start + piece.count] += 1
+            at = slots[piece.slot].offset + piece.start
+            assert torch.equal(z[piece.at:piece.at + piece.count], whole[at:at + piece.count])
+    assert all(torch.equal(c, torch.ones_like(c)) for c in covered)
+
+    new = dict(updated_weights(weights, draws, keys, _f32(2.0), _f32(0.1)))
+    assert sorted(new) == [0, 1, 2]
     step_size = torch.tensor(0.1, dtype=torch.float32).double() * 2.0
-    assert torch.equal(new, (w.double() - step_size * whole.reshape(slot.shape)).float())
+    scale = torch.tensor(0.01, dtype=torch.float32).to(torch.float64)
+    pieces: dict[int, list] = {}
+    for draw in draws:
+        for slot, plus, minus in perturbed_pieces(weights, draw, keys, _f32(0.01)):
+            pieces.setdefault(slot, []).append((plus, minus))
+    for k, (slot, w) in enumerate(zip(slots, weights)):
+        z = whole[slot.offset:slot.offset + slot.numel].reshape(slot.shape)
+        assert torch.equal(new[k], (w.double() - step_size * z).float())
+        plus = torch.cat([p for p, _ in pieces[k]]).reshape(slot.shape)
+        minus = torch.cat([m for _, m in pieces[k]]).reshape(slot.shape)
+        assert torch.equal(plus, (w.double() + scale * z).float()) and torch.equal(minus, (w.double() - scale * z).float())
 
 
 @torch.no_grad()
@@ -81,9 +100,13 @@ def test_batched_plus_minus_rows_equal_forwards_of_the_perturbed_weights(step):
     ids, mask, labels = _batch()
     base = step.get_adapter().clone()
     losses = step.train_step(ids, mask, labels, _i64(0), _i64(7), _f32(0.0), _f32(0.0), _f32(1e-2))
-    pairs = [perturbed_pair(step.weight(k), s, stream_keys(_i64(7)), _f32(1e-2)) for k, s in enumerate(step.slots)]
+    weights = [step.weight(k) for k in range(len(step.slots))]
+    pieces = [[] for _ in step.slots]
+    for draw in step.draws:
+        for slot, plus, minus in perturbed_pieces(weights, draw, stream_keys(_i64(7)), _f32(1e-2)):
+            pieces[slot].append((plus, minus))
     for sign in (0, 1):
-        step.set_weights(torch.cat([p[sign].reshape(-1) for p in pairs]))
+        step.set_weights(torch.cat([piece[sign] for slot_pieces in pieces for piece in slot_pieces]))
         alone = step.per_example_loss(ids, mask, labels).mean()
         torch.testing.assert_close(losses[sign], alone, rtol=1e-5, atol=1e-6)
     step.set_weights(base)

@@ -67,6 +67,7 @@ def test_programs_are_timed_against_each_other(tiny_program, tmp_path, capsys):
         assert _positive(row["train_step_ms"]) and _positive(row["eval_logits_ms"])
         assert row["step_overhead"] == pytest.approx(row["train_step_ms"] / row["eval_logits_ms"], rel=0.02)
         assert _positive(row["peak_rss_train_step_mb"]) and _positive(row["program_mb"])
+        assert _positive(row["planned_arena_mb"]["train_step"]) and "mutable_buffers" in row["planned_arena_mb"]
     first, second = result["programs"][str(float32)], result["programs"][str(quantized)]
     assert (first["quantization"], second["quantization"]) == ("none", "8da8w")
     assert first["train_step_vs_first"] == first["rss_vs_first"] == 1.0
