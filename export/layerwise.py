@@ -15,7 +15,7 @@ Two steps of ordinary lowering keep them alive together:
 
 Measured on the tiny model cut into 4 draws (train_step's planned arena; the test in
 tests/runtime_driver/test_full_mezo_program.py bounds it): 4.8 MB as ordinarily lowered, 2.5 MB
-with both; on the default model, 5,107 MB before and 2,108 MB with both (BENCHMARKS.md).
+with both; on the default model, 5,107 MB before and 2,043 MB with both (BENCHMARKS.md).
 
 A node's layer is the index of the first numbered module on its module path (model.layers.<i>);
 a node with none (rotary tables, the final norm) takes the largest layer among its inputs, so

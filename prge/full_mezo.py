@@ -181,15 +181,16 @@ class _Perturbation:
 
     def __init__(self, step: "FullMeZOStep", keys: Keys, eps: Tensor) -> None:
         self.step, self.keys, self.eps = step, keys, eps
+        # The weights this forward perturbs: the step's update is already applied when it starts.
+        self.weights = [step.weight(j) for j in range(len(step.slots))]
         self.done: set[int] = set()
         self.pieces: dict[int, list[tuple[Tensor, Tensor]]] = {}
 
     def pair(self, k: int) -> tuple[Tensor, Tensor]:
-        weights = [self.step.weight(j) for j in range(len(self.step.slots))]
         for d in self.step.draws_of_slot[k]:
             if d not in self.done:
                 self.done.add(d)
-                for slot, plus, minus in perturbed_pieces(weights, self.step.draws[d], self.keys, self.eps,
+                for slot, plus, minus in perturbed_pieces(self.weights, self.step.draws[d], self.keys, self.eps,
                                                           self.step.noise_kind):
                     self.pieces.setdefault(slot, []).append((plus, minus))
         shape = self.step.slots[k].shape

@@ -22,7 +22,7 @@ from export.contract.methods import update_scalars
 from models.model_folder import WEIGHTS_FILE, ModelFolderError, read_weights
 from models.peft_io import CONFIG_FILE, AdapterFileError, load_peft_adapter, read_adapter_config
 from prge.estimators import updated_adapter
-from prge.full_mezo import plan_draws, updated_weights
+from prge.full_mezo import Draw, plan_draws, updated_weights
 from prge.noise import NOISE_KINDS, stream_keys
 from runtime_driver.checkpoint import load_checkpoint
 from runtime_driver.metrics import read_metrics
@@ -55,11 +55,12 @@ def apply_logged_update(adapter: Tensor, seed: int, g: list[float], lr: float, n
     return updated_adapter(adapter, *update_scalars(seed, g, lr), noise).to(torch.float32)
 
 
-def apply_logged_update_to_weights(weights: list[Tensor], slots, seed: int, g: list[float], lr: float,
+def apply_logged_update_to_weights(weights: list[Tensor], draws: tuple[Draw, ...], seed: int, g: list[float], lr: float,
                                    noise: str = "gaussian") -> list[Tensor]:
-    """A full-parameter step's update exactly as FullMeZOStep folds it in, draw by draw."""
+    """A full-parameter step's update exactly as FullMeZOStep folds it in, draw by draw (draws:
+    plan_draws of the run's weight slots)."""
     seed_t, g_t, lr_t = update_scalars(seed, g, lr)
-    new = dict(updated_weights(weights, plan_draws(slots), stream_keys(seed_t), g_t, lr_t, noise))
+    new = dict(updated_weights(weights, draws, stream_keys(seed_t), g_t, lr_t, noise))
     return [new[k] for k in range(len(weights))]
 
 
@@ -157,9 +158,10 @@ def _replay_full(run_dir: Path, layout: dict[str, Any], rows: list[dict[str, Any
         return [found[n] for n in names]
 
     weights = weights_of(layout["base_model"], "the base model's weights are needed to replay a full-parameter run")
+    draws = plan_draws(slots)
     compared: dict[str, dict[str, Any]] = {}
     for done, row in enumerate(rows, start=1):
-        weights = apply_logged_update_to_weights(weights, slots, row["seed"], row["g"], row["lr"], layout["noise"])
+        weights = apply_logged_update_to_weights(weights, draws, row["seed"], row["g"], row["lr"], layout["noise"])
         if ckpt is not None and done == ckpt.step:
             compared["ckpt"] = _compare(_flat(weights), ckpt.adapter, done)
     final = run_dir / "model"
