@@ -20,13 +20,19 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/prge demo
 
+# Tests run in TEST_WORKERS processes (pytest-xdist), a file's tests in one process. Every test
+# runs torch on one thread (tests/conftest.py) and exports are single-threaded Python, so one
+# worker per core: TEST_WORKERS=1 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 # Everything, including the few tests marked real_model (they prepare the default model).
 test: install
-	$(BIN)/python -m pytest -q --durations=25
+	$(PYTEST) --durations=25
 
 # Tiny random-weight models only.
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not real_model and not real_data and not slow"
+	$(PYTEST) -m "not real_model and not real_data and not slow"
 
 # The native driver (android_harness/): build/native/prge-native against the venv's executorch
 # wheel; native-aarch64 cross-builds build/native-aarch64/prge-native (needs g++-aarch64-linux-gnu).

@@ -8,6 +8,11 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 TARGET=${1:-host}
+# One build of a target at a time: two builds sharing a cmake folder (two shells, parallel test
+# workers) would corrupt it. The lock goes with this process, so a killed build never blocks.
+mkdir -p "$ROOT/build"
+exec 9>"$ROOT/build/.native-$TARGET.lock"
+if command -v flock >/dev/null; then flock 9; fi
 case "$TARGET" in
   host)
     SDK=$("$PY" -c 'import importlib.util as u; print(u.find_spec("executorch").submodule_search_locations[0])')

@@ -103,20 +103,22 @@ def export_step(
 
 
 def lower_methods(target: nn.Module, dims: ProgramShapes, methods: tuple[str, ...], external_weights: bool = False,
-                  progress: Callable[[str], Any] = say, layerwise: bool = False):
+                  progress: Callable[[str], Any] = say, layerwise: bool = False, inputs_from_caller: tuple[str, ...] = ()):
     """Trace target's methods (contract names, traced with example inputs of dims) and lower them
     to one XNNPACK-delegated program whose methods share target's mutable buffers. The buffers'
     values are not serialized: the runtime starts them at zero (a full-parameter program's
     weights are set by its engine from the export folder's safetensors).
 
-    layerwise: delegate one decoder layer at a time and schedule each value just before its
-    use (export/layerwise.py), for a program whose forward computes its own weights.
+    layerwise: delegate one decoder layer at a time, schedule each value just before its use and
+    write each buffer as soon as its old value is read (export/layerwise.py), for a program whose
+    forward computes its own weights. inputs_from_caller: methods whose inputs the runtime reads
+    from the caller's tensors instead of planned memory (InputsFromCaller).
 
     Returns (ExecutorchProgramManager, {method: delegation summary}, {phase: seconds}).
     """
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
-    from export.layerwise import LayerwiseXnnpackPartitioner, schedule_depth_first
+    from export.layerwise import InputsFromCaller, LayerwiseXnnpackPartitioner, schedule_depth_first, write_back_early
     from export.loops import LoopAwareMemoryPlanningPass, LoopAwareXnnpackPartitioner
 
     unknown = set(methods) - set(KNOWN_METHODS)
@@ -148,9 +150,11 @@ def lower_methods(target: nn.Module, dims: ProgramShapes, methods: tuple[str, ..
 
     began = time.perf_counter()
     progress("  serializing ...")
+    # One allocation for each mutable buffer, seen by every method: the adapter is shared.
+    planner = LoopAwareMemoryPlanningPass(share_mutable_buffers=True)
     config = ExecutorchBackendConfig(
-        # One allocation for each mutable buffer, seen by every method: the adapter is shared.
-        memory_planning_pass=LoopAwareMemoryPlanningPass(share_mutable_buffers=True),
+        memory_planning_pass={name: InputsFromCaller(planner) if name in inputs_from_caller else planner for name in methods},
+        passes=[write_back_early] if layerwise else [],
         emit_mutable_buffer_names=True,
         external_constants=_weight_tagger(target, _param_placeholders(edge)) if external_weights else False,
     )

@@ -41,7 +41,9 @@ def export_full_mezo(model_dir: Path, task: TaskSpec, shapes: ExportShapes, out_
     step = build_full_mezo_step(model_dir, label_ids, task.loss)
     dims = ProgramShapes.of(shapes, 1, step.numel, len(label_ids), step.vocab_size, task.loss)
     began = time.perf_counter()
-    program, delegation, timings = lower_methods(step, dims, FULL_MEZO_METHODS, progress=progress, layerwise=True)
+    # set_weights' input is every weight: read from the engine's tensor, not copied into the program.
+    program, delegation, timings = lower_methods(step, dims, FULL_MEZO_METHODS, progress=progress, layerwise=True,
+                                                 inputs_from_caller=("set_weights",))
     with replace_dir_atomically(Path(out_dir)) as tmp:
         pte, _ = write_program_and_tokenizer(program, model_dir, tmp)
         weights = save_weights_file(tmp / INITIAL_WEIGHTS_FILE, named_weights(step.slots, step.get_adapter()))

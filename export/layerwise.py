@@ -12,6 +12,11 @@ Two steps of ordinary lowering keep them alive together:
 - Fusing partitions re-sorts the graph breadth-first, which interleaves independent chains (the
   noise of every draw), so all their temporaries are alive at once. schedule_depth_first puts
   each value just before its first use.
+And one step of serializing: a method that writes a buffer returns the new value, and
+to_executorch copies every new value into its buffer at the end of the method, so every new
+weight is alive until then (all of them: the whole model's worth, twice in set_weights with its
+input). write_back_early copies each one as soon as nothing reads the old value any more, and
+InputsFromCaller keeps set_weights' input (every weight) out of its plan.
 
 Measured on the tiny model cut into 4 draws (train_step's planned arena; the test in
 tests/runtime_driver/test_full_mezo_program.py bounds it): 4.8 MB as ordinarily lowered, 2.5 MB
@@ -28,9 +33,10 @@ import re
 
 import torch
 from executorch.exir.backend.partitioner import PartitionResult
+from executorch.exir.pass_base import PassResult
 from torch.export import ExportedProgram
 
-from export.loops import LoopAwareXnnpackPartitioner
+from export.loops import LoopAwareXnnpackPartitioner, is_buffer_write_back
 
 _LAYER_IN_PATH = re.compile(r"\.(\d+)(?:\.|$)")
 # A delegate earns its call only if it computes; views, slices and copies run as well outside.
@@ -80,7 +86,7 @@ def _computes(node: torch.fx.Node) -> bool:
 
 def schedule_depth_first(graph: torch.fx.Graph) -> None:
     """Reorder graph's nodes so each value is computed just before its first consumer: a
-    depth-first post-order from the outputs, each node's inputs in the order it takes them.
+    depth-first post-order from the outputs, each node's deepest input first.
     After each node, any node that is now the last consumer of one of its inputs, and can run,
     runs too, so that input is freed: the minus piece of a weight right after the plus piece,
     not after every other plus piece (their shared float64 base and noise would wait).
@@ -111,13 +117,30 @@ def schedule_depth_first(graph: torch.fx.Graph) -> None:
                     if last is not output and all(j in done for j in last.all_input_nodes):
                         ready.append(last)
 
+    # A node's deepest input (the longest chain of ops behind it) is visited first, the others
+    # in the order the node takes them: a layer takes the hidden state from below and its own
+    # weights, so the forward descends to the first layer before any weight is made, and each
+    # layer's weights are made just before it runs, rather than every layer's weights first,
+    # all alive through the forward (and the loss comes before the buffers' new values). The
+    # others keep their order: consecutive weights share a draw of noise, freed once they are made.
+    depth: dict[torch.fx.Node, int] = {}
+    for n in graph.nodes:  # topological order
+        depth[n] = 1 + max((depth[i] for i in n.all_input_nodes), default=0)
+
+    def deepest_first(node: torch.fx.Node):
+        inputs = node.all_input_nodes
+        if not inputs:
+            return iter(())
+        deepest = max(inputs, key=depth.__getitem__)
+        return iter([deepest] + [i for i in inputs if i is not deepest])
+
     for sink in [n for n in graph.nodes if not n.users and n not in done]:  # the output last, as it is
-        stack = [(sink, iter(sink.all_input_nodes))]
+        stack = [(sink, deepest_first(sink))]
         while stack:
             node, inputs = stack[-1]
             for i in inputs:
                 if i not in done:  # a DAG: an input is never on the stack above it
-                    stack.append((i, iter(i.all_input_nodes)))
+                    stack.append((i, deepest_first(i)))
                     break
             else:
                 stack.pop()
@@ -126,3 +149,57 @@ def schedule_depth_first(graph: torch.fx.Graph) -> None:
     for node in order:
         cursor.append(node)
         cursor = node
+
+
+def write_back_early(graph_module: torch.fx.GraphModule) -> PassResult:
+    """Move each buffer write-back (the copy_ that to_executorch puts before the output) to just
+    after the last node that reads the buffer's old value, or the new value's own node if later,
+    so the new value's memory is free from there on rather than alive to the end of the method.
+
+    Reading the old value includes reading it through views: ExecuTorch turns view_copy into a
+    view of the same memory after this pass, so a reader of such a view reads the buffer. An
+    ExecutorchBackendConfig pass: it runs after the write-backs are inserted, before planning."""
+    graph = graph_module.graph
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    returned = graph.output_node().all_input_nodes
+    for node in list(graph.nodes):
+        if not (is_buffer_write_back(node) and node in returned):
+            continue
+        buffer, new = node.args[0], node.args[1]
+        readers = _readers_through_views(buffer) - {node}
+        after = max([new, *readers], key=position.__getitem__)
+        if after.next is not node:
+            after.append(node)
+    graph.lint()
+    graph_module.recompile()
+    return PassResult(graph_module, True)
+
+
+def _readers_through_views(value: torch.fx.Node) -> set[torch.fx.Node]:
+    readers, todo = set(), [value]
+    while todo:
+        for user in todo.pop().users:
+            if user.op != "output" and user not in readers:
+                readers.add(user)
+                if "view" in str(user.target) or "alias" in str(user.target):
+                    todo.append(user)
+    return readers
+
+
+class InputsFromCaller:
+    """Plan one method with a planner the program's methods share (they share its mutable
+    buffers), leaving the method's inputs out of the plan: the runtime then reads an input from
+    the caller's tensor (Method::set_input aliases an input that has no planned memory) instead
+    of copying it into the method's arena. For set_weights, whose input is every weight: the
+    caller holds them anyway, and a planned copy would stay resident for the program's life.
+    Given in ExecutorchBackendConfig's per-method memory_planning_pass."""
+
+    def __init__(self, planner) -> None:
+        self.planner = planner
+
+    def run(self, graph_module: torch.fx.GraphModule, graph_signature=None) -> PassResult:
+        self.planner.alloc_graph_input = False
+        try:
+            return self.planner.run(graph_module, graph_signature)
+        finally:
+            self.planner.alloc_graph_input = True

@@ -8,6 +8,7 @@ never a half-written file or folder.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +25,27 @@ def cache_dir() -> Path:
         return Path(os.environ["PRGE_CACHE"]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "prge"
+
+
+@contextmanager
+def one_at_a_time(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive advisory lock on folder (created if missing) for the block.
+
+    Preparing a cache folder (a model, a data set, a download) takes a minute; two processes
+    doing it at once (two commands started together, parallel test workers) would each build
+    it and the second would rename its copy over the first while the first's readers use it.
+    Locking the folder the result goes in, they take turns, and the one that waited finds it
+    complete. The lock is the folder's own (no lock file is left behind), and the kernel
+    releases it if its holder dies, so a killed run never blocks the next.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def existing_folder(path: str | os.PathLike[str], what: str) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingfac
 import pytest
 import torch
 
+from models.files import one_at_a_time
 from models.sources.tiny import make_tiny_model_dir
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine a second
@@ -46,31 +48,60 @@ def tiny_examples(n: int, seed: int) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Callable[..., Path]:
-    """Factory: make(family="llama") -> folder of a tiny random model (one per family, cached)."""
-    cache: dict[str, Path] = {}
+def shared_folder(tmp_path_factory) -> Callable[[str, Callable[[Path], object]], Path]:
+    """Factory: folder(name, build) -> a folder of this test run, made once by build(path).
+
+    `make test` runs the suite in parallel worker processes (pytest-xdist), each with its own
+    session; the folders that session fixtures make (tiny models, exported programs: tens of
+    seconds each) live in the run's folder that all workers share, so each is made once per run:
+    the first worker to ask builds it under a lock, the others wait for it and reuse it.
+    A folder is used only once its build has finished (the .done mark).
+    """
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+
+    def folder(name: str, build: Callable[[Path], object]) -> Path:
+        path, done = root / name, root / f"{name}.done"
+        with one_at_a_time(root / f"{name}.lock"):  # a folder per name: other builds go on
+            if not done.exists():
+                shutil.rmtree(path, ignore_errors=True)  # a build that failed in another worker
+                build(path)
+                done.touch()
+        return path
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(shared_folder) -> Callable[..., Path]:
+    """Factory: make(family="llama") -> folder of a tiny random model (one per family, made once)."""
 
     def make(family: str = "llama") -> Path:
-        if family not in cache:
-            cache[family] = make_tiny_model_dir(family, tmp_path_factory.mktemp(f"tiny-{family}"), seed=0)
-        return cache[family]
+        return shared_folder(f"tiny-{family}", lambda out: make_tiny_model_dir(family, out, seed=0))
 
     return make
 
 
+def _write_task_folder(out: Path, task_json: dict | None, splits, rows_of: Callable[[int, int], list[dict]]) -> None:
+    """task.json (the default sentiment task when task_json is None) and one .jsonl per split."""
+    from models.tasks.spec import save_task_spec
+    from models.tasks.vader_snippets import DEFAULT_SENTIMENT_TASK
+
+    out.mkdir(parents=True)
+    if task_json is None:
+        save_task_spec(DEFAULT_SENTIMENT_TASK, out / "task.json")
+    else:
+        (out / "task.json").write_text(json.dumps(task_json), encoding="utf-8")
+    for split, n, seed in splits:
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_of(n, seed)), encoding="utf-8")
+
+
 @pytest.fixture(scope="session")
-def tiny_data_dir(tmp_path_factory) -> Path:
+def tiny_data_dir(shared_folder) -> Path:
     """A task folder: task.json (default sentiment task) + train (64) / validation (24) / test (24)
     .jsonl of short synthetic reviews whose label is given away by one word."""
-    from models.tasks.vader_snippets import DEFAULT_SENTIMENT_TASK
-    from models.tasks.spec import save_task_spec
-
-    out = tmp_path_factory.mktemp("tiny-data")
-    save_task_spec(DEFAULT_SENTIMENT_TASK, out / "task.json")
-    for split, n, seed in (("train", 64, 1), ("validation", 24, 2), ("test", 24, 3)):
-        rows = tiny_examples(n, seed)
-        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return out
+    splits = (("train", 64, 1), ("validation", 24, 2), ("test", 24, 3))
+    return shared_folder("tiny-data", lambda out: _write_task_folder(out, None, splits, tiny_examples))
 
 
 @pytest.fixture(scope="session")
@@ -138,12 +169,12 @@ def tiny_batch(tiny_tokenizer) -> Callable[..., tuple[torch.Tensor, torch.Tensor
 
 
 @pytest.fixture(scope="session")
-def tiny_program(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Callable[..., Path]:
+def tiny_program(tiny_model_dir, tiny_data_dir, shared_folder) -> Callable[..., Path]:
     """make(family="llama", q=2, rank=4, batch=2, seq_len=16, external=False, micro_batch=64, quantize="none",
     estimator="spsa") -> export folder.
 
     Exports are the slow part of the suite (tens of seconds each), so each configuration is
-    exported once per session and shared by every test that only reads it.
+    exported once per test run (shared_folder) and shared by every test that only reads it.
     """
     from export.contract.methods import ExportShapes
     from export.pipeline import export_model
@@ -151,20 +182,18 @@ def tiny_program(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Callable[..
     from models.tasks.folder import load_folder_spec
     from prge.pieces import DEFAULT_MICRO_BATCH
 
-    cache: dict[tuple, Path] = {}
-
     def make(family: str = "llama", q: int = 2, rank: int = 4, batch: int = 2, seq_len: int = SEQ_LEN,
              external: bool = False, micro_batch: int | None = DEFAULT_MICRO_BATCH, quantize: str = "none",
              estimator: str = "spsa") -> Path:
-        key = (family, q, rank, batch, seq_len, external, micro_batch, quantize, estimator)
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"program-{family}") / "program"
+        def build(out: Path) -> None:
             task = load_folder_spec(tiny_data_dir)
             shapes = ExportShapes(batch, seq_len, 2 * q * batch)
             adapter = AdapterConfig(num_queries=q, rank=rank, micro_batch=micro_batch, quantize=quantize, estimator=estimator)
-            export_model(tiny_model_dir(family), task, adapter, shapes, out, external_weights=external, progress=lambda _: None)
-            cache[key] = out
-        return cache[key]
+            export_model(tiny_model_dir(family), task, adapter, shapes, out / "program", external_weights=external,
+                         progress=lambda _: None)
+
+        name = f"program-{family}-q{q}-r{rank}-b{batch}-s{seq_len}-ext{int(external)}-mb{micro_batch}-{quantize}-{estimator}"
+        return shared_folder(name, build) / "program"
 
     return make
 
@@ -184,15 +213,12 @@ def tiny_completion_rows(n: int, seed: int) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def tiny_completion_data_dir(tmp_path_factory) -> Path:
+def tiny_completion_data_dir(shared_folder) -> Path:
     """A completion task folder: task.json ("loss": "completion", a review template) + train (48)
     / validation (16) / test (16) prompt/completion rows (tiny_completion_rows)."""
-    out = tmp_path_factory.mktemp("tiny-completion-data")
-    (out / "task.json").write_text(json.dumps({"loss": "completion", "template": "Review: {text}\n"}), encoding="utf-8")
-    for split, n, seed in (("train", 48, 1), ("validation", 16, 2), ("test", 16, 3)):
-        rows = tiny_completion_rows(n, seed)
-        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return out
+    task = {"loss": "completion", "template": "Review: {text}\n"}
+    splits = (("train", 48, 1), ("validation", 16, 2), ("test", 16, 3))
+    return shared_folder("tiny-completion-data", lambda out: _write_task_folder(out, task, splits, tiny_completion_rows))
 
 
 # The most scored tokens per row in the tiny completion programs: " and I loved it ." and the end token.
@@ -201,32 +227,34 @@ TINY_PREFILL_LEN, TINY_CACHE_LEN = 16, 40  # the tiny generation program's
 
 
 @pytest.fixture(scope="session")
-def tiny_generation_program(tiny_model_dir, tiny_completion_data_dir, tmp_path_factory) -> Path:
+def tiny_generation_program(tiny_model_dir, tiny_completion_data_dir, shared_folder) -> Path:
     """The tiny llama's generation program (prefill window 16, 40-position cache), with the
     adapter layout of tiny_completion_program."""
     from export.pipeline import export_generation_program
     from models.causal_lm import AdapterConfig
     from models.tasks.folder import load_folder_spec
 
-    out = tmp_path_factory.mktemp("generation-program") / "program"
-    export_generation_program(tiny_model_dir("llama"), load_folder_spec(tiny_completion_data_dir), AdapterConfig(rank=4),
-                              TINY_PREFILL_LEN, TINY_CACHE_LEN, out, progress=lambda _: None)
-    return out
+    def build(out: Path) -> None:
+        export_generation_program(tiny_model_dir("llama"), load_folder_spec(tiny_completion_data_dir), AdapterConfig(rank=4),
+                                  TINY_PREFILL_LEN, TINY_CACHE_LEN, out / "program", progress=lambda _: None)
+
+    return shared_folder("generation-program", build) / "program"
 
 
 @pytest.fixture(scope="session")
-def tiny_completion_program(tiny_model_dir, tiny_completion_data_dir, tmp_path_factory) -> Path:
+def tiny_completion_program(tiny_model_dir, tiny_completion_data_dir, shared_folder) -> Path:
     """The tiny llama exported for the completion task: q=2, batch 2, seq_len 16, completion_len 8."""
     from export.contract.methods import ExportShapes
     from export.pipeline import export_model
     from models.causal_lm import AdapterConfig
     from models.tasks.folder import load_folder_spec
 
-    out = tmp_path_factory.mktemp("completion-program") / "program"
-    adapter = AdapterConfig(num_queries=2, rank=4, completion_len=TINY_COMPLETION_LEN)
-    export_model(tiny_model_dir("llama"), load_folder_spec(tiny_completion_data_dir), adapter, ExportShapes(2, SEQ_LEN, 8),
-                 out, progress=lambda _: None)
-    return out
+    def build(out: Path) -> None:
+        adapter = AdapterConfig(num_queries=2, rank=4, completion_len=TINY_COMPLETION_LEN)
+        export_model(tiny_model_dir("llama"), load_folder_spec(tiny_completion_data_dir), adapter,
+                     ExportShapes(2, SEQ_LEN, 8), out / "program", progress=lambda _: None)
+
+    return shared_folder("completion-program", build) / "program"
 
 
 class _RunStopped(Exception):

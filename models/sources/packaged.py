@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from models.console import say
-from models.files import cache_dir, existing_folder, replace_dir_atomically, sha256_file
+from models.files import cache_dir, existing_folder, one_at_a_time, replace_dir_atomically, sha256_file
 from models.sources.published_shapes import PUBLISHED_SHAPES, SOURCE_MARKER, make_random_model_dir
 
 
@@ -160,14 +160,19 @@ def prepare_model(name: str = DEFAULT_MODEL_NAME, force: bool = False,
     Idempotent: returns at once if the folder is complete (``prge_source.json`` present),
     unless ``force``. Otherwise installs the packages if needed, joins the GGUF (in a temporary
     folder), checks its sha256, dequantizes it with transformers, saves model (safetensors) and
-    tokenizer, checks the folder reloads, and renames it into place.
+    tokenizer, checks the folder reloads, and renames it into place. Processes preparing the
+    same model take turns (one_at_a_time); the later ones find it ready.
     """
     target = model_dir(name)
-    if (target / SOURCE_MARKER).is_file() and not force:
-        return target
-    if name in PUBLISHED_SHAPES:  # random weights of a published shape: built, nothing downloaded
-        return make_random_model_dir(name, target, progress=progress)
-    model = PACKAGED_MODELS[name]
+    with one_at_a_time(target.parent):
+        if (target / SOURCE_MARKER).is_file() and not force:
+            return target
+        if name in PUBLISHED_SHAPES:  # random weights of a published shape: built, nothing downloaded
+            return make_random_model_dir(name, target, progress=progress)
+        return _build_from_gguf(PACKAGED_MODELS[name], target, progress)
+
+
+def _build_from_gguf(model: PackagedModel, target: Path, progress: Callable[[str], object]) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.monotonic()
     files = _installed_parts(model, progress)

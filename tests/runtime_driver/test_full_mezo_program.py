@@ -43,14 +43,17 @@ def full_program(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Path:
 
 def test_the_memory_plan_keeps_each_draw_short(full_program):
     """The arenas ExecuTorch plans, in multiples of the weights (the shared mutable buffers).
-    Measured with this fixture's 4 draws: train_step 5.6x, apply_weight_update 2.7x; without
-    the depth-first schedule (fused partitions leave the graph sorted breadth-first, every
-    draw's int64 temporaries alive together) train_step was 10.9x."""
+    Measured with this fixture's 4 draws on the 2-layer model: train_step 4.5x, apply_weight_update
+    2.4x, set_weights 0.33x (its largest weight). Without the depth-first schedule (fused
+    partitions leave the graph sorted breadth-first, every draw's int64 temporaries alive
+    together) train_step was 10.9x; with the schedule but every weight written back at the end
+    of the method, 5.6x, 2.7x and 2.0x (set_weights: its input, planned, and every new weight)."""
     arenas = planned_arenas(full_program / "model.pte")
     weights = arenas[MUTABLE_BUFFERS]
     assert weights >= 4 * json.loads((full_program / "manifest.json").read_text())["weights"]["numel"]  # every weight, float32
-    assert arenas["train_step"] <= 6 * weights, arenas
-    assert arenas["apply_weight_update"] <= 3 * weights, arenas
+    assert arenas["train_step"] <= 5 * weights, arenas
+    assert arenas["apply_weight_update"] <= 2.6 * weights, arenas
+    assert arenas["set_weights"] <= 0.5 * weights, arenas
 
 
 def test_steps_match_eager(full_program, tiny_model_dir, tiny_batch):
