@@ -18,9 +18,10 @@ weight is alive until then (all of them: the whole model's worth, twice in set_w
 input). write_back_early copies each one as soon as nothing reads the old value any more, and
 InputsFromCaller keeps set_weights' input (every weight) out of its plan.
 
-Measured on the tiny model cut into 4 draws (train_step's planned arena; the test in
-tests/runtime_driver/test_full_mezo_program.py bounds it): 4.8 MB as ordinarily lowered, 2.5 MB
-with both; on the default model, 5,107 MB before and 2,043 MB with both (BENCHMARKS.md).
+train_step's planned arena on the default model (BENCHMARKS.md, "Full-parameter MeZO"): 5,107 MB
+as ordinarily lowered, 2,043 MB with the layer cut and the schedule, 692 MB with the write-backs
+early as well (the weights themselves, 538 MB, are the shared buffers, outside it). The tiny
+model's arenas are bounded by tests/runtime_driver/test_full_mezo_program.py.
 
 A node's layer is the index of the first numbered module on its module path (model.layers.<i>);
 a node with none (rotary tables, the final norm) takes the largest layer among its inputs, so
