@@ -162,7 +162,7 @@ def write_back_early(graph_module: torch.fx.GraphModule) -> PassResult:
     ExecutorchBackendConfig pass: it runs after the write-backs are inserted, before planning."""
     graph = graph_module.graph
     position = {n: i for i, n in enumerate(graph.nodes)}
-    returned = graph.output_node().all_input_nodes
+    returned = set(graph.output_node().all_input_nodes)
     for node in list(graph.nodes):
         if not (is_buffer_write_back(node) and node in returned):
             continue

@@ -70,7 +70,7 @@ class ReadsTheOldValueLate(nn.Module):
         return torch.cat([old, new])
 
 
-def _runtime_method(module: nn.Module, example: tuple, early: bool):
+def _lowered_with_early_write_backs(module: nn.Module, example: tuple):
     from executorch.exir import ExecutorchBackendConfig, to_edge
     from executorch.runtime import Runtime
 
@@ -78,15 +78,14 @@ def _runtime_method(module: nn.Module, example: tuple, early: bool):
     from export.loops import LoopAwareMemoryPlanningPass
 
     edge = to_edge(torch.export.export(module, example, strict=False))
-    config = ExecutorchBackendConfig(passes=[write_back_early] if early else [],
-                                     memory_planning_pass=LoopAwareMemoryPlanningPass())
+    config = ExecutorchBackendConfig(passes=[write_back_early], memory_planning_pass=LoopAwareMemoryPlanningPass())
     program = edge.to_executorch(config)
     return program, Runtime.get().load_program(program.buffer).load_method("forward")
 
 
 def test_a_buffer_is_written_back_early_only_after_its_old_value_is_read():
     x = torch.arange(4.0)
-    program, method = _runtime_method(ReadsTheOldValueLate(), (x,), early=True)
+    program, method = _lowered_with_early_write_backs(ReadsTheOldValueLate(), (x,))
     nodes = list(program.exported_program().graph.nodes)
     copy = next(i for i, n in enumerate(nodes) if n.target is torch.ops.aten.copy_.default)
     reads = [i for i, n in enumerate(nodes) if "sum" in str(n.target)]
