@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.prge-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast bench bench-accuracy bench-federation bench-first-order bench-full-mezo bench-side-tune clean native native-aarch64
+.PHONY: install demo test test-fast bench bench-accuracy bench-estimators bench-federation bench-first-order bench-full-mezo bench-side-tune clean native native-aarch64
 
 install: $(STAMP)
 
@@ -59,6 +59,25 @@ bench-accuracy: install
 	$(BIN)/prge train --method mezo --q 1 --batch 4 --steps $$(( 4 * $(BENCH_STEPS) )) --lr 1e-3 --eps 1e-2 --eval-every 200 --eval-examples 200 --out runs/bench-mezo-lr1e-3
 	$(BIN)/prge train --method fo --optimizer adam --batch 16 --steps $(BENCH_STEPS) --lr 1e-3 --eval-every 50 --eval-examples 200 --out runs/bench-fo
 	$(BIN)/prge summarize runs/zero-shot-test.json runs/bench-prge runs/bench-mezo-lr3e-3 runs/bench-mezo-lr1e-3 runs/bench-fo | tee runs/accuracy.md
+
+# The estimator study (issue 16; BENCHMARKS.md, "Estimators"): each arm's lr chosen on
+# validation (seed 0; the grid widened past an edge the choice sits on), then seeds 0-2 at it;
+# test accuracy mean and spread, validation curves in runs/study/TASK/curves.png. Equal forward
+# rows: 4,800 sequences a run (P-RGE q=4 b=4 x 150 steps = MeZO-style q=1 b=4 x 600 steps);
+# first order sees the same 2,400 examples as MeZO-style, forward and backward; fzoo-q16b1 is
+# the one-perturbation-per-example corner (GRZO) at the same 32 rows a step. Runs resume
+# after an interruption (rerun the target). About 8 h per task on 2 cores.
+STUDY_TASK ?= movie-reviews
+STUDY_DIR = runs/study/$(STUDY_TASK)
+STUDY_ARGS = --data $(STUDY_TASK) --seq-len 64 --eps 1e-2 --eval-examples 200 --threads 1 --checkpoint-every 25
+STUDY = $(BIN)/prge study --jobs 2 --seeds 0,1,2
+bench-estimators: install
+	$(STUDY) --out $(STUDY_DIR)/spsa --lrs 1e-3,3e-3,1e-2 -- --method prge --estimator spsa --q 4 --batch 4 --steps 150 --eval-every 25 $(STUDY_ARGS)
+	$(STUDY) --out $(STUDY_DIR)/fzoo --lrs 1e-3,3e-3,1e-2 -- --method prge --estimator fzoo --q 4 --batch 4 --steps 150 --eval-every 25 $(STUDY_ARGS)
+	$(STUDY) --out $(STUDY_DIR)/fzoo-q16b1 --lrs 1e-3,3e-3,1e-2 -- --method prge --estimator fzoo --q 16 --batch 1 --steps 150 --eval-every 25 $(STUDY_ARGS)
+	$(STUDY) --out $(STUDY_DIR)/mezo --lrs 3e-4,1e-3,3e-3 -- --method mezo --q 1 --batch 4 --steps 600 --eval-every 100 $(STUDY_ARGS)
+	$(STUDY) --out $(STUDY_DIR)/fo --lrs 3e-4,1e-3,3e-3 -- --method fo --optimizer adam --batch 16 --steps 150 --eval-every 25 $(STUDY_ARGS)
+	$(BIN)/prge summarize $(STUDY_DIR)/spsa $(STUDY_DIR)/fzoo $(STUDY_DIR)/fzoo-q16b1 $(STUDY_DIR)/mezo $(STUDY_DIR)/fo --plot $(STUDY_DIR)/curves.png | tee $(STUDY_DIR)/study.md
 
 # Federated P-RGE against its baselines (BENCHMARKS.md, "Many phones"): Flower's simulation
 # engine, the default model and task, 8 and 32 clients, IID and by-label shards, every run at

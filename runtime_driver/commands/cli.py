@@ -382,6 +382,15 @@ def cmd_summarize(args) -> None:
     print(summarize(args.runs, args.plot))
 
 
+def cmd_study(args) -> None:
+    from runtime_driver.commands.study import describe_choice, parse_floats, parse_ints, run_study
+
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    study = run_study(args.out, train_args, parse_floats(args.lrs), parse_ints(args.seeds), jobs=args.jobs,
+                      max_widen=args.max_widen)
+    print(describe_choice(study))
+
+
 def cmd_native_adapter(args) -> None:
     from runtime_driver.commands.native_adapter import convert_native_adapter
 
@@ -567,8 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summarize", parents=[common], help="the accuracy table (markdown) of finished runs and `prge eval` results")
     p.add_argument("runs", nargs="+", help="run directories of `prge train`, or JSON files printed by `prge eval` "
-                   "(zero-shot rows); or run directories of `prge federate` (the federation table)")
-    p.add_argument("--plot", help="federation runs: also draw validation accuracy against forward rows into this PNG")
+                   "(zero-shot rows); or run directories of `prge federate` (the federation table); or arms of `prge study` "
+                   "(mean and spread over seeds)")
+    p.add_argument("--plot", help="federation runs or study arms: also draw the validation curves against forward rows into this PNG")
     p.set_defaults(func=cmd_summarize)
 
     p = sub.add_parser("federate", parents=[common], help="federated P-RGE on Flower (this machine), and its FedAvg and centralized baselines: "
@@ -616,6 +626,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-examples", type=int, help="evaluate on the first N test examples (default: all)")
     p.add_argument("--out", default="runs/side", help="run folder (default runs/side)")
     p.set_defaults(func=cmd_side_tune)
+
+    p = sub.add_parser("study", parents=[common], help="one arm of a comparison: `prge train` at every lr of a grid (first "
+                       "seed), the lr of lowest final validation loss chosen, then the other seeds at it (runs resume)")
+    p.add_argument("--out", required=True, help="the arm's folder: one run per lr and seed, and study.json")
+    p.add_argument("--lrs", required=True, help="comma-separated learning-rate grid, e.g. 1e-3,3e-3,1e-2")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; the first one chooses the lr (default 0,1,2)")
+    p.add_argument("--jobs", type=int, default=1, help="`prge train` processes at once (give the arm --threads to share cores)")
+    p.add_argument("--max-widen", type=int, default=2, help="grid values added beyond an edge the choice sits on (default 2)")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="after `--`: the arm's `prge train` arguments, without "
+                   "--lr, --seed, --out, --resume")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("replay", parents=[common], help="rebuild a zeroth-order run's adapter from its logged (seed, g) and check it")
     p.add_argument("run_dir", help="a run directory written by `prge train` (or `prge demo`'s run/)")

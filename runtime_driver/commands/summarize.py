@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime_driver.commands.summarize_federation import is_federation_run, summarize_federation
+from runtime_driver.commands.summarize_study import is_study, read_study, summarize_studies
 from runtime_driver.metrics import read_metrics
 
 COLUMNS = ("run", "method", "q", "b", "steps", "lr", "eps", "test acc", "test loss", "median ms/step", "train wall s")
@@ -58,6 +59,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     return {
         "run": path.name, "method": _method(train, q, config.get("engine", "eager")), "q": q if zeroth else "-", "b": train["batch_size"],
         "steps": train["steps"], "lr": train["lr"], "eps": train["eps"] if zeroth else "-",
+        "estimator": config["adapter"].get("estimator", "spsa") if zeroth else "-",
         **_test_metrics(summary["test"]),
         "median ms/step": summary["median_step_ms"], "train wall s": summary["wall_s"],
         "curve": curve, "versions": summary.get("versions"),
@@ -83,13 +85,18 @@ def _cell(column: str, value: Any) -> str:
 
 
 def summarize(paths: list[str], plot: str | None = None) -> str:
-    federations = [is_federation_run(p) for p in paths]
-    if all(federations):
+    of_kind = {"`prge federate` runs": [is_federation_run(p) for p in paths], "`prge study` arms": [is_study(p) for p in paths]}
+    for kind, matches in of_kind.items():
+        if any(matches) and not all(matches):
+            raise ValueError(f"some of these are {kind} and some are not; summarize each kind on its own")
+    if all(of_kind["`prge federate` runs"]):
         return summarize_federation(paths, Path(plot) if plot else None)
-    if any(federations):
-        raise ValueError("these are `prge federate` runs and `prge train` runs; summarize each kind on its own")
+    if all(of_kind["`prge study` arms"]):
+        arms = [(Path(p), read_study(p)) for p in paths]
+        return summarize_studies([(path, study, [describe(path / run) for run in study["runs"]]) for path, study in arms],
+                                 Path(plot) if plot else None)
     if plot:
-        raise ValueError("--plot draws `prge federate` runs (the table lists a training run's validation curve)")
+        raise ValueError("--plot draws `prge federate` runs and `prge study` arms (the table lists a training run's validation curve)")
     rows = [describe(p) for p in paths]
     kinds = {row["completion"] for row in rows}
     if len(kinds) > 1:
