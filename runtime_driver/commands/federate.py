@@ -1,7 +1,8 @@
 """`prge federate`: federated P-RGE on Flower, on this machine, and its two baselines.
 
 Deployment engine: a SuperLink and one SuperNode per client start as separate processes (each
-SuperNode runs its ClientApp in a fresh process per round). Simulation engine: `flwr run`
+SuperNode runs its ClientApp in a fresh process per round; a SuperNode that dies is started
+again, see _NodeKeeper). Simulation engine: `flwr run`
 starts a simulation SuperLink that runs N virtual clients on Ray workers. Either way the
 ServerApp runs with `flwr run` on the app folder runtime_driver/federation/flower-app, and every
 process is stopped at the end, also on an error or Ctrl-C, so nothing is left listening.
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import asdict, replace
@@ -80,6 +82,33 @@ def flower_processes(home: Path) -> list[int]:
         except OSError:  # gone meanwhile, or not ours to read
             continue
     return found
+
+
+MAX_NODE_RESTARTS = 3  # per SuperNode and run: a node that keeps dying is a bug to see, not to hide
+
+
+class _NodeKeeper(threading.Thread):
+    """Plays a phone's OS for the SuperNodes on this machine: one that exits while the run goes
+    on is started again, with the same partition-id, a new port and a log of its own, at most
+    MAX_NODE_RESTARTS times. The server re-admits it under its new node id and catches it up
+    (runtime_driver/federation/flower.py _readmit)."""
+
+    def __init__(self, nodes: dict[int, subprocess.Popen], restart: Callable[[int, int], subprocess.Popen],
+                 progress: Callable[[str], None]) -> None:
+        super().__init__(daemon=True)
+        self.nodes, self.restart, self.progress = nodes, restart, progress
+        self.restarts = {slot: 0 for slot in nodes}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            for slot, node in list(self.nodes.items()):
+                code = node.poll()
+                if code is None or self.restarts[slot] >= MAX_NODE_RESTARTS:
+                    continue
+                self.restarts[slot] += 1
+                self.progress(f"  SuperNode {slot} exited ({code}); started again ({self.restarts[slot]} of {MAX_NODE_RESTARTS})")
+                self.nodes[slot] = self.restart(slot, self.restarts[slot])
 
 
 def _stop(processes: list[subprocess.Popen], home: Path) -> None:
@@ -174,7 +203,7 @@ def federate(cfg: FederationSettings, engine: str = "deployment", client_env: di
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home.resolve()),
            "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])}
     processes: list[subprocess.Popen] = []
-    ray_tmp = None
+    ray_tmp, keeper = None, None
 
     def start(name: str, command: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(logs / f"{name}.log", "w") as log:
@@ -205,10 +234,16 @@ def federate(cfg: FederationSettings, engine: str = "deployment", client_env: di
             superlink = start("superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
                                             "--port", str(superlink_port)])
             _wait_healthy(superlink_port, superlink, logs / "superlink.log")
-            for i, port in enumerate(node_ports):
-                start(f"supernode-{i}", [str(bin_dir / "flower-supernode"), "--insecure", "--superlink",
-                                         f"127.0.0.1:{superlink_port}", "--port", str(port), "--node-config",
-                                         f"partition-id={i} num-partitions={cfg.clients}"], (client_env or {}).get(i))
+
+            def supernode(slot: int, restarts: int = 0) -> subprocess.Popen:
+                port = node_ports[slot] if restarts == 0 else _free_ports(1)[0]
+                return start(f"supernode-{slot}" + (f"-restart-{restarts}" if restarts else ""),
+                             [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{superlink_port}",
+                              "--port", str(port), "--node-config", f"partition-id={slot} num-partitions={cfg.clients}"],
+                             (client_env or {}).get(slot))
+
+            keeper = _NodeKeeper({slot: supernode(slot) for slot in range(cfg.clients)}, supernode, progress)
+            keeper.start()
             progress(f"Flower: a SuperLink and {cfg.clients} SuperNodes on 127.0.0.1 (logs in {logs}); "
                      f"{cfg.rounds} rounds of {cfg.local_steps} local steps ...")
         with open(logs / "server.log", "w") as server_log:
@@ -225,6 +260,9 @@ def federate(cfg: FederationSettings, engine: str = "deployment", client_env: di
             raise RuntimeError(f"the federation did not finish (flwr run exited {code}); see {logs / 'server.log'}")
         return json.loads(summary_path.read_text())
     finally:
+        if keeper is not None:
+            keeper.done.set()
+            keeper.join()
         _stop(processes, home)
         if ray_tmp:
             shutil.rmtree(ray_tmp, ignore_errors=True)

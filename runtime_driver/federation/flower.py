@@ -14,6 +14,8 @@ phone's own task folder) instead of a shard of the run's task.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -29,7 +31,7 @@ from models.files import write_json_atomic
 from models.tasks.folder import resolve_data_dir
 from runtime_driver.checkpoint import write_flat_adapter
 from runtime_driver.engines import ExecuTorchPRGE
-from runtime_driver.failpoints import reached
+from runtime_driver.failpoints import armed, reached
 from runtime_driver.federation.client import ClientState, LocalTraining, answer, local_updates
 from runtime_driver.federation.ledger import RoundLog, RoundRecord, apply_round, traffic
 from runtime_driver.federation.protocol import Assignment, assigned_seeds
@@ -82,7 +84,10 @@ def train(msg: Message, context: Context) -> Message:
     if "arrays" in msg.content:  # the FedAvg baseline: Flower's strategy sends the adapter
         return _train_fedavg(msg, s, slot, engine, shard, how)
     message = dict(msg.content["assignment"])
-    reached("federated-client", int(message["round"]))  # crash tests: a client that dies mid-round
+    if armed("federated-node", int(message["round"])):  # crash tests: the whole client (its SuperNode) dies mid-round
+        os.kill(_supernode_pid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    reached("federated-client", int(message["round"]))  # crash tests: a client's ClientApp dies mid-round
     if _STATE in context.state:
         state = ClientState(context.state[_ADAPTER].to_torch_state_dict()["adapter"],
                             int(context.state[_STATE]["rounds_applied"]))
@@ -92,6 +97,19 @@ def train(msg: Message, context: Context) -> Message:
     context.state[_STATE] = ConfigRecord({"rounds_applied": state.rounds_applied})
     context.state[_ADAPTER] = ArrayRecord({"adapter": state.adapter})
     return Message(RecordDict({"reply": ConfigRecord(reply)}), reply_to=msg)
+
+
+def _supernode_pid() -> int:
+    """The SuperNode this ClientApp runs under (flwr 1.42: SuperNode -> flower-superexec ->
+    flwr-clientapp), found up the process tree (Linux /proc; the crash tests only)."""
+    pid = os.getppid()
+    for _ in range(4):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"flower-supernode" in f.read():
+                return pid
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])  # the field after the command name: state, then ppid
+    raise RuntimeError("no flower-supernode above this ClientApp")
 
 
 def _train_fedavg(msg: Message, s: FederationSettings, slot: int, engine, shard, how: LocalTraining) -> Message:
@@ -131,18 +149,45 @@ def _exchange(grid: Grid, messages: dict[int, Message], timeout: float) -> dict[
     return out
 
 
+def _partition_ids(grid: Grid, nodes: list[int], timeout: float) -> dict[int, int | str]:
+    """node id -> the partition-id it says it has, or why it said none."""
+    asked = {n: Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes}
+    return {node: reply if isinstance(reply, str) else int(reply.content["node"]["slot"])
+            for node, reply in _exchange(grid, asked, timeout).items()}
+
+
 def _slots(grid: Grid, nodes: list[int], clients: int, timeout: float) -> dict[int, int]:
     """node id -> client slot (its partition-id), each slot once."""
-    asked = {n: Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes}
     slots = {}
-    for node, reply in _exchange(grid, asked, timeout).items():
-        if isinstance(reply, str):
-            raise RuntimeError(f"node {node} did not say its partition-id: {reply}")
-        slot = int(reply.content["node"]["slot"])
+    for node, slot in _partition_ids(grid, nodes, timeout).items():
+        if isinstance(slot, str):
+            raise RuntimeError(f"node {node} did not say its partition-id: {slot}")
         if not 0 <= slot < clients or slot in slots.values():
             raise RuntimeError(f"node {node} has partition-id {slot}: expected each of 0..{clients - 1} once")
         slots[node] = slot
     return slots
+
+
+def _readmit(grid: Grid, slot_of: dict[int, int], clients: int, timeout: float) -> dict[int, int]:
+    """A client whose SuperNode restarted (a phone's app relaunched) connects under a new node
+    id. Before each round, each node the server has not seen is asked its partition-id and takes
+    over that slot from the node it replaces; the coordinator then catches it up like any client
+    that fell behind (its state went with the old process: it reports 0 rounds applied). A node
+    with no valid partition-id is left out, and said so."""
+    new = sorted(set(grid.get_node_ids()) - set(slot_of))
+    if not new:
+        return slot_of
+    slot_of = dict(slot_of)
+    for node, slot in _partition_ids(grid, new, timeout).items():
+        if isinstance(slot, str) or not 0 <= slot < clients:
+            print(json.dumps({"node": node, "left out": f"no valid partition-id ({slot})"}), flush=True)
+            continue
+        replaced = [old for old, s in slot_of.items() if s == slot]
+        for old in replaced:
+            del slot_of[old]
+        slot_of[node] = slot
+        print(json.dumps({"node": node, "readmitted as client": slot, "replaces node": replaced}), flush=True)
+    return slot_of
 
 
 @server_app.main()
@@ -191,6 +236,7 @@ def _report(record: RoundRecord) -> None:
 def _run_prge(grid: Grid, s: FederationSettings, coordinator: Coordinator, slot_of: dict[int, int], evaluate) -> torch.Tensor:
     while not coordinator.finished:
         r = coordinator.round
+        slot_of = _readmit(grid, slot_of, s.clients, s.timeout)
         messages = {node: Message(RecordDict({"assignment": ConfigRecord(coordinator.message(slot))}), dst_node_id=node,
                                   message_type=MessageType.TRAIN, group_id=str(r)) for node, slot in slot_of.items()}
         replies = {slot_of[node]: reply if isinstance(reply, str) else dict(reply.content["reply"])

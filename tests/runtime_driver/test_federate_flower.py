@@ -1,6 +1,7 @@
 """`prge federate` on Flower, tiny model. Deployment engine: a SuperLink and three SuperNodes as
 separate processes; the global adapter the server saves is the replay of its round log bit for
-bit, a client killed mid-round is left out of that round and catches up in the next, and every
+bit, a client killed mid-round is left out of that round and catches up in the next, a client
+whose SuperNode dies is started again, re-admitted under its new node id and caught up, and every
 process is gone afterwards (nothing listens on the ports it used). Simulation engine: virtual
 clients on Ray workers, the same guarantees; the FedAvg and centralized baselines."""
 from __future__ import annotations
@@ -41,6 +42,27 @@ def test_three_clients_on_the_deployment_engine(tiny_program, tiny_data_dir, tmp
     port = int((out / "flower-home" / "config.toml").read_text().split("127.0.0.1:")[1].split('"')[0])
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_a_client_whose_supernode_dies_is_started_again_readmitted_and_caught_up(tiny_program, tiny_data_dir, tmp_path):
+    program = tiny_program("llama")
+    out = tmp_path / "fed"
+    cfg = FederationSettings(program=str(program), data=str(tiny_data_dir), out=str(out), clients=3, rounds=4,
+                             local_steps=2, lr=0.05, eps=0.01, timeout=150, eval_every=0, eval_examples=8)
+    # Client 1's SuperNode and its ClientApp are killed (SIGKILL) in round 1, mid-round: the phone's
+    # app died, its state with it. prge federate starts the SuperNode again, as a phone's OS would.
+    federate(cfg, client_env={1: {"PRGE_FAILPOINT": "federated-node@1"}}, progress=lambda _: None)
+    log = RoundLog(out / "rounds.jsonl")
+    assert [r.clients for r in log.rounds][:2] == [[0, 1, 2], [0, 2]] and set(log.rounds[1].rejected) == {"1"}
+    # Re-admitted under its new node id; it lost the rounds it had applied, so it is caught up
+    # from round 0 (a round it answers while still behind is rejected and resent).
+    assert log.rounds[-1].clients == [0, 1, 2]
+    assert all(reason.startswith("behind") for r in log.rounds[2:] for c, reason in r.rejected.items() if c == "1")
+    assert (out / "logs" / "supernode-1-restart-1.log").exists()
+    assert '"readmitted as client": 1' in (out / "logs" / "server.log").read_text()
+    saved = load_file(str(out / "adapter.safetensors"))["adapter"]
+    assert (saved == RoundLog(out / "rounds.jsonl").global_adapter(saved.numel(), "gaussian")).all()
+    assert flower_processes(out / "flower-home") == []
 
 
 def test_the_fedavg_baseline_equals_mean_aggregated_prge_and_centralized_runs_the_same_forwards(
