@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from models.console import say
 from models.files import write_json_atomic
 from runtime_driver.metrics import read_metrics
 
@@ -84,10 +85,12 @@ def _train(train_args: list[str], out: Path, lr: float, seed: int) -> Path:
     run.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "runtime_driver.commands.cli", "train", *train_args,
                "--lr", f"{lr:g}", "--seed", str(seed), "--out", str(run), "--resume"]
+    say(f"{run}: training (progress in {run}.log)")
     with open(f"{run}.log", "a") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0 or not (run / "summary.json").is_file():
         raise RuntimeError(f"{run}: `prge train` failed (exit {done.returncode}); its output is in {run}.log")
+    say(f"{run}: done, final validation loss {final_validation_loss(run):.4f}")
     return run
 
 
