@@ -98,6 +98,10 @@ def summarize(paths: list[str], plot: str | None = None) -> str:
     if plot:
         raise ValueError("--plot draws `prge federate` runs and `prge study` arms (the table lists a training run's validation curve)")
     rows = [describe(p) for p in paths]
+    names = [row["run"] for row in rows]
+    if len(set(names)) < len(names):  # e.g. the same lr and seed in two arms of a study: name their folders too
+        for row, p in zip(rows, paths):
+            row["run"] = f"{Path(p).parent.name}/{row['run']}"
     kinds = {row["completion"] for row in rows}
     if len(kinds) > 1:
         raise ValueError("these are runs of a label-word task and of a completion task; summarize each kind on its own")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from models.causal_lm import AdapterConfig
 from runtime_driver.commands.cli import main
@@ -35,6 +36,12 @@ def test_table_rows_are_the_runs_files(tiny_model_dir, tiny_data_dir, tmp_path, 
     curves = [line for line in table if line.startswith("- `bench-")]
     assert len(curves) == 2 and all("0: " in line and "3: " in line for line in curves)
     assert "transformers" in table[-1] and "peft" in table[-1]  # the versions the runs recorded
+
+    # Runs of the same name from two folders (two arms of a study) are told apart by their folders.
+    shutil.copytree(runs["prge"], tmp_path / "other-arm" / runs["prge"].name)
+    assert main(["summarize", str(runs["prge"]), str(tmp_path / "other-arm" / runs["prge"].name)]) == 0
+    names = [line.split(" | ")[0].lstrip("| ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert names[1:] == [f"{tmp_path.name}/bench-prge", "other-arm/bench-prge"]
 
 
 def test_a_run_without_a_test_split_is_refused(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
