@@ -54,9 +54,11 @@ def choose_lr(losses: dict[float, float]) -> tuple[float, str | None]:
 
 
 def widened(grid: list[float], side: str) -> float:
-    """The next lr beyond the grid's edge, one ratio of the two values at that edge further."""
+    """The next lr beyond the grid's edge, one ratio of the two values at that edge further,
+    to the 6 significant digits a run is given and named by (f"{lr:g}")."""
     grid = sorted(grid)
-    return grid[0] * grid[0] / grid[1] if side == "low" else grid[-1] * grid[-1] / grid[-2]
+    lr = grid[0] * grid[0] / grid[1] if side == "low" else grid[-1] * grid[-1] / grid[-2]
+    return float(f"{lr:g}")
 
 
 def check_train_args(train_args: list[str]) -> None:
