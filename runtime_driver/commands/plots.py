@@ -1,6 +1,8 @@
-"""Training curves as a PNG: loss and validation accuracy against steps."""
+"""Curves as PNGs: a run's training loss and validation accuracy against steps, and the
+validation curves of several runs (federations, study arms) against forward rows."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +19,55 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_run(metrics_path: Path, out_png: Path, title: str, test_accuracy: dict[int, float] | None = None) -> Path:
-    """Loss per step (raw and smoothed) and validation accuracy per eval; test_accuracy maps a
-    step to a held-out test accuracy (e.g. before and after training) drawn as markers."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers or in CI
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, out_png: Path, dpi: int) -> Path:
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=dpi)
+    _pyplot().close(fig)
+    return out_png
+
+
+@dataclass(frozen=True)
+class ValidationCurve:
+    """One line of plot_validation_curves; the ranges, if given, are drawn as a band around it."""
+
+    label: str
+    x: list[float]
+    accuracy: list[float]
+    loss: list[float]
+    accuracy_range: tuple[list[float], list[float]] | None = None
+    loss_range: tuple[list[float], list[float]] | None = None
+
+
+def plot_validation_curves(curves: list[ValidationCurve], xlabel: str, out_png: Path, ylabel_note: str = "") -> Path:
+    """Validation accuracy and loss of several runs, side by side, against a shared x."""
+    fig, axes = _pyplot().subplots(1, 2, figsize=(12, 4.5))
+    for curve in curves:
+        for ax, values, band in ((axes[0], curve.accuracy, curve.accuracy_range), (axes[1], curve.loss, curve.loss_range)):
+            line, = ax.plot(curve.x, values, "o-", markersize=3, label=curve.label)
+            if band is not None:
+                ax.fill_between(curve.x, *band, color=line.get_color(), alpha=0.15)
+    for ax, name in zip(axes, ("validation accuracy", "validation loss")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(name + ylabel_note)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out_png, dpi=120)
+
+
+def plot_run(metrics_path: Path, out_png: Path, title: str, test_accuracy: dict[int, float] | None = None) -> Path:
+    """Loss per step (raw and smoothed) and validation accuracy per eval; test_accuracy maps a
+    step to a held-out test accuracy (e.g. before and after training) drawn as markers."""
+    plt = _pyplot()
     rows = read_metrics(metrics_path)
     train = [r for r in rows if r.get("type") == "train"]
     evals = [r for r in rows if r.get("type") == "eval"]
@@ -47,10 +90,7 @@ def plot_run(metrics_path: Path, out_png: Path, title: str, test_accuracy: dict[
     ax_acc.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png, dpi=110)
 
 
 def _mean_loss(row: dict[str, Any]) -> float:

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from runtime_driver.commands.plots import ValidationCurve, plot_validation_curves
 from runtime_driver.metrics import read_metrics
 
 COLUMNS = ("run", "method", "clients", "shards", "rounds x local steps", "forward rows", "bytes up / client / round",
@@ -79,23 +80,9 @@ def summarize_federation(paths: list[str], plot: Path | None = None) -> str:
 
 
 def _plot(rows: list[dict[str, Any]], out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers or in CI
-    import matplotlib.pyplot as plt
-
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    curves = []
     for row in rows:
         if row["curve"]:
-            xs, accuracy, loss = zip(*row["curve"])
-            ax_acc.plot(xs, accuracy, "o-", label=row["run"])
-            ax_loss.plot(xs, loss, "o-", label=row["run"])
-    for ax, name in ((ax_acc, "validation accuracy"), (ax_loss, "validation loss")):
-        ax.set_xlabel("forward rows (all clients)")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-    ax_loss.legend(fontsize=8)
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
+            x, accuracy, loss = (list(values) for values in zip(*row["curve"]))
+            curves.append(ValidationCurve(row["run"], x, accuracy, loss))
+    plot_validation_curves(curves, "forward rows (all clients)", out_png)

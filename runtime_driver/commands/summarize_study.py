@@ -10,7 +10,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from runtime_driver.commands.plots import ValidationCurve, plot_validation_curves
 from runtime_driver.commands.study import describe_choice
+from runtime_driver.federation.settings import forward_rows
 
 COLUMNS = ("arm", "method", "estimator", "steps", "forward rows", "lr (chosen on validation)", "seeds",
            "test acc mean ± sd", "test acc range", "test loss mean", "median ms/step", "train wall s (mean)")
@@ -30,7 +32,7 @@ def read_study(path: str | Path) -> dict[str, Any]:
 def forward_rows_per_step(row: dict[str, Any]) -> int:
     """Sequences a step runs forward: 2q copies of b examples for zeroth order, b for first order
     (which also runs them backward)."""
-    return 2 * row["q"] * row["b"] if isinstance(row["q"], int) else row["b"]
+    return forward_rows(1, row["q"], row["b"]) if isinstance(row["q"], int) else row["b"]
 
 
 def _mean_curve(runs: list[dict[str, Any]], index: int) -> list[tuple[int, float, float, float]]:
@@ -70,35 +72,24 @@ def summarize_studies(arms: list[tuple[Path, dict[str, Any], list[dict[str, Any]
     lines += ["", "Learning rate (seed of the choice, lowest final validation loss):"]
     lines += [f"- `{path.name}`: {describe_choice(study)}" for path, study, _ in arms]
     lines += ["", "Validation, mean over seeds (step: accuracy / loss):"]
-    for (path, _, runs), row in zip(arms, table):
-        accuracy, loss = _mean_curve(runs, 1), _mean_curve(runs, 2)
+    curves = [(_mean_curve(runs, 1), _mean_curve(runs, 2)) for _, _, runs in arms]
+    for (path, _, _), (accuracy, loss) in zip(arms, curves):
         points = (f"{a[0]}: {a[1]:.3f} / {b[1]:.3f}" for a, b in zip(accuracy, loss))
         lines.append(f"- `{path.name}`: " + ", ".join(points))
     if plot:
-        _plot(arms, table, plot)
+        _plot([path.name for path, _, _ in arms], table, curves, plot)
         lines += ["", f"Curves: {plot}"]
     return "\n".join(lines)
 
 
-def _plot(arms: list[tuple[Path, dict[str, Any], list[dict[str, Any]]]], table: list[dict[str, Any]], out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers or in CI
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (path, _, runs), row in zip(arms, table):
-        for ax, index in zip(axes, (1, 2)):
-            curve = _mean_curve(runs, index)
-            x = [step * row["rows per step"] for step, *_ in curve]
-            line, = ax.plot(x, [c[1] for c in curve], "o-", markersize=3, label=f"{path.name} (lr {row['lr (chosen on validation)']})")
-            ax.fill_between(x, [c[2] for c in curve], [c[3] for c in curve], color=line.get_color(), alpha=0.15)
-    for ax, label in zip(axes, ("validation accuracy", "validation loss")):
-        ax.set_xlabel("forward rows (sequences; first order also runs them backward)")
-        ax.set_ylabel(f"{label} (mean over seeds; band: range)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
+def _plot(names: list[str], table: list[dict[str, Any]], curves: list[tuple[list, list]], out_png: Path) -> None:
+    """curves: each arm's (accuracy, loss) _mean_curve."""
+    lines = []
+    for name, row, (accuracy, loss) in zip(names, table, curves):
+        lines.append(ValidationCurve(
+            f"{name} (lr {row['lr (chosen on validation)']})", [step * row["rows per step"] for step, *_ in accuracy],
+            [c[1] for c in accuracy], [c[1] for c in loss],
+            accuracy_range=([c[2] for c in accuracy], [c[3] for c in accuracy]),
+            loss_range=([c[2] for c in loss], [c[3] for c in loss])))
+    plot_validation_curves(lines, "forward rows (sequences; first order also runs them backward)", out_png,
+                           ylabel_note=" (mean over seeds; band: range)")
