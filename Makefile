@@ -83,11 +83,13 @@ bench-estimators: install
 # engine, the default model and task, 8 and 32 clients, IID and by-label shards, every run at
 # the forward passes of FED_STEPS centralized P-RGE steps (clients * rounds * local steps); lr
 # and eps are the demo's (chosen on validation for centralized P-RGE). About 1 h on 2 cores.
+# Rerun to go on: finished runs are kept, an interrupted one resumes (an interrupted FedAvg run
+# cannot: delete its folder).
 FED_STEPS ?= 160
 FED_ARGS = --program runs/fed/program --lr 3e-3 --eps 1e-2 --eval-every 1 --eval-examples 200 --test-examples 1000 --engine simulation
 bench-federation: install
 	test -f runs/fed/program/manifest.json || $(BIN)/prge export --q 4 --batch 4 --seq-len 64 --out runs/fed/program
-	set -e; run() { test -f runs/fed/$$1/summary.json || $(BIN)/prge federate $(FED_ARGS) --out runs/fed/"$$@"; }; \
+	set -e; run() { test -f runs/fed/$$1/summary.json || $(BIN)/prge federate $(FED_ARGS) --resume --out runs/fed/"$$@"; }; \
 	run centralized --method centralized --clients 8 --rounds 5 --local-steps $$(( $(FED_STEPS) / 40 )); \
 	for shards in iid non-iid; do flag=$$([ $$shards = iid ] || echo --non-iid); \
 	  run prge-8-$$shards --method prge $$flag --clients 8 --rounds 5 --local-steps $$(( $(FED_STEPS) / 40 )); \

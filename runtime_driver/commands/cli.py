@@ -339,7 +339,7 @@ def cmd_federate(args) -> int:
                              non_iid=args.non_iid, max_abs_g=args.max_abs_g, timeout=args.timeout,
                              eval_every=args.eval_every, eval_examples=args.eval_examples,
                              test_examples=args.test_examples)
-    _print(federate(cfg, engine=args.engine))
+    _print(federate(cfg, engine=args.engine, resume=args.resume))
     return 0
 
 
@@ -608,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=0, help="validate the global adapter every N rounds (0: at the end)")
     p.add_argument("--eval-examples", type=int, default=TrainConfig.eval_examples)
     p.add_argument("--test-examples", type=int, default=0, help="test rows evaluated at the end (0: none)")
+    p.add_argument("--resume", action="store_true", help="continue the federation in OUT (same settings): the server "
+                   "replays its round log and goes on from the next round, with the adapter of an uninterrupted run")
     p.set_defaults(func=cmd_federate)
 
     p = sub.add_parser("side-tune", parents=[common], help="server-assisted side tuning (MobiLLM's design): the device sends "

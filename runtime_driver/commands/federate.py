@@ -33,6 +33,7 @@ from models.tasks.folder import resolve_data_dir
 from runtime_driver.checkpoint import write_flat_adapter
 from runtime_driver.federation.protocol import AGGREGATES
 from runtime_driver.federation.settings import METHODS, FederationSettings, forward_rows
+from runtime_driver.metrics import read_metrics
 from runtime_driver.replay import replay_run
 from runtime_driver.run import RunConfig, run_training
 from runtime_driver.train import TrainConfig
@@ -135,7 +136,8 @@ def _stop(processes: list[subprocess.Popen], home: Path) -> None:
         deadline = time.monotonic() + 5
 
 
-def centralized(cfg: FederationSettings, manifest: dict[str, Any], progress: Callable[[str], None] = say) -> dict[str, Any]:
+def centralized(cfg: FederationSettings, manifest: dict[str, Any], resume: bool = False,
+                progress: Callable[[str], None] = say) -> dict[str, Any]:
     """The baseline a federation is measured against: one device trains on all the training
     rows (no shards) for clients * rounds * local_steps P-RGE steps, the federation's forward
     passes, through the same program; validated as often (every eval_every rounds' steps)."""
@@ -145,7 +147,7 @@ def centralized(cfg: FederationSettings, manifest: dict[str, Any], progress: Cal
                         eval_examples=cfg.eval_examples)
     progress(f"Centralized P-RGE: {train.steps} steps on one device, the federation's forward passes ...")
     summary = run_training(RunConfig(program=cfg.program, data=cfg.data, out=cfg.out, engine="executorch",
-                                     test_examples=cfg.test_examples, train=train), progress=progress)
+                                     test_examples=cfg.test_examples, train=train), resume=resume, progress=progress)
     # The federated runs' flat adapter file, here from the run's own log (replay checks it
     # against the saved PEFT adapter).
     replayed = replay_run(cfg.out)
@@ -172,11 +174,40 @@ def _write_flower_config(home: Path, superlink: str) -> None:
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-def federate(cfg: FederationSettings, engine: str = "deployment", client_env: dict[int, dict[str, str]] | None = None,
+# Settings a resumed federation may change: how long a round waits changes nothing it computes.
+RESUMABLE_CHANGES = ("timeout",)
+
+
+def _check_resume(out: Path, settings: dict[str, Any], resume: bool) -> None:
+    """A federation's folder holds one run. Without --resume, one that has begun is refused (its
+    rounds would be continued silently under new settings); with it, the settings must be
+    those the run began with, so the round log stays the log of one federation."""
+    record, rounds = out / "federation.json", len(read_metrics(out / "rounds.jsonl"))
+    begun = rounds > 0 or (out / "ckpt").exists() or (out / "metrics.jsonl").exists()  # federated, or centralized
+    if not record.is_file() or not begun:
+        return
+    if not resume:
+        held = f"{rounds} rounds logged" if rounds else "its centralized run's log"
+        raise ValueError(f"{out} holds an earlier federation ({held}): --resume continues it with the "
+                         "same settings, or give a new --out")
+    earlier = json.loads(record.read_text())
+    changed = sorted(k for k in settings.keys() | earlier.keys()
+                     if k not in RESUMABLE_CHANGES and earlier.get(k) != settings.get(k))
+    if changed:
+        raise ValueError(f"{record}: --resume continues a run with its own settings; these differ: "
+                         + ", ".join(f"{k} {earlier.get(k)!r} (now {settings.get(k)!r})" for k in changed))
+    if settings["method"] == "fedavg":  # Flower's strategy keeps its state in the ServerApp process
+        raise ValueError(f"{out}: the FedAvg baseline does not resume; give a new --out")
+
+
+def federate(cfg: FederationSettings, engine: str = "deployment", resume: bool = False,
+             client_env: dict[int, dict[str, str]] | None = None, server_env: dict[str, str] | None = None,
              progress: Callable[[str], None] = say) -> dict[str, Any]:
     """Run the federation on Flower's deployment or simulation engine (or the centralized
-    baseline); returns the server's summary. client_env: extra environment of a client's
-    SuperNode, deployment engine (the crash tests arm a failpoint in one client)."""
+    baseline); returns the server's summary. resume: continue the run in cfg.out (the server
+    replays its round log and goes on from the next round). client_env: extra environment of a
+    client's SuperNode, deployment engine; server_env: of the SuperLink and the ServerApp (the
+    crash tests arm failpoints with them)."""
     if cfg.clients < 1 or cfg.rounds < 1 or cfg.local_steps < 1:
         raise ValueError("--clients, --rounds and --local-steps must be at least 1")
     if cfg.method not in METHODS or cfg.aggregate not in AGGREGATES or engine not in ENGINES:
@@ -188,10 +219,12 @@ def federate(cfg: FederationSettings, engine: str = "deployment", client_env: di
         raise ValueError(f"{cfg.program}: a {program_kind(manifest)} program; federate a P-RGE training program (`prge export`)")
     cfg = replace(cfg, data=str(resolve_data_dir(cfg.data or None, progress=progress)))
     run_config = "" if cfg.method == "centralized" else cfg.run_config()  # refuses paths Flower cannot carry
+    settings = {**asdict(cfg), "engine": engine}
+    _check_resume(Path(cfg.out), settings, resume)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(cfg.out) / "federation.json", {**asdict(cfg), "engine": engine})  # what `prge summarize` reads
+    write_json_atomic(Path(cfg.out) / "federation.json", settings)  # what `prge summarize` reads
     if cfg.method == "centralized":
-        return centralized(cfg, manifest, progress)
+        return centralized(cfg, manifest, resume, progress)
     out = Path(cfg.out)
     logs, home = out / "logs", out / "flower-home"
     logs.mkdir(parents=True, exist_ok=True)
@@ -204,9 +237,10 @@ def federate(cfg: FederationSettings, engine: str = "deployment", client_env: di
            "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])}
     processes: list[subprocess.Popen] = []
     ray_tmp, keeper = None, None
+    log_mode = "a" if resume else "w"  # a resumed run's logs follow those of the run it continues
 
     def start(name: str, command: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-        with open(logs / f"{name}.log", "w") as log:
+        with open(logs / f"{name}.log", log_mode) as log:
             p = subprocess.Popen(command, env={**env, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT)
         processes.append(p)
         return p
@@ -232,7 +266,7 @@ def federate(cfg: FederationSettings, engine: str = "deployment", client_env: di
             superlink_port, *node_ports = _free_ports(1 + cfg.clients)
             _write_flower_config(home, f'address = "127.0.0.1:{superlink_port}"\ninsecure = true')
             superlink = start("superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                            "--port", str(superlink_port)])
+                                            "--port", str(superlink_port)], server_env)
             _wait_healthy(superlink_port, superlink, logs / "superlink.log")
 
             def supernode(slot: int, restarts: int = 0) -> subprocess.Popen:
@@ -246,8 +280,10 @@ def federate(cfg: FederationSettings, engine: str = "deployment", client_env: di
             keeper.start()
             progress(f"Flower: a SuperLink and {cfg.clients} SuperNodes on 127.0.0.1 (logs in {logs}); "
                      f"{cfg.rounds} rounds of {cfg.local_steps} local steps ...")
-        with open(logs / "server.log", "w") as server_log:
-            flwr_run = subprocess.Popen(run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with open(logs / "server.log", log_mode) as server_log:
+            # (the simulation engine's SuperLink is started by `flwr run`: server_env reaches it from here)
+            flwr_run = subprocess.Popen(run, env={**env, **(server_env or {})}, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
             processes.append(flwr_run)
             for line in flwr_run.stdout:  # the ServerApp's log, streamed: one JSON line a round
                 server_log.write(line)

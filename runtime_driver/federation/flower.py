@@ -85,8 +85,7 @@ def train(msg: Message, context: Context) -> Message:
         return _train_fedavg(msg, s, slot, engine, shard, how)
     message = dict(msg.content["assignment"])
     if armed("federated-node", int(message["round"])):  # crash tests: the whole client (its SuperNode) dies mid-round
-        os.kill(_supernode_pid(), signal.SIGKILL)
-        os.kill(os.getpid(), signal.SIGKILL)
+        _kill_with_ancestor("flower-supernode")
     reached("federated-client", int(message["round"]))  # crash tests: a client's ClientApp dies mid-round
     if _STATE in context.state:
         state = ClientState(context.state[_ADAPTER].to_torch_state_dict()["adapter"],
@@ -99,17 +98,20 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"reply": ConfigRecord(reply)}), reply_to=msg)
 
 
-def _supernode_pid() -> int:
-    """The SuperNode this ClientApp runs under (flwr 1.42: SuperNode -> flower-superexec ->
-    flwr-clientapp), found up the process tree (Linux /proc; the crash tests only)."""
+def _kill_with_ancestor(command: str) -> None:
+    """SIGKILL the Flower process this app runs under (flwr 1.42: SuperNode -> flower-superexec ->
+    flwr-clientapp, SuperLink -> flower-superexec -> flwr-serverapp), found up the process tree
+    by its command (Linux /proc), then this process: a phone's app, or the server, dies whole.
+    The crash tests only."""
     pid = os.getppid()
     for _ in range(4):
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"flower-supernode" in f.read():
-                return pid
+            if command.encode() in f.read():
+                os.kill(pid, signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL)
         with open(f"/proc/{pid}/stat") as f:
             pid = int(f.read().rsplit(")", 1)[1].split()[1])  # the field after the command name: state, then ppid
-    raise RuntimeError("no flower-supernode above this ClientApp")
+    raise RuntimeError(f"no {command} above this process")
 
 
 def _train_fedavg(msg: Message, s: FederationSettings, slot: int, engine, shard, how: LocalTraining) -> Message:
@@ -208,7 +210,10 @@ def main(grid: Grid, context: Context) -> None:
     if s.method == "fedavg":
         adapter = _run_fedavg(grid, s, log, torch.zeros(numel), evaluate)
     else:
-        coordinator = Coordinator(s.coordinator(), log, engine.num_queries, numel, engine.estimator.noise)
+        # A server that resumes is a new Flower run: its clients' node state (the rounds they
+        # had applied) did not survive it, so they are sent every round from 0.
+        coordinator = Coordinator(s.coordinator(), log, engine.num_queries, numel, engine.estimator.noise,
+                                  clients_kept_state=False)
         adapter = _run_prge(grid, s, coordinator, _slots(grid, nodes, s.clients, s.timeout), evaluate)
     steps = sum(len(r.clients) for r in log.rounds) * s.local_steps
     summary: dict[str, Any] = {"method": s.method, "aggregate": s.aggregate if s.method == "prge" else "fedavg",
@@ -242,6 +247,8 @@ def _run_prge(grid: Grid, s: FederationSettings, coordinator: Coordinator, slot_
         replies = {slot_of[node]: reply if isinstance(reply, str) else dict(reply.content["reply"])
                    for node, reply in _exchange(grid, messages, s.timeout).items()}
         _report(coordinator.finish_round(replies, evaluate if _due(s, r) else None))
+        if armed("federated-server", r):  # crash tests: the server (SuperLink and ServerApp) dies after logging round r
+            _kill_with_ancestor("flower-superlink")
     return coordinator.adapter
 
 

@@ -20,13 +20,18 @@ from runtime_driver.federation.protocol import (Assignment, FederationConfig, Re
 
 
 class Coordinator:
-    def __init__(self, cfg: FederationConfig, log: RoundLog, num_queries: int, numel: int, noise: str) -> None:
+    def __init__(self, cfg: FederationConfig, log: RoundLog, num_queries: int, numel: int, noise: str,
+                 clients_kept_state: bool = True) -> None:
         self.cfg, self.log, self.num_queries, self.noise = cfg, log, num_queries, noise
         self.adapter: Tensor = log.global_adapter(numel, noise)  # a restarted server resumes from its log
         # Rounds each client has applied, as far as the server knows (a client accepted in round
         # r had applied every round before r; a client behind said how many it has). Each round
-        # logs it, so a restarted server sends exactly what an uninterrupted one would.
-        self.known: dict[int, int] = {int(c): n for c, n in log.rounds[-1].known.items()} if log.rounds else {}
+        # logs it, so a restarted server whose clients kept their state sends exactly what an
+        # uninterrupted one would. Clients that did not (a restart through Flower is a new Flower
+        # run, and a node's state lives for one run) are sent every round from 0 instead: none
+        # answers "behind", so the resumed round counts every client as it would have uninterrupted.
+        kept = clients_kept_state and log.rounds
+        self.known: dict[int, int] = {int(c): n for c, n in log.rounds[-1].known.items()} if kept else {}
         self._started = time.perf_counter()
         self._sent: dict[int, int] = {}  # client -> payload bytes of this round's message
 

@@ -1,12 +1,14 @@
 """`prge federate` on Flower, tiny model. Deployment engine: a SuperLink and three SuperNodes as
 separate processes; the global adapter the server saves is the replay of its round log bit for
 bit, a client killed mid-round is left out of that round and catches up in the next, a client
-whose SuperNode dies is started again, re-admitted under its new node id and caught up, and every
+whose SuperNode dies is started again, re-admitted under its new node id and caught up, a server
+killed after a round resumes (`--resume`) to the adapter of an uninterrupted run, and every
 process is gone afterwards (nothing listens on the ports it used). Simulation engine: virtual
 clients on Ray workers, the same guarantees; the FedAvg and centralized baselines."""
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -62,6 +64,39 @@ def test_a_client_whose_supernode_dies_is_started_again_readmitted_and_caught_up
     assert '"readmitted as client": 1' in (out / "logs" / "server.log").read_text()
     saved = load_file(str(out / "adapter.safetensors"))["adapter"]
     assert (saved == RoundLog(out / "rounds.jsonl").global_adapter(saved.numel(), "gaussian")).all()
+    assert flower_processes(out / "flower-home") == []
+
+
+def test_a_server_killed_after_a_round_resumes_to_the_adapter_of_an_uninterrupted_run(tiny_program, tiny_data_dir, tmp_path):
+    program = tiny_program("llama")
+
+    def settings(out):
+        return FederationSettings(program=str(program), data=str(tiny_data_dir), out=str(out), clients=3, rounds=3,
+                                  local_steps=2, lr=0.05, eps=0.01, timeout=300, eval_every=0, eval_examples=8)
+
+    federate(settings(tmp_path / "whole"), progress=lambda _: None)
+    out = tmp_path / "restarted"
+    # The SuperLink and its ServerApp are killed (SIGKILL) once round 1 is logged: the server died.
+    with pytest.raises(RuntimeError, match="did not finish"):
+        federate(settings(out), server_env={"PRGE_FAILPOINT": "federated-server@1"}, progress=lambda _: None)
+    assert RoundLog(out / "rounds.jsonl").next_round == 2 and flower_processes(out / "flower-home") == []
+    # Its folder is not continued by accident, nor under other settings.
+    with pytest.raises(ValueError, match="holds an earlier federation .2 rounds logged.: --resume continues it"):
+        federate(settings(out), progress=lambda _: None)
+    with pytest.raises(ValueError, match="these differ: lr 0.05 .now 0.1."):
+        federate(replace(settings(out), lr=0.1), resume=True, progress=lambda _: None)
+    assert RoundLog(out / "rounds.jsonl").next_round == 2
+
+    # A new Flower run (new SuperLink, new SuperNodes without their state) goes on from round 2;
+    # every client is sent rounds 0-1 (not just round 1: it lost round 0 with its state), so
+    # round 2 counts all three as uninterrupted.
+    federate(settings(out), resume=True, progress=lambda _: None)
+    resumed, whole = RoundLog(out / "rounds.jsonl").rounds, RoundLog(tmp_path / "whole" / "rounds.jsonl").rounds
+    assert [r.clients for r in resumed] == [r.clients for r in whole] == [[0, 1, 2]] * 3
+    assert [r.updates for r in resumed] == [r.updates for r in whole]
+    assert all(resumed[2].bytes_down[c] > whole[2].bytes_down[c] for c in ("0", "1", "2"))
+    saved = load_file(str(out / "adapter.safetensors"))["adapter"]
+    assert saved.abs().max() > 0 and torch.equal(saved, load_file(str(tmp_path / "whole" / "adapter.safetensors"))["adapter"])
     assert flower_processes(out / "flower-home") == []
 
 

@@ -172,11 +172,12 @@ def _tamper(reply: dict, key: str, value) -> dict:
     return changed
 
 
-def _federate(engine, shards, log_path, rounds: int, restart_after: int | None = None):
+def _federate(engine, shards, log_path, rounds: int, restart_after: int | None = None, clients_kept_state: bool = True):
     """Five rounds of three clients through the Coordinator, with every fault a federation
     meets: a drop (client 2, round 1), a non-finite g (client 1, round 2), an unassigned seed
     (client 0, round 2), a client that lost its state (client 1, round 3: behind, resent in
-    round 4), and optionally a server restart from its log. Returns (coordinator, client states)."""
+    round 4), and optionally a server restart from its log (its clients restarted too, without
+    their state, unless clients_kept_state). Returns (coordinator, client states)."""
     numel, noise = engine.get_adapter().numel(), engine.estimator.noise
     cfg = FederationConfig(num_clients=3, rounds=rounds, local_steps=2, lr=0.05, eps=0.01, seed=0)
     coordinator = Coordinator(cfg, RoundLog(log_path), engine.num_queries, numel, noise)
@@ -184,7 +185,9 @@ def _federate(engine, shards, log_path, rounds: int, restart_after: int | None =
     while not coordinator.finished:
         r = coordinator.round
         if restart_after is not None and r == restart_after:
-            coordinator = Coordinator(cfg, RoundLog(log_path), engine.num_queries, numel, noise)
+            coordinator = Coordinator(cfg, RoundLog(log_path), engine.num_queries, numel, noise, clients_kept_state)
+            if not clients_kept_state:
+                states = {c: ClientState(torch.zeros(numel)) for c in range(3)}
         if r == 3:
             states[1] = ClientState(torch.zeros(numel))  # client 1 restarted without its state
         replies = {}
@@ -223,6 +226,18 @@ def test_a_federation_survives_its_faults_and_a_server_restart(federation, tmp_p
     # A server killed after round 2 resumes from its log: the same adapter, bit for bit.
     restarted, _ = _federate(engine, shards, tmp_path / "b" / "rounds.jsonl", rounds=5, restart_after=2)
     assert torch.equal(restarted.adapter, coordinator.adapter)
+    # One whose clients restarted with it, without their state (a new Flower run), sends every
+    # client all rounds so far: the round after the restart is the uninterrupted run's round 2.
+    fresh, _ = _federate(engine, shards, tmp_path / "c" / "rounds.jsonl", rounds=5, restart_after=2,
+                         clients_kept_state=False)
+    after = fresh.log.rounds
+    assert [(r.clients, r.updates) for r in after[:3]] == [(r.clients, r.updates) for r in log[:3]]
+    assert after[2].bytes_down["0"] > log[2].bytes_down["0"]
+    assert torch.equal(RoundLog(tmp_path / "c" / "rounds.jsonl").global_adapter(numel, noise, upto=3),
+                       RoundLog(tmp_path / "a" / "rounds.jsonl").global_adapter(numel, noise, upto=3))
+    # (Client 1, which loses its state again in round 3, is not behind there: since the restart
+    # it has not been accepted, so it is still sent every round.)
+    assert after[3].clients == [0, 1, 2]
 
 
 def test_federate_refuses_bad_input_before_starting_anything(tmp_path, tiny_data_dir, capsys):
