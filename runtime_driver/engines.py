@@ -19,7 +19,7 @@ checked against the program contract, outputs that own their memory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -331,8 +331,11 @@ class ExecuTorchFullMeZO(ExecuTorchPRGE):
 
     kind = FULL_MEZO
 
-    def __init__(self, program_dir: str | Path) -> None:
+    def __init__(self, program_dir: str | Path, on_phase: Callable[[str], None] = lambda _: None) -> None:
+        """on_phase(name) is called after each part of the set-up (`prge bench` reads the
+        process's memory there: where a full-parameter program's peak comes from)."""
         m = self._load(program_dir)
+        on_phase("program loaded (every method)")
         self.num_queries = 1
         self.adapter_numel = int(m["weights"]["numel"])
         self.slots = weight_slots_from_json(m["weights"]["slots"])
@@ -340,7 +343,11 @@ class ExecuTorchFullMeZO(ExecuTorchPRGE):
         self.estimator = estimator_named(DEFAULT_ESTIMATOR)
         self.completion_len = None
         # The runtime starts the weights at zero: set the base model's.
-        self.set_adapter(read_flat_weights(self.program_dir / m["program"]["weights"]["file"], self.slots))
+        weights = read_flat_weights(self.program_dir / m["program"]["weights"]["file"], self.slots)
+        on_phase("base weights read (weights.safetensors)")
+        self.set_adapter(weights)
+        del weights
+        on_phase("base weights set (set_weights), the flat copy freed")
 
     @staticmethod
     def _wrong_kind(program_dir: str | Path, kind: str) -> str:

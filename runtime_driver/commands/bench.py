@@ -471,10 +471,11 @@ def compare_programs(program_dirs: list[str], reps: int = 5, warmup: int = 1, th
             "planned_arena_mb": {k: round(v / 1e6, 1) for k, v in planned_arenas(Path(path) / files["pte"]["file"]).items()},
             "train_step_ms": round(ms[f"{path}:train_step"], 3), "eval_logits_ms": plain and round(plain, 3),
             "step_overhead": plain and round(ms[f"{path}:train_step"] / plain, 3),
-            "peak_rss_train_step_mb": run_worker([{FIRST_ORDER: "executorch-fo", SIDE: "executorch-infer"}.get(kind, "executorch-prge"),
-                                                  "--program", str(path), "--steps", "2", "--threads", str(threads)]
-                                                 )["vm_hwm_mb"] if rss else None,
         }
+        worker = run_worker([{FIRST_ORDER: "executorch-fo", SIDE: "executorch-infer"}.get(kind, "executorch-prge"),
+                             "--program", str(path), "--steps", "2", "--threads", str(threads)]) if rss else {}
+        rows[path]["peak_rss_train_step_mb"] = worker.get("vm_hwm_mb")
+        rows[path]["rss_phases"] = worker.get("phases", [])  # where the peak comes from
     first = rows[program_dirs[0]]
     for row in rows.values():
         row["train_step_vs_first"] = round(row["train_step_ms"] / first["train_step_ms"], 3)
@@ -497,4 +498,9 @@ def format_programs(rows: dict[str, dict[str, Any]]) -> str:
         lines.append(f"| {path} | {r['method']} | {r['rows_per_step']} | {r['quantization']} | {r['estimator']} | "
                      f"{r['program_mb']:,.1f} | {arenas[largest]:,.1f} ({largest}) | {rss} | {r['train_step_ms']:,.0f} | {plain} | {overhead} | "
                      f"{r['train_step_vs_first']:.2f} | {ratio} |")
+    phases = [(path, row) for path, r in rows.items() for row in r.get("rss_phases", [])]
+    if phases:
+        lines += ["", "Memory by phase (the peak RSS process: resident after the phase, and the peak so far):", "",
+                  "| program | phase | RSS MB | peak so far MB |", "|---|---|---|---|"]
+        lines += [f"| {path} | {row['phase']} | {row['rss_mb']:,.0f} | {row['peak_mb']:,.0f} |" for path, row in phases]
     return "\n".join(lines)

@@ -11,7 +11,9 @@ fresh address space, so nothing of the parent is counted). Modes:
   eager-fo          first-order LoRA-FA: autograd into B, SGD (the backprop reference); with
                     --fo-micro-batch and --checkpointing, the lean way a user would run it:
                     gradients accumulated over micro-batches, activations recomputed
-Prints one JSON object on stdout.
+Prints one JSON object on stdout: the peak (vm_hwm_mb) and, for the executorch modes, the
+resident set and the peak so far after each phase (imports, program load, each step; a
+full-parameter program's weights read and set), which says where the peak comes from.
 """
 from __future__ import annotations
 
@@ -29,13 +31,33 @@ from models import console  # noqa: E402
 MODES = ("executorch-prge", "executorch-infer", "executorch-fo", "eager-prge", "eager-fo")
 
 
-def vm_hwm_mb() -> float:
-    """This process's peak resident set size (VmHWM) in MiB."""
+def _status_mb(field: str) -> float:
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def vm_hwm_mb() -> float:
+    """This process's peak resident set size (VmHWM) in MiB."""
+    return _status_mb("VmHWM")
+
+
+class MemoryPhases:
+    """The process's resident set (VmRSS) and its peak so far (VmHWM), in MiB, after each phase
+    of a worker's run: which phase raised the peak, and what stays resident after it. Linux
+    updates VmHWM lazily (a reading can be below an earlier one, measured: 386.7 after 387.0),
+    so the peak so far is the largest reading yet."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.peak_mb = 0.0
+
+    def mark(self, phase: str) -> None:
+        rss = _status_mb("VmRSS")
+        self.peak_mb = max(self.peak_mb, vm_hwm_mb(), rss)
+        self.rows.append({"phase": phase, "rss_mb": round(rss, 1), "peak_mb": round(self.peak_mb, 1)})
 
 
 def random_batch(rows: int, seq_len: int, vocab: int, num_labels: int, seed: int = 0, targets: bool = False):
@@ -66,32 +88,37 @@ def plain_forward(manifest: dict) -> tuple[str, int, bool]:
     return ("eval_losses" if completion else "eval_logits"), vocab, completion
 
 
-def _run_executorch_first_order(args) -> None:
+def _run_executorch_first_order(args, phases: MemoryPhases) -> None:
     from runtime_driver.engines import set_runtime_threads
     from runtime_driver.first_order_engine import ExecuTorchFirstOrder
 
     set_runtime_threads(args.threads)
+    phases.mark("imports (Python, torch, the runtime)")
     engine = ExecuTorchFirstOrder(args.program)
+    phases.mark("program loaded")
     _, vocab, _ = plain_forward(engine.manifest)
     batch = random_batch(engine.batch_size, engine.seq_len, vocab, len(engine.manifest["task"]["label_token_ids"]))
-    for _ in range(args.steps):
+    for i in range(args.steps):
         engine.first_order_step(*batch, lr=1e-3)
+        phases.mark(f"step {i + 1}")
 
 
-def _run_executorch_full_mezo(args) -> None:
+def _run_executorch_full_mezo(args, phases: MemoryPhases) -> None:
     """A full-parameter program holds no weights until its engine sets them from the export
     folder, so it is measured the way a run holds it: every method loaded, the weights set."""
     from runtime_driver.engines import ExecuTorchFullMeZO, set_runtime_threads
 
     set_runtime_threads(args.threads)
-    engine = ExecuTorchFullMeZO(args.program)
+    phases.mark("imports (Python, torch, the runtime)")
+    engine = ExecuTorchFullMeZO(args.program, on_phase=phases.mark)
     _, vocab, _ = plain_forward(engine.manifest)
     batch = random_batch(engine.batch_size, engine.seq_len, vocab, len(engine.manifest["task"]["label_token_ids"]))
     for i in range(args.steps):
         engine.train_step(*batch, i, i + 1, [0.1], 1e-5, 1e-3)
+        phases.mark(f"step {i + 1}")
 
 
-def _run_executorch(args) -> None:
+def _run_executorch(args, phases: MemoryPhases) -> None:
     from export.contract.manifest import FULL_MEZO, program_kind, read_manifest
     from export.contract.methods import step_scalars
     from runtime_driver.engines import ExecuTorchProgram, set_runtime_threads
@@ -100,10 +127,12 @@ def _run_executorch(args) -> None:
     # The manifest first: the worker loads only the method it measures (its RSS is the figure).
     manifest = read_manifest(args.program)
     if args.mode == "executorch-prge" and program_kind(manifest) == FULL_MEZO:
-        return _run_executorch_full_mezo(args)
+        return _run_executorch_full_mezo(args, phases)
+    phases.mark("imports (Python, torch, the runtime)")
     forward, vocab, completion = plain_forward(manifest)
     method = "train_step" if args.mode == "executorch-prge" else forward
     program = ExecuTorchProgram(args.program, methods=(method,))
+    phases.mark(f"program loaded ({method})")
     manifest = program.manifest
     q, b, t = manifest.get("num_queries", 1), manifest["shapes"]["batch_size"], manifest["shapes"]["seq_len"]
     num_labels = len(manifest["task"]["label_token_ids"])
@@ -111,11 +140,13 @@ def _run_executorch(args) -> None:
         ids, mask, labels = random_batch(b, t, vocab, num_labels, targets=completion)
         for i in range(args.steps):
             program.run(method, [ids, mask, labels, *step_scalars(i, i + 1, [0.1] * q, 1e-3, 1e-2)])
+            phases.mark(f"step {i + 1}")
     else:
         rows = manifest["shapes"].get("eval_batch_size", b)  # a side-tuning program has one batch size
         ids, mask, labels = random_batch(rows, t, vocab, num_labels, targets=completion)
-        for _ in range(args.steps):
+        for i in range(args.steps):
             program.run(method, [ids, mask, labels] if completion else [ids, mask])
+            phases.mark(f"{method} {i + 1}")
 
 
 def _run_eager(args) -> None:
@@ -160,13 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console.configure(verbose=False)  # a failed worker's stderr tail must show its error, not noise
     began = time.perf_counter()
+    phases = MemoryPhases()
     if args.mode == "executorch-fo":
-        _run_executorch_first_order(args)
+        _run_executorch_first_order(args, phases)
     elif args.mode.startswith("executorch"):
-        _run_executorch(args)
+        _run_executorch(args, phases)
     else:
         _run_eager(args)
-    print(json.dumps({"mode": args.mode, "vm_hwm_mb": round(vm_hwm_mb(), 1), "wall_s": round(time.perf_counter() - began, 2)}))
+    print(json.dumps({"mode": args.mode, "vm_hwm_mb": round(max(vm_hwm_mb(), phases.peak_mb), 1),
+                      "wall_s": round(time.perf_counter() - began, 2),
+                      "phases": phases.rows}))
     return 0
 
 

@@ -145,6 +145,13 @@ def test_bench_times_it_beside_a_prge_program(full_program, tiny_program):
     manifest = json.loads((full_program / "manifest.json").read_text())["program"]
     assert row["program_mb"] == round((manifest["pte"]["bytes"] + manifest["weights"]["bytes"]) / 1e6, 1)
     assert row["peak_rss_train_step_mb"] > 0
+    # Where the peak comes from: the resident set after each part of the set-up and each step.
+    phases = row["rss_phases"]
+    assert [p["phase"].split(" (")[0] for p in phases] == ["imports", "program loaded", "base weights read",
+                                                           "base weights set", "step 1", "step 2"]
+    peaks = [p["peak_mb"] for p in phases]
+    assert peaks == sorted(peaks) and peaks[-1] == row["peak_rss_train_step_mb"]
+    assert all(0 < p["rss_mb"] <= p["peak_mb"] for p in phases)
     # The planned arenas, as test_the_memory_plan_keeps_each_draw_short reads them.
     arenas = planned_arenas(full_program / "model.pte")
     assert row["planned_arena_mb"] == {k: round(v / 1e6, 1) for k, v in arenas.items()}

@@ -74,7 +74,11 @@ def test_programs_are_timed_against_each_other(tiny_program, tmp_path, capsys):
     assert second["rss_vs_first"] == pytest.approx(second["peak_rss_train_step_mb"] / first["peak_rss_train_step_mb"], rel=0.01)
     assert result["machine"]["cpu"] and result["threads"] == 1
     assert first["estimator"] == second["estimator"] == "spsa"
-    assert f"| {quantized} | P-RGE | 8 | 8da8w | spsa |" in capsys.readouterr().out  # the human table (2q*b rows a step)
+    printed = capsys.readouterr().out
+    assert f"| {quantized} | P-RGE | 8 | 8da8w | spsa |" in printed  # the human table (2q*b rows a step)
+    assert [p["phase"] for p in first["rss_phases"]] == ["imports (Python, torch, the runtime)",
+                                                         "program loaded (train_step)", "step 1", "step 2"]
+    assert f"| {float32} | step 2 | " in printed
 
 
 def test_families_report_export_time_and_islands_from_their_manifests(tmp_path, capsys):
