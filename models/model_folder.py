@@ -51,20 +51,35 @@ def save_weights_file(path: str | Path, named_weights: Iterable[tuple[str, Tenso
 
 
 def read_flat_weights(path: str | Path, slots: tuple[WeightSlot, ...]) -> Tensor:
-    """The slots' tensors of one safetensors file as the flat float32 weight vector, in slot
-    order (named_weights' inverse). Filled tensor by tensor, so the file's tensors and the
-    vector are never both whole in memory."""
+    """The slots' float32 tensors of one safetensors file as the flat weight vector, in slot
+    order (named_weights' inverse), each read from the file straight into its place in the
+    vector. Not through safetensors' memory map: a mapped file's pages count in the process's
+    resident set until it is closed, so the whole file sat on top of the vector (measured on
+    the default model's full-parameter program: 2,594 MB peak while reading its 538 MB file,
+    the run's peak, against 1,687 MB during training steps)."""
+    path = Path(path)
     flat = torch.empty(flat_numel(slots), dtype=torch.float32)
-    start = 0
-    with safe_open(str(path), framework="pt") as fh:
-        names = set(fh.keys())
+    destination = memoryview(flat.numpy()).cast("B")  # the vector's bytes (safetensors and the CPU: little-endian)
+    with open(path, "rb") as f:
+        try:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
+        except (ValueError, MemoryError, OverflowError) as e:
+            raise ModelFolderError(f"{path}: not a safetensors file ({e})") from None
+        start = 0
         for slot in slots:
-            if slot.name not in names:
+            entry = header.get(slot.name)
+            if not isinstance(entry, dict):
                 raise ModelFolderError(f"{path}: no weight {slot.name!r}")
-            tensor = fh.get_tensor(slot.name)
-            if tuple(tensor.shape) != slot.shape:
-                raise ModelFolderError(f"{path}: {slot.name} has shape {list(tensor.shape)}, expected {list(slot.shape)}")
-            flat[start:start + slot.numel] = tensor.reshape(-1)
+            if tuple(entry.get("shape", ())) != slot.shape:
+                raise ModelFolderError(f"{path}: {slot.name} has shape {entry.get('shape')}, expected {list(slot.shape)}")
+            if entry.get("dtype") != "F32":
+                raise ModelFolderError(f"{path}: {slot.name} is {entry.get('dtype')}, expected F32")
+            begin, end = entry["data_offsets"]
+            part = destination[4 * start:4 * (start + slot.numel)]
+            f.seek(8 + header_size + begin)
+            if end - begin != len(part) or f.readinto(part) != len(part):
+                raise ModelFolderError(f"{path}: {slot.name}'s data is cut short or mislaid")
             start += slot.numel
     return flat
 
