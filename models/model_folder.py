@@ -66,6 +66,8 @@ def read_flat_weights(path: str | Path, slots: tuple[WeightSlot, ...]) -> Tensor
             header = json.loads(f.read(header_size))
         except (ValueError, MemoryError, OverflowError) as e:
             raise ModelFolderError(f"{path}: not a safetensors file ({e})") from None
+        if not isinstance(header, dict):
+            raise ModelFolderError(f"{path}: not a safetensors file (its header is not a JSON object)")
         start = 0
         for slot in slots:
             entry = header.get(slot.name)
@@ -75,9 +77,9 @@ def read_flat_weights(path: str | Path, slots: tuple[WeightSlot, ...]) -> Tensor
                 raise ModelFolderError(f"{path}: {slot.name} has shape {entry.get('shape')}, expected {list(slot.shape)}")
             if entry.get("dtype") != "F32":
                 raise ModelFolderError(f"{path}: {slot.name} is {entry.get('dtype')}, expected F32")
-            begin, end = entry["data_offsets"]
+            begin, end = (entry.get("data_offsets") or [0, -1])[:2]
             part = destination[4 * start:4 * (start + slot.numel)]
-            f.seek(8 + header_size + begin)
+            f.seek(8 + header_size + int(begin))
             if end - begin != len(part) or f.readinto(part) != len(part):
                 raise ModelFolderError(f"{path}: {slot.name}'s data is cut short or mislaid")
             start += slot.numel
