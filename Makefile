@@ -82,7 +82,7 @@ bench-estimators: install
 # Federated P-RGE against its baselines (BENCHMARKS.md, "Many phones"): Flower's simulation
 # engine, the default model and task, 8 and 32 clients, IID and by-label shards, every run at
 # the forward passes of FED_STEPS centralized P-RGE steps (clients * rounds * local steps); lr
-# and eps are the demo's (chosen on validation for centralized P-RGE). About 1 h on 2 cores.
+# and eps are the demo's (chosen on validation for centralized P-RGE). About 1.5 h on 2 cores.
 # Rerun to go on: finished runs are kept, an interrupted one resumes (an interrupted FedAvg run
 # cannot: delete its folder).
 FED_STEPS ?= 160
@@ -95,6 +95,7 @@ bench-federation: install
 	  run prge-8-$$shards --method prge $$flag --clients 8 --rounds 5 --local-steps $$(( $(FED_STEPS) / 40 )); \
 	  run fedavg-8-$$shards --method fedavg $$flag --clients 8 --rounds 5 --local-steps $$(( $(FED_STEPS) / 40 )); \
 	  run prge-32-$$shards --method prge $$flag --clients 32 --rounds 5 --local-steps $$(( $(FED_STEPS) / 160 )); \
+	  run fedavg-32-$$shards --method fedavg $$flag --clients 32 --rounds 5 --local-steps $$(( $(FED_STEPS) / 160 )); \
 	done
 	$(BIN)/prge summarize runs/fed/centralized runs/fed/prge-* runs/fed/fedavg-* --plot runs/fed/federation.png | tee runs/fed/federation.md
 
