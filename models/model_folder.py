@@ -77,10 +77,12 @@ def read_flat_weights(path: str | Path, slots: tuple[WeightSlot, ...]) -> Tensor
                 raise ModelFolderError(f"{path}: {slot.name} has shape {entry.get('shape')}, expected {list(slot.shape)}")
             if entry.get("dtype") != "F32":
                 raise ModelFolderError(f"{path}: {slot.name} is {entry.get('dtype')}, expected F32")
-            begin, end = (entry.get("data_offsets") or [0, -1])[:2]
             part = destination[4 * start:4 * (start + slot.numel)]
-            f.seek(8 + header_size + int(begin))
-            if end - begin != len(part) or f.readinto(part) != len(part):
+            offsets = entry.get("data_offsets")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and offsets[1] - offsets[0] == len(part)):
+                raise ModelFolderError(f"{path}: {slot.name}'s data is cut short or mislaid")
+            f.seek(8 + header_size + offsets[0])
+            if f.readinto(part) != len(part):
                 raise ModelFolderError(f"{path}: {slot.name}'s data is cut short or mislaid")
             start += slot.numel
     return flat

@@ -6,8 +6,10 @@ between a checkpoint's two renames; these points put a real kill -9 exactly ther
 normal case) each check is one environment lookup.
 
 Points: ckpt-tmp-written, ckpt-old-moved (checkpoint.py), metrics-torn-line (metrics.py),
-adapter-tmp-written (run.py, the final PEFT adapter), after-step (train.py). The native driver
-has the same points (android_harness/src/failpoints.cpp). They live in the driver, never in
+adapter-tmp-written (run.py, the final PEFT adapter), after-step (train.py); for a federation
+(federation/flower.py, @ROUND): federated-client (a ClientApp), federated-node (its SuperNode
+too), federated-server (the SuperLink and ServerApp, once the round is logged). The native driver
+has the same points but the federation's (android_harness/src/failpoints.cpp). They live in the driver, never in
 the algorithm: lower layers only offer callbacks (models/files.py replace_dir_atomically).
 """
 from __future__ import annotations

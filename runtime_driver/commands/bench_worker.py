@@ -29,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from models import console  # noqa: E402
 
 MODES = ("executorch-prge", "executorch-infer", "executorch-fo", "eager-prge", "eager-fo")
+IMPORTED = "imports (Python, torch, the runtime)"  # the first memory phase: before any program is loaded
 
 
 def _status_mb(field: str) -> float:
@@ -93,7 +94,7 @@ def _run_executorch_first_order(args, phases: MemoryPhases) -> None:
     from runtime_driver.first_order_engine import ExecuTorchFirstOrder
 
     set_runtime_threads(args.threads)
-    phases.mark("imports (Python, torch, the runtime)")
+    phases.mark(IMPORTED)
     engine = ExecuTorchFirstOrder(args.program)
     phases.mark("program loaded")
     _, vocab, _ = plain_forward(engine.manifest)
@@ -109,7 +110,7 @@ def _run_executorch_full_mezo(args, phases: MemoryPhases) -> None:
     from runtime_driver.engines import ExecuTorchFullMeZO, set_runtime_threads
 
     set_runtime_threads(args.threads)
-    phases.mark("imports (Python, torch, the runtime)")
+    phases.mark(IMPORTED)
     engine = ExecuTorchFullMeZO(args.program, on_phase=phases.mark)
     _, vocab, _ = plain_forward(engine.manifest)
     batch = random_batch(engine.batch_size, engine.seq_len, vocab, len(engine.manifest["task"]["label_token_ids"]))
@@ -128,7 +129,7 @@ def _run_executorch(args, phases: MemoryPhases) -> None:
     manifest = read_manifest(args.program)
     if args.mode == "executorch-prge" and program_kind(manifest) == FULL_MEZO:
         return _run_executorch_full_mezo(args, phases)
-    phases.mark("imports (Python, torch, the runtime)")
+    phases.mark(IMPORTED)
     forward, vocab, completion = plain_forward(manifest)
     method = "train_step" if args.mode == "executorch-prge" else forward
     program = ExecuTorchProgram(args.program, methods=(method,))
