@@ -176,6 +176,16 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": 
 
 # Settings a resumed federation may change: how long a round waits changes nothing it computes.
 RESUMABLE_CHANGES = ("timeout",)
+# Settings that name a file or folder: the same one given by another path (relative instead of
+# absolute, through a symlink) is no change. A relative path in the record is taken from the
+# current folder, as it was when the run began from there.
+PATH_SETTINGS = ("program", "data", "out")
+
+
+def _setting_differs(key: str, earlier: Any, now: Any) -> bool:
+    if key in PATH_SETTINGS and isinstance(earlier, str) and isinstance(now, str) and earlier and now:
+        return Path(earlier).resolve() != Path(now).resolve()
+    return earlier != now
 
 
 def _check_resume(out: Path, settings: dict[str, Any], resume: bool) -> None:
@@ -192,7 +202,7 @@ def _check_resume(out: Path, settings: dict[str, Any], resume: bool) -> None:
                          "same settings, or give a new --out")
     earlier = json.loads(record.read_text())
     changed = sorted(k for k in settings.keys() | earlier.keys()
-                     if k not in RESUMABLE_CHANGES and earlier.get(k) != settings.get(k))
+                     if k not in RESUMABLE_CHANGES and _setting_differs(k, earlier.get(k), settings.get(k)))
     if changed:
         raise ValueError(f"{record}: --resume continues a run with its own settings; these differ: "
                          + ", ".join(f"{k} {earlier.get(k)!r} (now {settings.get(k)!r})" for k in changed))

@@ -7,6 +7,7 @@ process is gone afterwards (nothing listens on the ports it used). Simulation en
 clients on Ray workers, the same guarantees; the FedAvg and centralized baselines."""
 from __future__ import annotations
 
+import json
 import socket
 from dataclasses import replace
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runtime_driver.commands.federate import federate, flower_processes
+from runtime_driver.commands.federate import _check_resume, federate, flower_processes
 from runtime_driver.commands.summarize import summarize
 from runtime_driver.federation.settings import FederationSettings
 from runtime_driver.federation.ledger import RoundLog
@@ -98,6 +99,20 @@ def test_a_server_killed_after_a_round_resumes_to_the_adapter_of_an_uninterrupte
     saved = load_file(str(out / "adapter.safetensors"))["adapter"]
     assert saved.abs().max() > 0 and torch.equal(saved, load_file(str(tmp_path / "whole" / "adapter.safetensors"))["adapter"])
     assert flower_processes(out / "flower-home") == []
+
+
+def test_resume_takes_the_program_given_by_another_path_as_the_same_program(tmp_path, monkeypatch):
+    """--resume compares the settings a run began with; the same folder named relative instead
+    of absolute is no change, another folder is."""
+    out, program = tmp_path / "run", tmp_path / "program"
+    out.mkdir(), program.mkdir(), (tmp_path / "other").mkdir()
+    began = {"program": str(program), "out": str(out), "method": "prge", "lr": 0.05, "timeout": 300}
+    (out / "federation.json").write_text(json.dumps(began))
+    (out / "rounds.jsonl").write_text(json.dumps({"round": 0}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    _check_resume(out, {**began, "program": "program", "out": "run", "timeout": 60}, resume=True)
+    with pytest.raises(ValueError, match="these differ: program '.*program' .now 'other'.$"):
+        _check_resume(out, {**began, "program": "other"}, resume=True)
 
 
 def test_the_fedavg_baseline_equals_mean_aggregated_prge_and_centralized_runs_the_same_forwards(
