@@ -500,7 +500,9 @@ def format_programs(rows: dict[str, dict[str, Any]]) -> str:
                      f"{r['train_step_vs_first']:.2f} | {ratio} |")
     phases = [(path, row) for path, r in rows.items() for row in r.get("rss_phases", [])]
     if phases:
-        lines += ["", "Memory by phase (the peak RSS process: resident after the phase, and the peak so far):", "",
-                  "| program | phase | RSS MB | peak so far MB |", "|---|---|---|---|"]
-        lines += [f"| {path} | {row['phase']} | {row['rss_mb']:,.0f} | {row['peak_mb']:,.0f} |" for path, row in phases]
+        lines += ["", "Memory by phase (the peak RSS process: resident after the phase, of it allocated and "
+                  "mapped from files, and the peak so far):", "",
+                  "| program | phase | RSS MB | allocated MB | file-mapped MB | peak so far MB |", "|---|---|---|---|---|---|"]
+        lines += [f"| {path} | {row['phase']} | {row['rss_mb']:,.0f} | {row['anon_mb']:,.0f} | {row['file_mb']:,.0f} | "
+                  f"{row['peak_mb']:,.0f} |" for path, row in phases]
     return "\n".join(lines)

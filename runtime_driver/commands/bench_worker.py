@@ -32,33 +32,38 @@ MODES = ("executorch-prge", "executorch-infer", "executorch-fo", "eager-prge", "
 IMPORTED = "imports (Python, torch, the runtime)"  # the first memory phase: before any program is loaded
 
 
-def _status_mb(field: str) -> float:
+def _status_mb(*fields: str) -> list[float]:
+    """The fields' values in /proc/self/status, in MiB, read at one time."""
     with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+        found = {k: int(v.split()[0]) / 1024 for k, _, v in (line.partition(":") for line in f) if k in fields}
+    missing = [f for f in fields if f not in found]
+    if missing:
+        raise RuntimeError(f"no {', '.join(missing)} in /proc/self/status")
+    return [found[f] for f in fields]
 
 
 def vm_hwm_mb() -> float:
     """This process's peak resident set size (VmHWM) in MiB."""
-    return _status_mb("VmHWM")
+    return _status_mb("VmHWM")[0]
 
 
 class MemoryPhases:
     """The process's resident set (VmRSS) and its peak so far (VmHWM), in MiB, after each phase
     of a worker's run: which phase raised the peak, and what stays resident after it. Linux
     updates VmHWM lazily (a reading can be below an earlier one, measured: 386.7 after 387.0),
-    so the peak so far is the largest reading yet."""
+    so the peak so far is the largest reading yet. The resident set is also split into its
+    anonymous pages (allocations: arenas, packed weights, tensors) and its file pages (mapped
+    files: libraries, a memory-mapped program), which tells a copy from a mapping."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
         self.peak_mb = 0.0
 
     def mark(self, phase: str) -> None:
-        rss = _status_mb("VmRSS")
-        self.peak_mb = max(self.peak_mb, vm_hwm_mb(), rss)
-        self.rows.append({"phase": phase, "rss_mb": round(rss, 1), "peak_mb": round(self.peak_mb, 1)})
+        rss, hwm, anon, file = _status_mb("VmRSS", "VmHWM", "RssAnon", "RssFile")
+        self.peak_mb = max(self.peak_mb, hwm, rss)
+        self.rows.append({"phase": phase, "rss_mb": round(rss, 1), "peak_mb": round(self.peak_mb, 1),
+                          "anon_mb": round(anon, 1), "file_mb": round(file, 1)})
 
 
 def random_batch(rows: int, seq_len: int, vocab: int, num_labels: int, seed: int = 0, targets: bool = False):

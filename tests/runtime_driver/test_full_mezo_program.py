@@ -152,6 +152,8 @@ def test_bench_times_it_beside_a_prge_program(full_program, tiny_program):
     peaks = [p["peak_mb"] for p in phases]
     assert peaks == sorted(peaks) and peaks[-1] == row["peak_rss_train_step_mb"]
     assert all(0 < p["rss_mb"] <= p["peak_mb"] for p in phases)
+    # Allocated and file-mapped pages are the resident set but for shared memory (none here).
+    assert all(p["anon_mb"] > 0 and p["file_mb"] > 0 and abs(p["anon_mb"] + p["file_mb"] - p["rss_mb"]) < 1 for p in phases)
     # The planned arenas, as test_the_memory_plan_keeps_each_draw_short reads them.
     arenas = planned_arenas(full_program / "model.pte")
     assert row["planned_arena_mb"] == {k: round(v / 1e6, 1) for k, v in arenas.items()}
