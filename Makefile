@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.prge-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast bench bench-accuracy bench-estimators bench-federation bench-first-order bench-full-mezo bench-side-tune clean native native-aarch64
+.PHONY: install demo test test-fast bench bench-accuracy bench-estimators bench-long-run bench-federation bench-first-order bench-full-mezo bench-side-tune clean native native-aarch64
 
 install: $(STAMP)
 
@@ -78,6 +78,17 @@ bench-estimators: install
 	$(STUDY) --out $(STUDY_DIR)/mezo --lrs 3e-4,1e-3,3e-3 -- --method mezo --q 1 --batch 4 --steps 600 --eval-every 100 $(STUDY_ARGS)
 	$(STUDY) --out $(STUDY_DIR)/fo --lrs 3e-4,1e-3,3e-3 -- --method fo --optimizer adam --batch 16 --steps 150 --eval-every 25 $(STUDY_ARGS)
 	$(BIN)/prge summarize $(STUDY_DIR)/spsa $(STUDY_DIR)/fzoo $(STUDY_DIR)/fzoo-q16b1 $(STUDY_DIR)/mezo $(STUDY_DIR)/fo --plot $(STUDY_DIR)/curves.png | tee $(STUDY_DIR)/study.md
+
+# The long run (issue 16; BENCHMARKS.md, "The long run"): fzoo, the study's lowest-loss
+# estimator, at its validation-chosen lr for 2,000 steps through ExecuTorch (seed 0), beside
+# first-order LoRA-FA (eager, Adam, its accuracy-table lr) over 500 steps of 16: both see the
+# same 8,000 training examples. Where each validation curve flattens, in runs/long/curves.png.
+# Reruns resume. About 2 h on 2 cores.
+bench-long-run: install
+	test -f runs/long/program-fzoo/manifest.json || $(BIN)/prge export --estimator fzoo --q 4 --batch 4 --seq-len 64 --out runs/long/program-fzoo
+	$(BIN)/prge train --engine executorch --program runs/long/program-fzoo --batch 4 --steps 2000 --lr 1e-2 --eval-every 100 --eval-examples 200 --threads 2 --checkpoint-every 100 --seed 0 --resume --out runs/long/fzoo-2000
+	$(BIN)/prge train --method fo --optimizer adam --batch 16 --steps 500 --lr 1e-3 --seq-len 64 --eval-every 25 --eval-examples 200 --threads 2 --checkpoint-every 100 --seed 0 --resume --out runs/long/fo-500
+	$(BIN)/prge summarize runs/long/fzoo-2000 runs/long/fo-500 --plot runs/long/curves.png | tee runs/long/long.md
 
 # Federated P-RGE against its baselines (BENCHMARKS.md, "Many phones"): Flower's simulation
 # engine, the default model and task, 8 and 32 clients, IID and by-label shards, every run at

@@ -578,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories of `prge train`, or JSON files printed by `prge eval` "
                    "(zero-shot rows); or run directories of `prge federate` (the federation table); or arms of `prge study` "
                    "(mean and spread over seeds)")
-    p.add_argument("--plot", help="federation runs or study arms: also draw the validation curves against forward rows into this PNG")
+    p.add_argument("--plot", help="also draw the validation curves (of the training runs, federation runs or study arms) against forward rows into this PNG")
     p.set_defaults(func=cmd_summarize)
 
     p = sub.add_parser("federate", parents=[common], help="federated P-RGE on Flower (this machine), and its FedAvg and centralized baselines: "

@@ -4,7 +4,8 @@ summarize_federation.py's table).
 
 Each argument is a run directory of `prge train` (config.json, summary.json, metrics.jsonl) or
 the JSON that `prge eval` prints (a zero-shot row). Every figure comes from those files; the
-versions the runs recorded are printed under the table.
+versions the runs recorded are printed under the table. --plot draws the runs' validation
+curves against forward rows, as a study's arms are drawn.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from runtime_driver.commands.plots import ValidationCurve, plot_validation_curves
 from runtime_driver.commands.summarize_federation import is_federation_run, summarize_federation
-from runtime_driver.commands.summarize_study import is_study, read_study, summarize_studies
+from runtime_driver.commands.summarize_study import FORWARD_ROWS_AXIS, forward_rows_per_step, is_study, read_study, summarize_studies
 from runtime_driver.metrics import read_metrics
 
 COLUMNS = ("run", "method", "q", "b", "steps", "lr", "eps", "test acc", "test loss", "median ms/step", "train wall s")
@@ -95,8 +97,6 @@ def summarize(paths: list[str], plot: str | None = None) -> str:
         arms = [(Path(p), read_study(p)) for p in paths]
         return summarize_studies([(path, study, [describe(path / run) for run in study["runs"]]) for path, study in arms],
                                  Path(plot) if plot else None)
-    if plot:
-        raise ValueError("--plot draws `prge federate` runs and `prge study` arms (the table lists a training run's validation curve)")
     rows = [describe(p) for p in paths]
     names = [row["run"] for row in rows]
     if len(set(names)) < len(names):  # e.g. the same lr and seed in two arms of a study: name their folders too
@@ -119,4 +119,21 @@ def summarize(paths: list[str], plot: str | None = None) -> str:
     versions = {json.dumps(r["versions"], sort_keys=True) for r in rows if r["versions"]}
     lines.append("")
     lines.append("Versions: " + ("; ".join(sorted(versions)) if versions else "not recorded by these runs"))
+    if plot:
+        _plot_runs(rows, completion, Path(plot))
+        lines += ["", f"Curves: {plot}"]
     return "\n".join(lines)
+
+
+def _plot_runs(rows: list[dict[str, Any]], completion: bool, out_png: Path) -> None:
+    """The training runs' validation curves against forward rows, as a study's arms are drawn
+    (zero-shot rows have none)."""
+    if completion:
+        raise ValueError("--plot draws label-word runs (validation accuracy and loss); a completion run's curve is in the table")
+    runs = [row for row in rows if row["curve"]]
+    if not runs:
+        raise ValueError("--plot: none of these runs evaluated the validation split along the way")
+    plot_validation_curves([ValidationCurve(f"{row['run']} (lr {row['lr']:g})",
+                                            [step * forward_rows_per_step(row) for step, _, _ in row["curve"]],
+                                            [a for _, a, _ in row["curve"]], [loss for _, _, loss in row["curve"]])
+                            for row in runs], FORWARD_ROWS_AXIS, out_png)

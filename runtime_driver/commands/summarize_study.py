@@ -29,6 +29,9 @@ def read_study(path: str | Path) -> dict[str, Any]:
     return study
 
 
+FORWARD_ROWS_AXIS = "forward rows (sequences; first order also runs them backward)"
+
+
 def forward_rows_per_step(row: dict[str, Any]) -> int:
     """Sequences a step runs forward: 2q copies of b examples for zeroth order, b for first order
     (which also runs them backward)."""
@@ -91,5 +94,5 @@ def _plot(names: list[str], table: list[dict[str, Any]], curves: list[tuple[list
             [c[1] for c in accuracy], [c[1] for c in loss],
             accuracy_range=([c[2] for c in accuracy], [c[3] for c in accuracy]),
             loss_range=([c[2] for c in loss], [c[3] for c in loss])))
-    plot_validation_curves(lines, "forward rows (sequences; first order also runs them backward)", out_png,
+    plot_validation_curves(lines, FORWARD_ROWS_AXIS, out_png,
                            ylabel_note=" (mean over seeds; band: range)")

@@ -5,12 +5,13 @@ import json
 import shutil
 
 from models.causal_lm import AdapterConfig
+from runtime_driver.commands import summarize as summarize_module
 from runtime_driver.commands.cli import main
 from runtime_driver.run import RunConfig, run_training
 from runtime_driver.train import TrainConfig
 
 
-def test_table_rows_are_the_runs_files(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+def test_table_rows_are_the_runs_files(tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch):
     model = str(tiny_model_dir("llama"))
     runs = {}
     for method, lr in (("prge", 0.05), ("fo", 1e-2)):
@@ -36,6 +37,19 @@ def test_table_rows_are_the_runs_files(tiny_model_dir, tiny_data_dir, tmp_path, 
     curves = [line for line in table if line.startswith("- `bench-")]
     assert len(curves) == 2 and all("0: " in line and "3: " in line for line in curves)
     assert "transformers" in table[-1] and "peft" in table[-1]  # the versions the runs recorded
+
+    # --plot draws the runs' validation curves against forward rows: P-RGE runs 2q*b = 8 rows a
+    # step, first order b = 2 (and backward); the zero-shot row has no curve.
+    png = tmp_path / "curves.png"
+    assert main(["summarize", str(zero_shot), str(runs["prge"]), str(runs["fo"]), "--plot", str(png)]) == 0
+    assert capsys.readouterr().out.endswith(f"Curves: {png}\n") and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = []
+    monkeypatch.setattr(summarize_module, "plot_validation_curves", lambda curves, *_: drawn.extend(curves))
+    assert main(["summarize", str(zero_shot), str(runs["prge"]), str(runs["fo"]), "--plot", str(png)]) == 0
+    capsys.readouterr()
+    assert [(c.label, c.x) for c in drawn] == [("bench-prge (lr 0.05)", [0, 24]), ("bench-fo (lr 0.01)", [0, 6])]
+    evals = [json.loads(line) for line in (runs["prge"] / "metrics.jsonl").read_text().splitlines()]
+    assert drawn[0].loss == [r["loss"] for r in evals if r.get("type") == "eval"]
 
     # Runs of the same name from two folders (two arms of a study) are told apart by their folders.
     shutil.copytree(runs["prge"], tmp_path / "other-arm" / runs["prge"].name)
