@@ -80,15 +80,17 @@ bench-estimators: install
 	$(BIN)/prge summarize $(STUDY_DIR)/spsa $(STUDY_DIR)/fzoo $(STUDY_DIR)/fzoo-q16b1 $(STUDY_DIR)/mezo $(STUDY_DIR)/fo --plot $(STUDY_DIR)/curves.png | tee $(STUDY_DIR)/study.md
 
 # The long run (issue 16; BENCHMARKS.md, "The long run"): fzoo, the study's lowest-loss
-# estimator, at its validation-chosen lr for 2,000 steps through ExecuTorch (seed 0), beside
-# first-order LoRA-FA (eager, Adam, its accuracy-table lr) over 500 steps of 16: both see the
-# same 8,000 training examples. Where each validation curve flattens, in runs/long/curves.png.
-# Reruns resume. About 2 h on 2 cores.
+# estimator, at its validation-chosen lr for 2,000 steps through ExecuTorch (seed 0), with a
+# constant lr and decayed linearly to 0, beside first-order LoRA-FA (eager, Adam, its
+# accuracy-table lr) over 250 steps of 16. Where each validation curve flattens, in
+# runs/long/curves.png. Reruns resume. About 3 h on 2 cores.
+LONG_ARGS = --engine executorch --program runs/long/program-fzoo --batch 4 --steps 2000 --lr 1e-2 --eval-every 100 --eval-examples 200 --threads 2 --checkpoint-every 100 --seed 0 --resume
 bench-long-run: install
 	test -f runs/long/program-fzoo/manifest.json || $(BIN)/prge export --estimator fzoo --q 4 --batch 4 --seq-len 64 --out runs/long/program-fzoo
-	$(BIN)/prge train --engine executorch --program runs/long/program-fzoo --batch 4 --steps 2000 --lr 1e-2 --eval-every 100 --eval-examples 200 --threads 2 --checkpoint-every 100 --seed 0 --resume --out runs/long/fzoo-2000
-	$(BIN)/prge train --method fo --optimizer adam --batch 16 --steps 500 --lr 1e-3 --seq-len 64 --eval-every 25 --eval-examples 200 --threads 2 --checkpoint-every 100 --seed 0 --resume --out runs/long/fo-500
-	$(BIN)/prge summarize runs/long/fzoo-2000 runs/long/fo-500 --plot runs/long/curves.png | tee runs/long/long.md
+	$(BIN)/prge train $(LONG_ARGS) --schedule constant --out runs/long/fzoo-2000
+	$(BIN)/prge train $(LONG_ARGS) --schedule linear --out runs/long/fzoo-2000-linear
+	$(BIN)/prge train --method fo --optimizer adam --batch 16 --steps 250 --lr 1e-3 --seq-len 64 --eval-every 25 --eval-examples 200 --threads 1 --checkpoint-every 50 --seed 0 --resume --out runs/long/fo-250
+	$(BIN)/prge summarize runs/long/fzoo-2000 runs/long/fzoo-2000-linear runs/long/fo-250 --plot runs/long/curves.png | tee runs/long/long.md
 
 # Federated P-RGE against its baselines (BENCHMARKS.md, "Many phones"): Flower's simulation
 # engine, the default model and task, 8 and 32 clients, IID and by-label shards, every run at
