@@ -84,7 +84,8 @@ bench-estimators: install
 # constant lr and decayed linearly to 0, beside first-order LoRA-FA (eager, Adam, its
 # accuracy-table lr) over 250 steps of 16. Where each validation curve flattens, in
 # runs/long/curves.png. The fzoo runs resume when rerun; first order with Adam cannot (its
-# moments are not checkpointed): delete runs/long/fo-250 to rerun it. About 3 h on 2 cores.
+# moments are not checkpointed): delete runs/long/fo-250 to rerun it. About 3.5 h on 2 cores
+# (each fzoo run about 90 min, first order about 25, the export 4-10).
 LONG_ARGS = --engine executorch --program runs/long/program-fzoo --batch 4 --steps 2000 --lr 1e-2 --eval-every 100 --eval-examples 200 --threads 2 --checkpoint-every 100 --seed 0 --resume
 bench-long-run: install
 	test -f runs/long/program-fzoo/manifest.json || $(BIN)/prge export --estimator fzoo --q 4 --batch 4 --seq-len 64 --out runs/long/program-fzoo
