@@ -83,15 +83,15 @@ bench-estimators: install
 # estimator, at its validation-chosen lr for 2,000 steps through ExecuTorch (seed 0), with a
 # constant lr and decayed linearly to 0, beside first-order LoRA-FA (eager, Adam, its
 # accuracy-table lr) over 250 steps of 16. Where each validation curve flattens, in
-# runs/long/curves.png. The fzoo runs resume when rerun; first order with Adam cannot (its
-# moments are not checkpointed): delete runs/long/fo-250 to rerun it. About 3.5 h on 2 cores
-# (each fzoo run about 90 min, first order about 25, the export 4-10).
+# runs/long/curves.png. Every run resumes from its last checkpoint when rerun (first order's
+# holds Adam's moments). About 3.5 h on 2 cores (each fzoo run about 90 min, first order about
+# 25, the export 4-10).
 LONG_ARGS = --engine executorch --program runs/long/program-fzoo --batch 4 --steps 2000 --lr 1e-2 --eval-every 100 --eval-examples 200 --threads 2 --checkpoint-every 100 --seed 0 --resume
 bench-long-run: install
 	test -f runs/long/program-fzoo/manifest.json || $(BIN)/prge export --estimator fzoo --q 4 --batch 4 --seq-len 64 --out runs/long/program-fzoo
 	$(BIN)/prge train $(LONG_ARGS) --schedule constant --out runs/long/fzoo-2000
 	$(BIN)/prge train $(LONG_ARGS) --schedule linear --out runs/long/fzoo-2000-linear
-	test -f runs/long/fo-250/summary.json || $(BIN)/prge train --method fo --optimizer adam --batch 16 --steps 250 --lr 1e-3 --seq-len 64 --eval-every 25 --eval-examples 200 --threads 1 --seed 0 --out runs/long/fo-250
+	$(BIN)/prge train --method fo --optimizer adam --batch 16 --steps 250 --lr 1e-3 --seq-len 64 --eval-every 25 --eval-examples 200 --threads 1 --seed 0 --checkpoint-every 25 --resume --out runs/long/fo-250
 	$(BIN)/prge summarize runs/long/fzoo-2000 runs/long/fzoo-2000-linear runs/long/fo-250 --plot runs/long/curves.png | tee runs/long/long.md
 
 # Federated P-RGE against its baselines (BENCHMARKS.md, "Many phones"): Flower's simulation

@@ -3,6 +3,7 @@
 A checkpoint is always taken with no pending update (the driver applies it first), so the
 adapter plus the step to run next is the whole training state: the data order and the noise
 seeds are pure functions of (run seed, step); the judge's divergence baseline is in the state.
+First order with an optimizer that keeps state (Adam's moments) adds optimizer.safetensors.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from runtime_driver.failpoints import reached
 
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
 # A flat-adapter file holds one float32 tensor under this key: checkpoints, the native
 # driver's final adapter and `prge replay --out` all use it.
 ADAPTER_KEY = "adapter"
@@ -34,6 +36,7 @@ class Checkpoint:
     adapter: Tensor  # flat B, float32
     step: int  # the next step to run
     state: dict[str, Any]  # everything else recorded (next seed, data position, baseline, fingerprint)
+    optimizer: dict[str, Tensor] | None = None  # a first-order optimizer's named state tensors, when it has any
 
 
 def flat_adapter_bytes(adapter: Tensor) -> bytes:
@@ -60,13 +63,17 @@ def read_flat_adapter(path: str | Path, what: str = "adapter file", numel: int |
     return flat
 
 
-def save_checkpoint(ckpt_dir: str | Path, adapter: Tensor, state: dict[str, Any]) -> None:
+def save_checkpoint(ckpt_dir: str | Path, adapter: Tensor, state: dict[str, Any],
+                    optimizer: dict[str, Tensor] | None = None) -> None:
     """A reader (or a resumed run after kill -9) sees either the old checkpoint or the new one,
-    never a mix (models/files.py replace_dir_atomically)."""
+    never a mix (models/files.py replace_dir_atomically). optimizer: named state tensors, saved
+    with the adapter when given."""
     step = state.get("step")
     with replace_dir_atomically(ckpt_dir, on_written=lambda: reached("ckpt-tmp-written", step),
                                 on_old_moved=lambda: reached("ckpt-old-moved", step)) as tmp:
         (tmp / ADAPTER_FILE).write_bytes(flat_adapter_bytes(adapter))
+        if optimizer is not None:
+            (tmp / OPTIMIZER_FILE).write_bytes(save({k: v.detach().contiguous() for k, v in optimizer.items()}))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
@@ -98,4 +105,10 @@ def load_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
     baseline = state.get("baseline_losses", [])
     if not isinstance(baseline, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in baseline):
         raise CheckpointError(f"{found / STATE_FILE}: 'baseline_losses' must be a list of numbers")
-    return Checkpoint(adapter=adapter, step=state["step"], state=state)
+    optimizer = None
+    if (found / OPTIMIZER_FILE).exists():
+        try:
+            optimizer = load_file(str(found / OPTIMIZER_FILE))
+        except Exception as e:  # safetensors raises several types for corrupt files
+            raise CheckpointError(f"{found / OPTIMIZER_FILE}: unreadable optimizer state ({type(e).__name__}: {e})") from None
+    return Checkpoint(adapter=adapter, step=state["step"], state=state, optimizer=optimizer)

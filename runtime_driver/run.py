@@ -28,8 +28,8 @@ from runtime_driver.evaluate import completion_loss, evaluate, generation_metric
 from runtime_driver.failpoints import reached
 from runtime_driver.first_order_engine import ExecuTorchFirstOrder
 from runtime_driver.replay import FULL_WEIGHTS, INITIAL_BASE_MODEL, INITIAL_ZEROS
-from runtime_driver.train import (TrainConfig, check_first_order_checkpoints, check_resumable, first_order_fingerprint,
-                                  first_order_loop, first_order_resume_point, train_first_order, train_zero_order,
+from runtime_driver.train import (FirstOrderResume, TrainConfig, first_order_fingerprint, first_order_loop,
+                                  first_order_resume_point, resumable_checkpoint, train_first_order, train_zero_order,
                                   zero_order_fingerprint)
 
 
@@ -134,13 +134,11 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, prog
                    "adapter_layout": weight_layout_hash(engine.slots) if full else layout_hash(engine.slots),
                    **({"program_sha256": engine.program_sha256} if engine.program_sha256 else {})}
     # A checkpoint that cannot be resumed fails before anything is written.
-    resume_point = (0, None)
-    if t.method == "fo":
-        check_first_order_checkpoints(t)
+    resume_point = FirstOrderResume()
     if resume and t.method == "fo":
         resume_point = first_order_resume_point(t, run_dir, fingerprint)
     elif resume:
-        check_resumable(run_dir, zero_order_fingerprint(t, engine, fingerprint))
+        resumable_checkpoint(run_dir, zero_order_fingerprint(t, engine, fingerprint))
     run_dir.mkdir(parents=True, exist_ok=True)
     # The layout lets `prge replay` rebuild the adapter from the log without the model.
     if full:  # replay starts from the base model's weights
@@ -159,10 +157,10 @@ def run_training(cfg: RunConfig, resume: bool = False, quiet: bool = False, prog
         summary["test_before"] = evaluate_split(splits["test"], final=True)
     evaluator = lambda: evaluate_split(splits["validation"])  # noqa: E731
     if t.method == "fo" and cfg.engine == "executorch":
-        if resume_point[1] is not None:
-            engine.set_adapter(resume_point[1])
+        if resume_point.adapter is not None:  # the program's SGD has no state of its own
+            engine.set_adapter(resume_point.adapter)
         summary.update(first_order_loop(engine.first_order_step, engine.get_adapter, splits["train"], evaluator, t, run_dir,
-                                        quiet, resume_point[0], first_order_fingerprint(t, fingerprint)))
+                                        quiet, resume_point.start, first_order_fingerprint(t, fingerprint)))
     elif t.method == "fo":
         summary.update(train_first_order(engine.step, splits["train"], evaluator, t, run_dir, quiet, resume_point,
                                          first_order_fingerprint(t, fingerprint)))

@@ -25,7 +25,8 @@ from models.tasks.batches import TokenizedSplit, batch_indices
 from prge.estimators import step_seed
 from prge.schedules import learning_rate
 from prge.step import PRGEStep
-from runtime_driver.checkpoint import CheckpointError, find_checkpoint_dir, load_checkpoint, save_checkpoint
+from runtime_driver.checkpoint import (OPTIMIZER_FILE, Checkpoint, CheckpointError, find_checkpoint_dir, load_checkpoint,
+                                      save_checkpoint)
 from runtime_driver.engines import Engine
 from runtime_driver.failpoints import reached
 from runtime_driver.judge import StepJudge
@@ -175,11 +176,11 @@ def zero_order_fingerprint(cfg: TrainConfig, engine: Engine, extra: dict[str, An
             "estimator": engine.estimator.name, "prng": engine.estimator.prng_version}
 
 
-def check_resumable(run_dir: Path, fingerprint: dict[str, Any]) -> tuple[int, torch.Tensor | None, dict]:
-    """(next step, adapter, state) from run_dir/ckpt; (0, None, {}) when no checkpoint was written
-    yet (a run killed before its first one simply starts over: that is what resuming means)."""
+def resumable_checkpoint(run_dir: Path, fingerprint: dict[str, Any]) -> Checkpoint | None:
+    """run_dir/ckpt, checked to be of this configuration; None when no checkpoint was written yet
+    (a run killed before its first one simply starts over: that is what resuming means)."""
     if find_checkpoint_dir(run_dir / "ckpt") is None:
-        return 0, None, {}
+        return None
     ckpt = load_checkpoint(run_dir / "ckpt")
     recorded = ckpt.state.get("fingerprint", {})
     if not isinstance(recorded, dict):
@@ -189,7 +190,7 @@ def check_resumable(run_dir: Path, fingerprint: dict[str, Any]) -> tuple[int, to
         raise CheckpointError(
             f"{run_dir / 'ckpt'}: checkpoint is from another configuration (differs in {', '.join(diff)})"
         )
-    return ckpt.step, ckpt.adapter, ckpt.state
+    return ckpt
 
 
 def train_zero_order(
@@ -205,13 +206,14 @@ def train_zero_order(
 ) -> dict[str, Any]:
     """Run cfg.steps zeroth-order steps with engine; returns a summary dict."""
     fingerprint = zero_order_fingerprint(cfg, engine, extra_fingerprint)
-    start, adapter, state = check_resumable(run_dir, fingerprint) if resume else (0, None, {})
-    if resume and adapter is None:
+    ckpt = resumable_checkpoint(run_dir, fingerprint) if resume else None
+    if resume and ckpt is None:
         say(f"{run_dir / 'ckpt'}: no checkpoint yet; starting from step 0")
-    if adapter is not None:
-        engine.set_adapter(adapter)
+    start = ckpt.step if ckpt else 0
+    if ckpt:
+        engine.set_adapter(ckpt.adapter)
     judge = StepJudge(cfg.eps, engine.estimator.normalize, cfg.diverge_factor, num_labels, cfg.max_bad_steps,
-                      baseline_losses=list(state.get("baseline_losses", [])))
+                      baseline_losses=list(ckpt.state.get("baseline_losses", [])) if ckpt else [])
     pending = PendingUpdate(engine.num_queries)
     progress = _Progress(cfg, run_dir, start, evaluator, quiet)
     progress.eval_at_start(start)
@@ -279,6 +281,11 @@ def enable_activation_checkpointing(step: PRGEStep) -> None:
     step.train()
 
 
+# The named state tensors each optimizer keeps per parameter (torch.optim's names): what a
+# first-order checkpoint must hold beside B for a resumed run to take the same steps.
+OPTIMIZER_STATE = {"sgd": (), "adam": ("step", "exp_avg", "exp_avg_sq")}
+
+
 def first_order_optimizer(step: PRGEStep, name: str, lr: float) -> torch.optim.Optimizer:
     """SGD or Adam on every adapter's B, which it makes trainable (requires_grad)."""
     params = [layer.lora_B for layer in step.adapter_layers]
@@ -291,6 +298,41 @@ def first_order_optimizer(step: PRGEStep, name: str, lr: float) -> torch.optim.O
     raise ValueError(f"unknown optimizer {name!r}; expected sgd or adam")
 
 
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's state as flat named tensors, "{parameter index}.{name}" (Adam: step,
+    exp_avg, exp_avg_sq of every B), cloned: the checkpoint's copy."""
+    return {f"{index}.{name}": value.detach().clone()
+            for index, per_param in optimizer.state_dict()["state"].items() for name, value in per_param.items()}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, name: str, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Put optimizer_tensors' output back, after checking it is the state of this optimizer over
+    these parameters (anything else is a CheckpointError naming the file)."""
+    params = optimizer.param_groups[0]["params"]
+    expected = {f"{i}.{n}" for i in range(len(params)) for n in OPTIMIZER_STATE[name]}
+    if set(tensors) != expected:
+        wrong = sorted(set(tensors) ^ expected)[:3]
+        raise CheckpointError(f"{where}: not the {name} state of this adapter's {len(params)} B matrices (keys {wrong} ...)")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, field_name = key.split(".", 1)
+        shape = () if field_name == "step" else tuple(params[int(index)].shape)
+        if tuple(value.shape) != shape or value.dtype != torch.float32:
+            raise CheckpointError(f"{where}: {key} is {value.dtype} {list(value.shape)}, expected float32 {list(shape)}")
+        state.setdefault(int(index), {})[field_name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+@dataclass(frozen=True)
+class FirstOrderResume:
+    """Where a first-order run goes on from: its next step, and B and the optimizer's state when a
+    checkpoint holds them (None: from the start)."""
+
+    start: int = 0
+    adapter: torch.Tensor | None = None
+    optimizer: dict[str, torch.Tensor] | None = None
+
+
 def train_first_order(
     step: PRGEStep,
     train: TokenizedSplit,
@@ -298,16 +340,17 @@ def train_first_order(
     cfg: TrainConfig,
     run_dir: Path,
     quiet: bool = False,
-    resume_point: tuple[int, torch.Tensor | None] = (0, None),
+    resume: FirstOrderResume = FirstOrderResume(),
     fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """First-order LoRA-FA (autograd on B only): the accuracy reference for the ZO methods.
-    resume_point: first_order_resume_point's (next step, adapter) when resuming."""
-    start, adapter = resume_point
-    if adapter is not None:  # before B requires grad: a plain in-place write
+    resume: first_order_resume_point's when resuming."""
+    if resume.adapter is not None:  # before B requires grad: a plain in-place write
         with torch.no_grad():
-            step.set_adapter(adapter)
+            step.set_adapter(resume.adapter)
     optimizer = first_order_optimizer(step, cfg.optimizer, cfg.lr)
+    if resume.optimizer is not None:
+        restore_optimizer(optimizer, cfg.optimizer, resume.optimizer, run_dir / "ckpt" / OPTIMIZER_FILE)
 
     def take_step(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, lr: float) -> float:
         for group in optimizer.param_groups:
@@ -316,7 +359,7 @@ def train_first_order(
 
     try:
         return first_order_loop(take_step, lambda: step.flat_adapter().detach().clone(), train, evaluator, cfg, run_dir,
-                                quiet, start, fingerprint)
+                                quiet, resume.start, fingerprint, lambda: optimizer_tensors(optimizer))
     finally:
         for layer in step.adapter_layers:
             layer.lora_B.requires_grad_(False)
@@ -327,22 +370,16 @@ def first_order_fingerprint(cfg: TrainConfig, extra: dict[str, Any] | None) -> d
     return {**cfg.fingerprint(), **(extra or {})}
 
 
-def check_first_order_checkpoints(cfg: TrainConfig) -> None:
-    if cfg.checkpoint_every and cfg.optimizer != "sgd":
-        raise CheckpointError(f"--checkpoint-every with --optimizer {cfg.optimizer}: its moments are not checkpointed; "
-                              "first-order runs checkpoint with sgd")
-
-
-def first_order_resume_point(cfg: TrainConfig, run_dir: Path, extra: dict[str, Any] | None) -> tuple[int, torch.Tensor | None]:
-    """(next step, adapter) of a first-order run's checkpoint ((0, None): none yet, said so). Only
-    SGD resumes exactly from B alone; Adam's moments are not checkpointed, so it is refused."""
-    if cfg.optimizer != "sgd":
-        raise CheckpointError(f"--optimizer {cfg.optimizer}: its moments are not checkpointed; "
-                              "first-order runs checkpoint and resume with sgd")
-    start, adapter, _ = check_resumable(run_dir, first_order_fingerprint(cfg, extra))
-    if adapter is None:
+def first_order_resume_point(cfg: TrainConfig, run_dir: Path, extra: dict[str, Any] | None) -> FirstOrderResume:
+    """Where a first-order run's checkpoint lets it go on (from the start when there is none yet,
+    said so). SGD's whole state is B; an optimizer with state (Adam) needs its tensors too."""
+    ckpt = resumable_checkpoint(run_dir, first_order_fingerprint(cfg, extra))
+    if ckpt is None:
         say(f"{run_dir / 'ckpt'}: no checkpoint yet; starting from step 0")
-    return start, adapter
+        return FirstOrderResume()
+    if OPTIMIZER_STATE[cfg.optimizer] and ckpt.optimizer is None:
+        raise CheckpointError(f"{run_dir / 'ckpt'}: no {cfg.optimizer} state beside the adapter; cannot resume exactly")
+    return FirstOrderResume(ckpt.step, ckpt.adapter, ckpt.optimizer if OPTIMIZER_STATE[cfg.optimizer] else None)
 
 
 def first_order_loop(
@@ -355,14 +392,15 @@ def first_order_loop(
     quiet: bool = False,
     start: int = 0,
     fingerprint: dict[str, Any] | None = None,
+    get_optimizer_state: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """Steps start..cfg.steps-1 of a first-order run, each take_step(ids, mask, labels, lr) -> loss
     (the eager optimizer, or an ExecuTorch first-order program's SGD), with the same batches,
-    schedule, metrics and evals as every other method. With SGD, B and the step are the whole
-    state (the data order is a function of the step): a checkpoint holds them, and a resumed run
-    (start and B from first_order_resume_point, B set by the caller) takes the same steps as an
-    uninterrupted one. fingerprint: first_order_fingerprint, recorded in each checkpoint."""
-    check_first_order_checkpoints(cfg)
+    schedule, metrics and evals as every other method. B, the optimizer's state
+    (get_optimizer_state: Adam's moments; SGD has none) and the step are the whole state (the
+    data order is a function of the step): a checkpoint holds them, and a resumed run (start, B
+    and the optimizer's state from first_order_resume_point, set by the caller) takes the same
+    steps as an uninterrupted one. fingerprint: first_order_fingerprint, recorded in each checkpoint."""
     progress = _Progress(cfg, run_dir, start, evaluator, quiet)
     with torch.no_grad():
         progress.eval_at_start(start)
@@ -380,8 +418,10 @@ def first_order_loop(
                 with torch.no_grad():
                     progress.run_eval(t + 1)
             if due.checkpoint:
+                optimizer_state = get_optimizer_state() if get_optimizer_state else None
                 save_checkpoint(run_dir / "ckpt", get_adapter(),
-                                {"step": t + 1, "data_position": (t + 1) * cfg.batch_size, "fingerprint": fingerprint or {}})
+                                {"step": t + 1, "data_position": (t + 1) * cfg.batch_size, "fingerprint": fingerprint or {}},
+                                optimizer_state or None)
     finally:
         progress.close()
     return progress.summary(cfg.steps - start)

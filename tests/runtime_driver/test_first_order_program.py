@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from export.contract.manifest import MANIFEST_FILE, ManifestError
 from export.contract.methods import ExportShapes
 from models.causal_lm import AdapterConfig, ModelError
 from models.peft_io import load_peft_adapter
 from models.tasks.folder import load_folder_spec
-from runtime_driver.checkpoint import CheckpointError
+from runtime_driver.checkpoint import OPTIMIZER_FILE, CheckpointError
 from runtime_driver.first_order_engine import ExecuTorchFirstOrder
 from runtime_driver.run import RunConfig, run_training
 from runtime_driver.train import TrainConfig, first_order_optimizer, first_order_step
@@ -105,10 +106,55 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(fo_program, tiny_data_di
     whole, resumed = (load_peft_adapter(tmp_path / run / "adapter", engine.slots, 4, engine.adapter.a_seed)
                       for run in ("whole", "resumed"))
     assert torch.equal(whole, resumed)
-    with pytest.raises(CheckpointError, match="moments"):  # Adam's state is not in a checkpoint: refused up front
-        train = TrainConfig(method="fo", optimizer="adam", checkpoint_every=2, steps=2, batch_size=BATCH)
-        run_training(RunConfig(data=str(tiny_data_dir), out=str(tmp_path / "adam"), seq_len=SEQ_LEN, train=train), quiet=True)
-    assert not (tmp_path / "adam").exists()
+    assert not (tmp_path / "resumed" / "ckpt" / OPTIMIZER_FILE).exists()  # SGD: B is the whole state
+
+
+def _adam_run(tmp_path, name, tiny_model_dir, tiny_data_dir, **train):
+    cfg = RunConfig(model=str(tiny_model_dir("llama")), data=str(tiny_data_dir), out=str(tmp_path / name), seq_len=SEQ_LEN,
+                    test_examples=8, adapter=AdapterConfig(rank=4),
+                    train=TrainConfig(method="fo", optimizer="adam", steps=6, batch_size=BATCH, lr=3e-2, eval_every=3,
+                                      eval_examples=8, checkpoint_every=3))
+    return run_training(cfg, **train, quiet=True)
+
+
+def test_an_interrupted_adam_run_resumes_to_the_same_adapter(tiny_model_dir, tiny_data_dir, tmp_path, stop_after_step):
+    """Eager first order with Adam (the study's first-order arm): its checkpoint holds Adam's
+    moments and step count beside B, so a run stopped after step 4 and resumed from its step-3
+    checkpoint takes the same steps, bit for bit, as one never stopped. Without the moments the
+    resumed steps would differ (Adam's first step after a reset is lr * sign(grad))."""
+    _adam_run(tmp_path, "whole", tiny_model_dir, tiny_data_dir)
+    with stop_after_step(4):
+        _adam_run(tmp_path, "resumed", tiny_model_dir, tiny_data_dir)
+    saved = load_file(str(tmp_path / "resumed" / "ckpt" / OPTIMIZER_FILE))
+    assert saved["0.step"].item() == 3 and saved["0.exp_avg_sq"].abs().max() > 0
+    _adam_run(tmp_path, "resumed", tiny_model_dir, tiny_data_dir, resume=True)
+    assert _losses(tmp_path / "resumed")[3:] == _losses(tmp_path / "whole")[3:]
+    assert len(_losses(tmp_path / "resumed")) == 6
+    whole, resumed = (load_file(str(tmp_path / run / "ckpt" / "adapter.safetensors"))["adapter"] for run in ("whole", "resumed"))
+    assert torch.equal(whole, resumed) and whole.abs().max() > 0
+
+
+def test_an_adam_checkpoint_without_its_moments_is_refused(tiny_model_dir, tiny_data_dir, tmp_path, stop_after_step):
+    """A checkpoint whose optimizer file is missing, unreadable or not this adapter's Adam state
+    is refused, naming the file, before any step: the run's log is left as it was."""
+    with stop_after_step(4):
+        _adam_run(tmp_path, "run", tiny_model_dir, tiny_data_dir)
+    ckpt = tmp_path / "run" / "ckpt"
+    moments = load_file(str(ckpt / OPTIMIZER_FILE))
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    (ckpt / OPTIMIZER_FILE).unlink()
+    with pytest.raises(CheckpointError, match="no adam state"):
+        _adam_run(tmp_path, "run", tiny_model_dir, tiny_data_dir, resume=True)
+    save_file({k: v for k, v in moments.items() if k != "0.exp_avg"}, str(ckpt / OPTIMIZER_FILE))
+    with pytest.raises(CheckpointError, match=f"{OPTIMIZER_FILE}: not the adam state"):
+        _adam_run(tmp_path, "run", tiny_model_dir, tiny_data_dir, resume=True)
+    save_file({**moments, "0.exp_avg": moments["0.exp_avg"][:1]}, str(ckpt / OPTIMIZER_FILE))
+    with pytest.raises(CheckpointError, match="0.exp_avg is"):
+        _adam_run(tmp_path, "run", tiny_model_dir, tiny_data_dir, resume=True)
+    (ckpt / OPTIMIZER_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="unreadable optimizer state"):
+        _adam_run(tmp_path, "run", tiny_model_dir, tiny_data_dir, resume=True)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
 
 
 def test_bench_times_it_beside_a_prge_program(fo_program, tiny_program, tmp_path, capsys):
