@@ -34,6 +34,8 @@ class PeftAdapterConfig:
     alpha: float
     targets: list[str] | str
     a_seed: int  # prge's seed of the frozen A matrices
+    base_model: str = ""  # base_model_name_or_path
+    fan_in_fan_out: bool = False
 
 
 def read_adapter_config(adapter_dir: str | Path) -> PeftAdapterConfig:
@@ -42,7 +44,8 @@ def read_adapter_config(adapter_dir: str | Path) -> PeftAdapterConfig:
     try:
         config = json.loads(path.read_text())
         return PeftAdapterConfig(int(config["r"]), float(config["lora_alpha"]), config["target_modules"],
-                                 int(config["prge"]["a_seed"]))
+                                 int(config["prge"]["a_seed"]), str(config.get("base_model_name_or_path") or ""),
+                                 bool(config.get("fan_in_fan_out", False)))
     except FileNotFoundError:
         raise AdapterFileError(f"{path}: not found (is {adapter_dir} a PEFT adapter folder?)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:

@@ -6,6 +6,10 @@ adapter, with no data and no model forward. Replaying a run and finding its save
 its checkpoint) bit for bit is how a run is audited: the log is complete and the engine applied
 exactly the updates it logged. A full-parameter MeZO run replays the same way from the base
 model's weights (read from the model folder its config names), tensor by tensor.
+
+The log also holds the adapter after every step, for free: replaying to step N rebuilds the
+adapter as it was then (say the step of the lowest validation loss, which a long run may pass
+long before its end) with nothing stored but the log.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from torch import Tensor
 from export.contract.manifest import slots_from_json, weight_slots_from_json
 from export.contract.methods import update_scalars
 from models.model_folder import WEIGHTS_FILE, ModelFolderError, read_weights
-from models.peft_io import CONFIG_FILE, AdapterFileError, load_peft_adapter, read_adapter_config
+from models.peft_io import (CONFIG_FILE, AdapterFileError, PeftAdapterConfig, load_peft_adapter, read_adapter_config,
+                            save_peft_adapter)
 from prge.estimators import updated_adapter
 from prge.full_mezo import Draw, plan_draws, updated_weights
 from prge.noise import NOISE_KINDS, stream_keys
@@ -47,6 +52,9 @@ class ReplayResult:
     @property
     def identical(self) -> bool:
         return all(c["identical"] for c in self.compared.values())
+
+
+BEST = "best"  # `prge replay --step best`: the step of the lowest validation loss
 
 
 def apply_logged_update(adapter: Tensor, seed: int, g: list[float], lr: float, noise: str = "gaussian") -> Tensor:
@@ -114,17 +122,35 @@ def _compare(replayed: Tensor, saved: Tensor, step: int) -> dict[str, Any]:
     }
 
 
-def replay_run(run_dir: str | Path) -> ReplayResult:
-    """Replay every logged step from B = 0; compare with the run's checkpoint and final adapter
-    (whichever exist) at the steps they were taken."""
+def best_validation_step(run_dir: str | Path) -> tuple[int, float]:
+    """(step, loss) of the run's validation eval with the lowest loss (the earliest of equals;
+    step 0 is the zero-shot adapter, B = 0). Chosen on validation only: the test split, evaluated
+    once at the end, plays no part."""
+    path = Path(run_dir) / "metrics.jsonl"
+    evals = [(r["loss"], r["step"]) for r in read_metrics(path)
+             if r.get("type") == "eval" and r.get("split", "validation") == "validation"
+             and isinstance(r.get("loss"), (int, float)) and isinstance(r.get("step"), int)]
+    if not evals:
+        raise ReplayError(f"{path}: no validation evals logged; --step {BEST} needs them")
+    loss, step = min(evals)
+    return step, float(loss)
+
+
+def replay_run(run_dir: str | Path, until: int | None = None) -> ReplayResult:
+    """Replay the logged steps from B = 0 (the first `until` of them; None: all); compare with the
+    run's checkpoint and final adapter (whichever exist and were taken at a replayed step)."""
     run_dir = Path(run_dir)
     layout = _read_layout(run_dir)
     rows = _train_rows(run_dir)
     ckpt = load_checkpoint(run_dir / "ckpt") if (run_dir / "ckpt").exists() else None
     if ckpt is not None and ckpt.step > len(rows):
         raise ReplayError(f"{run_dir / 'ckpt'}: checkpoint at step {ckpt.step} but only {len(rows)} steps are logged")
+    if until is not None and not 0 <= until <= len(rows):
+        raise ReplayError(f"{run_dir / 'metrics.jsonl'}: the adapter after step {until} asked, but {len(rows)} steps are logged")
+    to_the_end = until is None or until == len(rows)  # only then is the final adapter one to compare with
+    rows = rows[:until]
     if layout["full"]:
-        return _replay_full(run_dir, layout, rows, ckpt)
+        return _replay_full(run_dir, layout, rows, ckpt, to_the_end, must_compare=until is None)
     adapter = torch.zeros(layout["numel"], dtype=torch.float32)
     compared: dict[str, dict[str, Any]] = {}
     for done, row in enumerate(rows, start=1):
@@ -132,19 +158,43 @@ def replay_run(run_dir: str | Path) -> ReplayResult:
         if ckpt is not None and done == ckpt.step:
             compared["ckpt"] = _compare(adapter, ckpt.adapter, done)
     final_dir = run_dir / "adapter"
-    if (final_dir / CONFIG_FILE).is_file():
-        try:
-            peft = read_adapter_config(final_dir)
-        except AdapterFileError as e:
-            raise ReplayError(str(e)) from None
+    if (final_dir / CONFIG_FILE).is_file() and to_the_end:
+        peft = _final_adapter_config(run_dir)
         saved = load_peft_adapter(final_dir, layout["slots"], peft.rank, peft.a_seed)
         compared["adapter"] = _compare(adapter, saved, len(rows))
-    if not compared:
+    if not compared and until is None:
         raise ReplayError(f"{run_dir}: nothing to compare with (no adapter/ and no ckpt/)")
     return ReplayResult(len(rows), adapter, compared)
 
 
-def _replay_full(run_dir: Path, layout: dict[str, Any], rows: list[dict[str, Any]], ckpt) -> ReplayResult:
+def _final_adapter_config(run_dir: Path) -> PeftAdapterConfig:
+    try:
+        return read_adapter_config(run_dir / "adapter")
+    except AdapterFileError as e:
+        raise ReplayError(str(e)) from None
+
+
+class ReplayedPeftWriter:
+    """Writes a replayed adapter as a PEFT folder with the header (rank, alpha, targets, A's seed,
+    base model) of the run's own final adapter, so only a finished adapter run's. Made before
+    the replay, so a run without that header is refused before minutes of replaying."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        layout = _read_layout(self.run_dir)
+        if layout["full"]:
+            raise ReplayError(f"{self.run_dir}: a full-parameter run has no adapter; write its flat weights with --out")
+        self.slots = layout["slots"]
+        self.header = _final_adapter_config(self.run_dir)
+
+    def write(self, adapter: Tensor, out_dir: str | Path) -> Path:
+        h = self.header
+        return save_peft_adapter(out_dir, self.slots, adapter, rank=h.rank, alpha=h.alpha, a_seed=h.a_seed, targets=h.targets,
+                                 base_model=h.base_model, fan_in_fan_out=h.fan_in_fan_out)
+
+
+def _replay_full(run_dir: Path, layout: dict[str, Any], rows: list[dict[str, Any]], ckpt, to_the_end: bool,
+                 must_compare: bool) -> ReplayResult:
     """replay_run for a full-parameter run: from the base model's weights; compared with the
     checkpoint's flat weights and the saved model folder (run/model)."""
     slots = layout["slots"]
@@ -165,9 +215,9 @@ def _replay_full(run_dir: Path, layout: dict[str, Any], rows: list[dict[str, Any
         if ckpt is not None and done == ckpt.step:
             compared["ckpt"] = _compare(_flat(weights), ckpt.adapter, done)
     final = run_dir / "model"
-    if (final / WEIGHTS_FILE).is_file():
+    if (final / WEIGHTS_FILE).is_file() and to_the_end:
         compared["model"] = _compare(_flat(weights), _flat(weights_of(final, "the saved model folder")), len(rows))
-    if not compared:
+    if not compared and must_compare:
         raise ReplayError(f"{run_dir}: nothing to compare with (no model/ and no ckpt/)")
     return ReplayResult(len(rows), _flat(weights), compared)
 

@@ -35,6 +35,13 @@ def _targets(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _step_or_best(text: str) -> str:
+    """`prge replay --step`: a number of steps (0 or more), or `best`."""
+    if text == "best" or text.isdigit():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: a number of steps or 'best'")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local Hugging Face causal-LM folder, or the name of a model `prge prepare-model` "
                                    f"builds ({', '.join(MODEL_NAMES)}); default: {DEFAULT_MODEL_NAME}")
@@ -356,14 +363,25 @@ def cmd_side_tune(args) -> None:
 
 
 def cmd_replay(args) -> int:
-    from runtime_driver.replay import replay_run
+    from runtime_driver.replay import BEST, ReplayedPeftWriter, best_validation_step, replay_run
 
-    result = replay_run(args.run_dir)
+    peft = ReplayedPeftWriter(args.run_dir) if args.peft else None
+    chosen, until = {}, None
+    if args.step == BEST:
+        until, loss = best_validation_step(args.run_dir)
+        chosen = {"best_validation_step": until, "validation_loss": loss}
+    elif args.step is not None:
+        until = int(args.step)
+    result = replay_run(args.run_dir, until)
+    if peft:
+        peft.write(result.adapter, args.peft)
     if args.out:
         from runtime_driver.checkpoint import write_flat_adapter
 
         write_flat_adapter(args.out, result.adapter)
-    _print({"run_dir": args.run_dir, "steps_replayed": result.steps, "identical": result.identical, **result.compared})
+    # identical is None when no artifact was saved at the replayed step: nothing was checked
+    _print({"run_dir": args.run_dir, **chosen, "steps_replayed": result.steps,
+            "identical": result.identical if result.compared else None, **result.compared})
     if not result.identical:
         print(f"prge replay: the log does not reproduce the saved adapter of {args.run_dir}", file=sys.stderr)
         return 1
@@ -643,6 +661,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", parents=[common], help="rebuild a zeroth-order run's adapter from its logged (seed, g) and check it")
     p.add_argument("run_dir", help="a run directory written by `prge train` (or `prge demo`'s run/)")
     p.add_argument("--out", help="also write the replayed flat adapter to this .safetensors file")
+    p.add_argument("--step", type=_step_or_best, help="replay only the first N steps: the adapter as it was after step N "
+                   "(`best`: the step of the lowest validation loss in the run's log); compared with a saved artifact "
+                   "only if one was taken at that step")
+    p.add_argument("--peft", help="also write the replayed adapter as a PEFT adapter folder (a finished run's header), "
+                   "for `prge eval --adapter`, `prge generate` or peft")
     p.set_defaults(func=cmd_replay)
     return parser
 
