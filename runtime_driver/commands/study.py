@@ -145,5 +145,6 @@ def parse_ints(text: str) -> list[int]:
 def describe_choice(study: dict[str, Any]) -> str:
     sel = study["selection"]
     grid = ", ".join(f"{lr}: {loss:.4f}" for lr, loss in sel["validation_loss"].items())
-    note = f" (still at the grid's {sel['at_grid_edge']} edge after widening)" if sel["at_grid_edge"] else ""
+    # Widening may have stopped at --max-widen (0: never widened): either way the best may lie beyond.
+    note = f" (at the grid's {sel['at_grid_edge']} edge: a wider grid may choose another lr)" if sel["at_grid_edge"] else ""
     return f"lr {sel['chosen_lr']:g}{note}; final validation loss by lr: {grid}; runs: {', '.join(study['runs'])}"
