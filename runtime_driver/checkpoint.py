@@ -67,12 +67,12 @@ def save_checkpoint(ckpt_dir: str | Path, adapter: Tensor, state: dict[str, Any]
                     optimizer: dict[str, Tensor] | None = None) -> None:
     """A reader (or a resumed run after kill -9) sees either the old checkpoint or the new one,
     never a mix (models/files.py replace_dir_atomically). optimizer: named state tensors, saved
-    with the adapter when given."""
+    with the adapter when there are any."""
     step = state.get("step")
     with replace_dir_atomically(ckpt_dir, on_written=lambda: reached("ckpt-tmp-written", step),
                                 on_old_moved=lambda: reached("ckpt-old-moved", step)) as tmp:
         (tmp / ADAPTER_FILE).write_bytes(flat_adapter_bytes(adapter))
-        if optimizer is not None:
+        if optimizer:
             (tmp / OPTIMIZER_FILE).write_bytes(save({k: v.detach().contiguous() for k, v in optimizer.items()}))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 

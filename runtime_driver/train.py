@@ -300,8 +300,9 @@ def first_order_optimizer(step: PRGEStep, name: str, lr: float) -> torch.optim.O
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """The optimizer's state as flat named tensors, "{parameter index}.{name}" (Adam: step,
-    exp_avg, exp_avg_sq of every B), cloned: the checkpoint's copy."""
-    return {f"{index}.{name}": value.detach().clone()
+    exp_avg, exp_avg_sq of every B; SGD: none). The optimizer's own tensors, not copies: the
+    checkpoint serializes them at once."""
+    return {f"{index}.{name}": value
             for index, per_param in optimizer.state_dict()["state"].items() for name, value in per_param.items()}
 
 
@@ -418,10 +419,9 @@ def first_order_loop(
                 with torch.no_grad():
                     progress.run_eval(t + 1)
             if due.checkpoint:
-                optimizer_state = get_optimizer_state() if get_optimizer_state else None
                 save_checkpoint(run_dir / "ckpt", get_adapter(),
                                 {"step": t + 1, "data_position": (t + 1) * cfg.batch_size, "fingerprint": fingerprint or {}},
-                                optimizer_state or None)
+                                get_optimizer_state() if get_optimizer_state else {})
     finally:
         progress.close()
     return progress.summary(cfg.steps - start)
