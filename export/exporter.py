@@ -109,17 +109,19 @@ def lower_methods(target: nn.Module, dims: ProgramShapes, methods: tuple[str, ..
     values are not serialized: the runtime starts them at zero (a full-parameter program's
     weights are set by its engine from the export folder's safetensors).
 
-    layerwise: delegate one decoder layer at a time, schedule each value just before its use and
-    write each buffer as soon as its old value is read (export/layerwise.py), for a program whose
-    forward computes its own weights. inputs_from_caller: methods whose inputs the runtime reads
-    from the caller's tensors instead of planned memory (InputsFromCaller).
+    Every method writes each buffer as soon as its old value is read (export/write_back.py).
+    layerwise: delegate one decoder layer at a time and schedule each value just before its use
+    (export/layerwise.py), for a program whose forward computes its own weights.
+    inputs_from_caller: methods whose inputs the runtime reads from the caller's tensors instead
+    of planned memory (InputsFromCaller).
 
     Returns (ExecutorchProgramManager, {method: delegation summary}, {phase: seconds}).
     """
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
-    from export.layerwise import InputsFromCaller, LayerwiseXnnpackPartitioner, schedule_depth_first, write_back_early
+    from export.layerwise import InputsFromCaller, LayerwiseXnnpackPartitioner, schedule_depth_first
     from export.loops import LoopAwareMemoryPlanningPass, LoopAwareXnnpackPartitioner
+    from export.write_back import write_back_early
 
     unknown = set(methods) - set(KNOWN_METHODS)
     if unknown or not methods:
@@ -154,7 +156,7 @@ def lower_methods(target: nn.Module, dims: ProgramShapes, methods: tuple[str, ..
     planner = LoopAwareMemoryPlanningPass(share_mutable_buffers=True)
     config = ExecutorchBackendConfig(
         memory_planning_pass={name: InputsFromCaller(planner) if name in inputs_from_caller else planner for name in methods},
-        passes=[write_back_early] if layerwise else [],
+        passes=[write_back_early],
         emit_mutable_buffer_names=True,
         external_constants=_weight_tagger(target, _param_placeholders(edge)) if external_weights else False,
     )

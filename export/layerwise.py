@@ -15,8 +15,9 @@ Two steps of ordinary lowering keep them alive together:
 And one step of serializing: a method that writes a buffer returns the new value, and
 to_executorch copies every new value into its buffer at the end of the method, so every new
 weight is alive until then (all of them: the whole model's worth, twice in set_weights with its
-input). write_back_early copies each one as soon as nothing reads the old value any more, and
-InputsFromCaller keeps set_weights' input (every weight) out of its plan.
+input). write_back_early (export/write_back.py, applied to every program) copies each one as
+soon as nothing reads the old value any more, and InputsFromCaller keeps set_weights' input
+(every weight) out of its plan.
 
 train_step's planned arena on the default model (BENCHMARKS.md, "Full-parameter MeZO"): 5,107 MB
 as ordinarily lowered, 2,043 MB with the layer cut and the schedule, 692 MB with the write-backs
@@ -37,7 +38,7 @@ from executorch.exir.backend.partitioner import PartitionResult
 from executorch.exir.pass_base import PassResult
 from torch.export import ExportedProgram
 
-from export.loops import LoopAwareXnnpackPartitioner, is_buffer_write_back
+from export.loops import LoopAwareXnnpackPartitioner
 
 _LAYER_IN_PATH = re.compile(r"\.(\d+)(?:\.|$)")
 # A delegate earns its call only if it computes; views, slices and copies run as well outside.
@@ -150,41 +151,6 @@ def schedule_depth_first(graph: torch.fx.Graph) -> None:
     for node in order:
         cursor.append(node)
         cursor = node
-
-
-def write_back_early(graph_module: torch.fx.GraphModule) -> PassResult:
-    """Move each buffer write-back (the copy_ that to_executorch puts before the output) to just
-    after the last node that reads the buffer's old value, or the new value's own node if later,
-    so the new value's memory is free from there on rather than alive to the end of the method.
-
-    Reading the old value includes reading it through views: ExecuTorch turns view_copy into a
-    view of the same memory after this pass, so a reader of such a view reads the buffer. An
-    ExecutorchBackendConfig pass: it runs after the write-backs are inserted, before planning."""
-    graph = graph_module.graph
-    position = {n: i for i, n in enumerate(graph.nodes)}
-    returned = set(graph.output_node().all_input_nodes)
-    for node in list(graph.nodes):
-        if not (is_buffer_write_back(node) and node in returned):
-            continue
-        buffer, new = node.args[0], node.args[1]
-        readers = _readers_through_views(buffer) - {node}
-        after = max([new, *readers], key=position.__getitem__)
-        if after.next is not node:
-            after.append(node)
-    graph.lint()
-    graph_module.recompile()
-    return PassResult(graph_module, True)
-
-
-def _readers_through_views(value: torch.fx.Node) -> set[torch.fx.Node]:
-    readers, todo = set(), [value]
-    while todo:
-        for user in todo.pop().users:
-            if user.op != "output" and user not in readers:
-                readers.add(user)
-                if "view" in str(user.target) or "alias" in str(user.target):
-                    todo.append(user)
-    return readers
 
 
 class InputsFromCaller:

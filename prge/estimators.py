@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from prge.noise import PRNG_VERSIONS, directions
+from prge.noise import PRNG_VERSIONS, directions, float64_scalar
 
 
 @dataclass(frozen=True)
@@ -97,20 +98,30 @@ def updated_adapter(adapter: Tensor, seed: Tensor, g: Tensor, lr: Tensor, noise:
     """B - lr * (1/q) * sum_i g_i z_i, in float64, for a flat float32 adapter.
 
     z is regenerated from the seed (directions of the given noise kind); g has one entry per
-    query. Traced inside train_step and called as is by eager code, so both compute the same
-    float64 arithmetic.
+    query. The same float64 arithmetic as a program's folded update (update_along), so replay
+    rebuilds a run's adapters bit for bit.
+    """
+    numel = adapter.shape[0]
+    return update_along(adapter, lambda i: directions(noise, seed, 1, numel, first_stream=i)[0], g, lr)
+
+
+def update_along(adapter: Tensor, direction_of: Callable[[int], Tensor], g: Tensor, lr: Tensor) -> Tensor:
+    """updated_adapter along the directions direction_of(i) (z_i, float64 [N]), however they are
+    had: drawn from the seed, or kept by the program call that drew them (PRGEStep.updated).
+
+    One direction at a time, so that an update holds one z_i beside its running sum, not all q
+    (a program plans the update's temporaries apart from the forward's: PRGEStep.updated).
+    The q terms are summed with explicit adds in a fixed order, not a sum over a dimension:
+    ExecuTorch 1.5.1's portable sum over a float64 dim accumulates in float32 (measured: 9e-6
+    relative error), which broke replay and eager == runtime parity. Elementwise float64 adds
+    are exact-rounded in every engine.
     """
     num_queries = g.shape[0]
-    z = directions(noise, seed, num_queries, adapter.shape[0])
-    inv_q = torch.tensor(1.0 / num_queries, dtype=torch.float64)
-    terms = g.to(torch.float64).reshape(num_queries, 1) * z
-    # Explicit adds in a fixed order, not terms.sum(0): ExecuTorch 1.5.1's portable sum over a
-    # float64 dim accumulates in float32 (measured: 9e-6 relative error), which broke replay and
-    # eager == runtime parity. Elementwise float64 adds are exact-rounded in every engine.
-    total = terms[0]
+    g64 = g.to(torch.float64)
+    total = g64[0] * direction_of(0)
     for i in range(1, num_queries):
-        total = total + terms[i]
-    direction = total * inv_q
+        total = total + g64[i] * direction_of(i)
+    direction = total * float64_scalar(1.0 / num_queries)
     return adapter.to(torch.float64) - lr.to(torch.float64).reshape(1) * direction
 
 

@@ -18,7 +18,7 @@ excellent avalanche), computed in int64 so nothing overflows:
   * values fed to floor division stay non-negative (integer remainder and division act
     like C for negative operands in the runtime).
 Float constants are float64 tensors, never Python floats (a float literal in float64 math is
-captured as a float32 constant by export).
+captured as a float32 constant by export), made by torch.full in the graph (float64_scalar).
 """
 from __future__ import annotations
 
@@ -48,6 +48,12 @@ def _mul32(x: Tensor, constant: int) -> Tensor:
     """(x * constant) mod 2^32 for 0 <= x < 2^32: the low 32 bits of the (possibly wrapped)
     int64 product, which are the same whether or not it wrapped."""
     return torch.bitwise_and(x * constant, _MASK32 - 1)
+
+
+def float64_scalar(value: float) -> Tensor:
+    """A float64 scalar made by an op in the graph (torch.full), not a tensor constant: a
+    constant made inside a torch.cond branch breaks ExecuTorch's lowering (PRGEStep.updated)."""
+    return torch.full((), value, dtype=torch.float64)
 
 
 def hash32(x: Tensor) -> Tensor:
@@ -103,10 +109,7 @@ def keyed_gaussian(keys: tuple[Tensor, Tensor], numel: int, first_element: int =
     num_streams = keys[0].shape[0]
     pairs = (numel + 1) // 2
     bits = keyed_bits(keys, 2 * pairs, first_element).reshape(num_streams, pairs, 2)
-    scale = torch.tensor(1.0 / _MASK32, dtype=torch.float64)
-    half = torch.tensor(0.5, dtype=torch.float64)
-    minus_two = torch.tensor(-2.0, dtype=torch.float64)
-    two_pi = torch.tensor(2.0 * math.pi, dtype=torch.float64)
+    scale, half, minus_two, two_pi = (float64_scalar(v) for v in (1.0 / _MASK32, 0.5, -2.0, 2.0 * math.pi))
     u = (bits.to(torch.float64) + half) * scale  # in (0, 1): log never sees 0
     radius = torch.sqrt(minus_two * torch.log(u[..., 0]))
     angle = two_pi * u[..., 1]

@@ -1,9 +1,10 @@
 """The P-RGE step as one export-friendly nn.Module.
 
 One call of `train_step` does a whole step of parallel randomized gradient estimation:
-  1. regenerate the previous step's noise z_prev from its seed and apply the update folded
-     into this call:  B <- B - lr * (1/q) * sum_i g_i z_prev_i
-  2. draw the new noise z_i from the new seed and write the 2q perturbed copies
+  1. apply the update folded into this call, B <- B - lr * (1/q) * sum_i g_i z_prev_i, with
+     the previous step's noise z_prev kept from the call that drew it (or regenerated from its
+     seed when this call does not follow that one: `updated`),
+  2. draw the new noise z_i from the new seed, keep it, and write the 2q perturbed copies
      B + eps z_i (copies 0..q-1) and B - eps z_i (copies q..2q-1),
   3. run one forward over the minibatch tiled 2q times and return the 2q per-copy losses.
      With `micro_batch` rows set, that forward streams through the 2q*b rows in equal pieces
@@ -12,8 +13,9 @@ One call of `train_step` does a whole step of parallel randomized gradient estim
      Exported, the pieces are one loop (torch scan), so the program holds a single piece's
      graph whatever the number of pieces; eager runs the same piece function in a Python loop.
 The driver turns the losses into projected gradients g_i = (L_i+ - L_i-) / (2 eps) and passes
-them back in the next call. Shapes are static and there is no data-dependent control flow, so
-torch.export traces exactly this module; the eager engine calls it directly.
+them back in the next call. Shapes are static and the one data-dependent choice (kept or
+regenerated noise, the same numbers either way) is a torch.cond, so torch.export traces exactly
+this module; the eager engine calls it directly.
 
 B of all adapters is handled as one flat vector (adapter order, each B row-major): noise is
 generated once for the whole vector, and the flat layout is what manifests, checkpoints and
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from prge.estimators import perturbed_copies, updated_adapter
+from prge.estimators import perturbed_copies, update_along
 from prge.lora import LoRAFALinear, adapters_of, perturbed_mode
 from prge.noise import NOISE_KINDS, directions
 from prge.pieces import check_micro_batch, piece_layout, stream
@@ -129,6 +131,11 @@ class PRGEStep(nn.Module):
             offset += layer.out_features * layer.rank
         self.slots: tuple[AdapterSlot, ...] = tuple(slots)
         self.adapter_numel = offset
+        # The directions the last train_step drew, and 1 + its seed (0 = none: a program's
+        # mutable buffers start at zero), so that the next call's folded update reads them
+        # instead of drawing them again (`updated`). Not state: a pure function of the seed.
+        self.register_buffer("last_directions", torch.zeros(num_queries, offset, dtype=torch.float64), persistent=False)
+        self.register_buffer("last_directions_key", torch.zeros(1, dtype=torch.int64), persistent=False)
         # Names under which a piece's copies replace each adapter's lora_B_copies in the body.
         self._copies_names = [f"{name}.lora_B_copies" for name, _ in adapters_of(body)]
 
@@ -146,9 +153,44 @@ class PRGEStep(nn.Module):
             part = copies[:, slot.offset : slot.offset + slot.numel]
             layer.lora_B_copies.copy_(part.reshape(2 * self.num_queries, *slot.shape))
 
-    def noise(self, seed: Tensor) -> Tensor:
-        """The q perturbation directions of a step, float64 [q, adapter_numel]."""
-        return directions(self.noise_kind, seed, self.num_queries, self.adapter_numel)
+    def noise(self, seed: Tensor, query: int | None = None) -> Tensor:
+        """The q perturbation directions of a step, float64 [q, adapter_numel]; with query, that
+        one direction alone, [adapter_numel] (the same numbers as its row)."""
+        if query is None:
+            return directions(self.noise_kind, seed, self.num_queries, self.adapter_numel)
+        return directions(self.noise_kind, seed, 1, self.adapter_numel, first_stream=query)[0]
+
+    def updated(self, prev_seed: Tensor, prev_g: Tensor, lr: Tensor) -> Tensor:
+        """The adapter after the folded update (float32, not yet written), along the directions
+        of prev_seed: read from last_directions when the last train_step drew them (the update of
+        the step right after it, the common case), drawn again otherwise (after a set_adapter, a
+        resume, a replayed or skipped step). Both give the same numbers; on the runtime's
+        portable float64 kernels, drawing is most of what a step adds to a forward.
+
+        Exported, the choice is a torch.cond holding the whole update, so that only the new
+        adapter leaves it. ExecuTorch plans a branch's temporaries in space of their own, beside
+        (not over) the rest of the method's, so the branch draws and adds one direction at a
+        time (update_along): its temporaries are those of one direction, not of q. Eager takes
+        the branch in Python (torch.cond in eager mode compiles its branches)."""
+        hit = (self.last_directions_key == prev_seed.reshape(1).to(torch.int64) + 1).reshape(())
+
+        def along_kept(adapter, kept, seed, g, rate):
+            return update_along(adapter, lambda i: kept[i], g, rate).to(torch.float32)
+
+        def along_drawn(adapter, kept, seed, g, rate):
+            return update_along(adapter, lambda i: self.noise(seed, i), g, rate).to(torch.float32)
+
+        operands = (self.flat_adapter(), self.last_directions, prev_seed, prev_g, lr)
+        if not torch.compiler.is_exporting():
+            return (along_kept if bool(hit) else along_drawn)(*operands)
+        # Cloned at once: ExecuTorch 1.5.1 leaves a cond's result in the branch's planned space,
+        # which other control-flow bodies (the forward's scan) reuse, so a result still alive
+        # when the scan runs is overwritten (measured: wrong adapters in micro-batched programs).
+        return torch.cond(hit, along_kept, along_drawn, operands).clone()
+
+    def _keep_directions(self, seed: Tensor, z: Tensor) -> None:
+        self.last_directions.copy_(z)
+        self.last_directions_key.copy_(seed.reshape(1).to(torch.int64) + 1)
 
     # ---- losses -------------------------------------------------------------------------
     def answer_logits(self, input_ids: Tensor, attention_mask: Tensor, full_vocab: bool) -> Tensor:
@@ -239,9 +281,11 @@ class PRGEStep(nn.Module):
         eps: Tensor,  # [1] float32: perturbation scale of this step
     ) -> Tensor:
         """One P-RGE step; returns the 2q per-copy mean losses (+ copies first), float32 [2q]."""
-        adapter = updated_adapter(self.flat_adapter(), prev_seed, prev_g, lr, self.noise_kind).to(torch.float32)
+        adapter = self.updated(prev_seed, prev_g, lr)
         self._write_adapter(adapter)
-        self._write_copies(perturbed_copies(adapter, self.noise(new_seed), eps))
+        z = self.noise(new_seed)
+        self._keep_directions(new_seed, z)
+        self._write_copies(perturbed_copies(adapter, z, eps))
         copies, batch = 2 * self.num_queries, input_ids.shape[0]
         layout = piece_layout(copies, batch, self.micro_batch)
 
@@ -291,7 +335,7 @@ class PRGEStep(nn.Module):
 
     def apply_update(self, prev_seed: Tensor, prev_g: Tensor, lr: Tensor) -> Tensor:
         """Apply a pending update without a forward (before eval, checkpoint, or at the end)."""
-        adapter = updated_adapter(self.flat_adapter(), prev_seed, prev_g, lr, self.noise_kind).to(torch.float32)
+        adapter = self.updated(prev_seed, prev_g, lr)
         self._write_adapter(adapter)
         return adapter
 

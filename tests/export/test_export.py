@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from export.contract.manifest import REQUIRED_KEYS, ManifestError, program_code_version, read_manifest, slots_from_json
+from export.contract.methods import step_scalars
 from models.peft_io import save_peft_adapter
 from models.sources.tiny import TINY_FAMILIES
 from runtime_driver.commands.cli import main
@@ -88,6 +89,35 @@ def test_methods_share_one_adapter_state(tiny_program, tiny_model_dir, tiny_batc
     for engine in (et, eager):
         engine.apply_update(6, [1.0, 2.0], 0.05)
     assert torch.allclose(et.get_adapter(), eager.get_adapter(), rtol=0, atol=1e-6)
+
+
+def test_a_step_after_a_step_reads_the_directions_the_program_kept(tiny_program, tiny_batch):
+    """In the runtime too: a train_step right after another updates along the directions that
+    call kept (the program's torch.cond takes the kept branch: the ETDump shows only the new
+    directions' Gaussian draw) and gives the same step bit for bit as a fresh program that draws
+    them again."""
+    from runtime_driver.commands.op_profile import profile_call
+
+    program = tiny_program("llama")
+    chained, fresh = ExecuTorchPRGE(program), ExecuTorchPRGE(program)
+    adapter = torch.randn(chained.adapter_numel, generator=torch.Generator().manual_seed(0)) * 0.05
+    ids, mask, labels = tiny_batch(b=chained.batch_size)
+    for engine in (chained, fresh):
+        engine.set_adapter(adapter)
+    chained.train_step(ids, mask, labels, 5, 6, [0.0, 0.0], 0.1, 1e-2)  # g = 0: B unchanged, 6 kept
+    kept = chained.train_step(ids, mask, labels, 6, 7, [0.3, -0.7], 0.1, 1e-2)
+    drawn = fresh.train_step(ids, mask, labels, 6, 7, [0.3, -0.7], 0.1, 1e-2)
+    assert torch.equal(kept, drawn)
+    assert torch.equal(chained.get_adapter(), fresh.get_adapter())
+    assert not torch.equal(chained.get_adapter(), adapter)
+
+    def log_calls(prev_seed: int) -> int:  # the Box-Muller logs of one call, after one warm-up call
+        inputs = [ids, mask, labels, *step_scalars(prev_seed, 2, [0.1, 0.1], 1e-3, 1e-2)]
+        ops = profile_call(program, "train_step", inputs, warmup=1)["ops"]
+        return sum(row["calls"] for row in ops if row["op"] == "native_call_log.out")
+
+    assert log_calls(prev_seed=2) == 1  # the warm-up kept 2: only the new directions are drawn (one block)
+    assert log_calls(prev_seed=1) == 1 + 2  # 1 is never kept: the update draws its 2 one at a time
 
 
 class _Crash(Exception):

@@ -74,7 +74,7 @@ def _lowered_with_early_write_backs(module: nn.Module, example: tuple):
     from executorch.exir import ExecutorchBackendConfig, to_edge
     from executorch.runtime import Runtime
 
-    from export.layerwise import write_back_early
+    from export.write_back import write_back_early
     from export.loops import LoopAwareMemoryPlanningPass
 
     edge = to_edge(torch.export.export(module, example, strict=False))

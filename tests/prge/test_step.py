@@ -90,6 +90,31 @@ def test_train_step_updates_then_writes_copies(tiny_step, randomize_adapter, tin
             assert torch.equal(layer.lora_B_copies[q + i], minus), (slot.name, q + i)
 
 
+def test_the_step_after_a_step_updates_along_the_directions_it_kept(tiny_step, randomize_adapter, tiny_batch):
+    """train_step keeps the directions it drew; the next call's folded update reads them (its
+    previous seed is that call's new seed) instead of drawing them again: the same step, bit for
+    bit, as a fresh step that draws them, and the same as drawing them by hand."""
+    ids, mask, labels = tiny_batch(2)
+    g, lr, eps = _t([0.4, -0.9]), _t(0.02), _t(1e-2)
+    chained, fresh = tiny_step(), tiny_step()
+    flat0 = randomize_adapter(chained, seed=3)
+    randomize_adapter(fresh, seed=3)
+    with torch.no_grad():
+        chained.train_step(ids, mask, labels, _seed(5), _seed(6), torch.zeros(2), lr, eps)  # B unchanged
+        assert torch.equal(chained.last_directions, gaussian(_seed(6), 2, chained.adapter_numel))
+        kept = chained.train_step(ids, mask, labels, _seed(6), _seed(7), g, lr, eps)
+        assert int(fresh.last_directions_key) == 0  # nothing kept: drawn again
+        drawn = fresh.train_step(ids, mask, labels, _seed(6), _seed(7), g, lr, eps)
+    assert torch.equal(kept, drawn)
+    assert torch.equal(chained.get_adapter(), fresh.get_adapter())
+    assert not torch.equal(chained.get_adapter(), flat0)
+    # A kept seed is only ever read for that seed: an update along another seed draws its own.
+    with torch.no_grad():
+        chained.apply_update(_seed(6), g, lr)
+        fresh.apply_update(_seed(6), g, lr)  # fresh kept 7, not 6
+    assert torch.equal(chained.get_adapter(), fresh.get_adapter())
+
+
 # ---- P-RGE (one batched forward) == sequential (2q forwards) --------------------------------
 def _prge_vs_sequential(tiny_step, randomize_adapter, tiny_batch, family: str, loss: str) -> None:
     q, eps_value, lr_value = 2, 1e-2, 0.05
