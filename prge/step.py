@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from prge.estimators import perturbed_copies, update_along
+from prge.estimators import perturbed_copies, update_along, updated_adapter
 from prge.lora import LoRAFALinear, adapters_of, perturbed_mode
 from prge.noise import NOISE_KINDS, directions
 from prge.pieces import check_micro_batch, piece_layout, stream
@@ -153,12 +153,9 @@ class PRGEStep(nn.Module):
             part = copies[:, slot.offset : slot.offset + slot.numel]
             layer.lora_B_copies.copy_(part.reshape(2 * self.num_queries, *slot.shape))
 
-    def noise(self, seed: Tensor, query: int | None = None) -> Tensor:
-        """The q perturbation directions of a step, float64 [q, adapter_numel]; with query, that
-        one direction alone, [adapter_numel] (the same numbers as its row)."""
-        if query is None:
-            return directions(self.noise_kind, seed, self.num_queries, self.adapter_numel)
-        return directions(self.noise_kind, seed, 1, self.adapter_numel, first_stream=query)[0]
+    def noise(self, seed: Tensor) -> Tensor:
+        """The q perturbation directions of a step, float64 [q, adapter_numel]."""
+        return directions(self.noise_kind, seed, self.num_queries, self.adapter_numel)
 
     def updated(self, prev_seed: Tensor, prev_g: Tensor, lr: Tensor) -> Tensor:
         """The adapter after the folded update (float32, not yet written), along the directions
@@ -172,13 +169,13 @@ class PRGEStep(nn.Module):
         (not over) the rest of the method's, so the branch draws and adds one direction at a
         time (update_along): its temporaries are those of one direction, not of q. Eager takes
         the branch in Python (torch.cond in eager mode compiles its branches)."""
-        hit = (self.last_directions_key == prev_seed.reshape(1).to(torch.int64) + 1).reshape(())
+        hit = (self.last_directions_key == _directions_key(prev_seed)).reshape(())
 
         def along_kept(adapter, kept, seed, g, rate):
             return update_along(adapter, lambda i: kept[i], g, rate).to(torch.float32)
 
-        def along_drawn(adapter, kept, seed, g, rate):
-            return update_along(adapter, lambda i: self.noise(seed, i), g, rate).to(torch.float32)
+        def along_drawn(adapter, kept, seed, g, rate):  # replay's own update
+            return updated_adapter(adapter, seed, g, rate, self.noise_kind).to(torch.float32)
 
         operands = (self.flat_adapter(), self.last_directions, prev_seed, prev_g, lr)
         if not torch.compiler.is_exporting():
@@ -190,7 +187,7 @@ class PRGEStep(nn.Module):
 
     def _keep_directions(self, seed: Tensor, z: Tensor) -> None:
         self.last_directions.copy_(z)
-        self.last_directions_key.copy_(seed.reshape(1).to(torch.int64) + 1)
+        self.last_directions_key.copy_(_directions_key(seed))
 
     # ---- losses -------------------------------------------------------------------------
     def answer_logits(self, input_ids: Tensor, attention_mask: Tensor, full_vocab: bool) -> Tensor:
@@ -365,6 +362,11 @@ class PRGEStep(nn.Module):
     def set_adapter(self, flat: Tensor) -> Tensor:
         self._write_adapter(flat.reshape(-1).to(torch.float32))
         return self.flat_adapter().clone()
+
+
+def _directions_key(seed: Tensor) -> Tensor:
+    """last_directions_key of the directions of seed: 1 + seed, as 0 means none kept."""
+    return seed.reshape(1).to(torch.int64) + 1
 
 
 def _nll(logits: Tensor, targets: Tensor) -> Tensor:
